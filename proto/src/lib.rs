@@ -7,6 +7,8 @@
 //!
 //! The `.proto` sources under `proto/safeguarding/v1/` are the contract agencies integrate with from any language.
 
+pub mod codec;
+
 /// Generated types and services of package `safeguarding.v1`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod pb {
