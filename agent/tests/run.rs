@@ -1,0 +1,116 @@
+//! The long-running agent against a broker that is not there: it must keep going (no exit on a transient error),
+//! keep the outbox file it could not send, move an invalid one to `failed/`, and stop promptly on shutdown.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use agent::{AgentConfig, outbox::FAILED_FOLDER};
+
+/// Writes a CA-less self-signed certificate set: enough for the TLS settings to load. The broker address refuses
+/// connections, so no handshake happens.
+fn write_certificates(folder: &Path) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(folder.join("ca.pem"), certified.cert.pem()).unwrap();
+    std::fs::write(folder.join("agent.pem"), certified.cert.pem()).unwrap();
+    std::fs::write(folder.join("agent.key"), certified.signing_key.serialize_pem()).unwrap();
+}
+
+/// A local port with nothing listening on it.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+async fn wait_until(deadline: Duration, condition: impl Fn() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    condition()
+}
+
+#[tokio::test]
+async fn agent_survives_an_absent_broker_and_sorts_its_outbox() {
+    let folder = tempfile::tempdir().unwrap();
+    write_certificates(folder.path());
+    let config_text = format!(
+        r#"
+        agency = "beds-police"
+        broker_url = "https://127.0.0.1:{}"
+        server_name = "localhost"
+        ca_cert = "ca.pem"
+        cert = "agent.pem"
+        key = "agent.key"
+        inbox = "inbox"
+        outbox = "outbox"
+        [delivery]
+        reconnect_initial_millis = 20
+        reconnect_max_millis = 100
+        "#,
+        closed_port()
+    );
+    let config_path = folder.path().join("agent.toml");
+    std::fs::write(&config_path, config_text).unwrap();
+    let config = AgentConfig::load_with_environment(&config_path, |_| None).unwrap();
+
+    let outbox = folder.path().join("outbox");
+    std::fs::create_dir_all(&outbox).unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/operation-encompass-notification.json");
+    std::fs::copy(example, outbox.join("encompass.json")).unwrap();
+    std::fs::write(outbox.join("broken.json"), br#"{"kind": "MESSAGE_KIND_REFERRAL", "recipents": []}"#).unwrap();
+    std::fs::create_dir_all(folder.path().join("inbox")).unwrap();
+    std::fs::write(folder.path().join("inbox/.tmp-1-1"), b"left by a killed run").unwrap();
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(agent::run(config, async {
+        let _ = stopped.await;
+    }));
+
+    let failed = outbox.join(FAILED_FOLDER);
+    assert!(wait_until(Duration::from_secs(10), || failed.join("broken.error.txt").exists()).await);
+    let error_text = std::fs::read_to_string(failed.join("broken.error.txt")).unwrap();
+    assert!(error_text.contains("recipents"), "{error_text}");
+    assert!(failed.join("broken.json").exists());
+    assert!(!folder.path().join("inbox/.tmp-1-1").exists());
+
+    // Several reconnection rounds later the agent is still running and the valid file still waits.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!agent.is_finished());
+    assert!(outbox.join("encompass.json").exists());
+    assert!(!outbox.join("sent/encompass.json").exists());
+
+    stop.send(()).unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(5), agent).await.unwrap().unwrap();
+    assert!(result.is_ok(), "{result:?}");
+}
+
+#[tokio::test]
+async fn run_fails_when_certificates_cannot_be_read() {
+    let folder = tempfile::tempdir().unwrap();
+    write_certificates(folder.path());
+    let config_path = folder.path().join("agent.toml");
+    std::fs::write(
+        &config_path,
+        r#"
+        agency = "beds-police"
+        broker_url = "https://127.0.0.1:1"
+        server_name = "localhost"
+        ca_cert = "ca.pem"
+        cert = "agent.pem"
+        key = "agent.key"
+        inbox = "inbox"
+        "#,
+    )
+    .unwrap();
+    let config = AgentConfig::load_with_environment(&config_path, |_| None).unwrap();
+    std::fs::remove_file(folder.path().join("agent.key")).unwrap();
+    let error = agent::run(config, std::future::pending()).await.unwrap_err();
+    assert!(error.to_string().contains("agent.key"), "{error}");
+}
