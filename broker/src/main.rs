@@ -1,1 +1,126 @@
-fn main() {}
+//! The `broker` command: `serve` runs the broker; other subcommands are tools for information-governance leads,
+//! auditors and operators. Kept thin: the work is in the library.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "broker", version, about = "Secure information-sharing broker for children's safeguarding")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Development mode: sled under ./.dev/data, development certificates and agent configs generated under ./.dev
+    /// on first run, the sample policies in ./policies loaded.
+    #[arg(long, conflicts_with = "config")]
+    dev: bool,
+    /// The broker's configuration file (see deploy/broker.toml).
+    #[arg(long, env = "BROKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// With --dev: where to listen.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// With --dev: the policy directory.
+    #[arg(long, default_value = "policies")]
+    policy_dir: PathBuf,
+    /// With --dev: the development folder.
+    #[arg(long, default_value = ".dev")]
+    dev_dir: PathBuf,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    init_logging(args.log_json);
+    let config = if args.dev {
+        let policy = broker::policy::PolicySet::load_dir(&args.policy_dir)
+            .map_err(|errors| anyhow::anyhow!("the policy set in `{}` is not valid:\n{errors}", args.policy_dir.display()))?;
+        let (config, agencies) = broker::dev::prepare(&args.dev_dir, &args.policy_dir, &policy, args.listen)
+            .context("could not prepare the development folder")?;
+        print_dev_instructions(&args.dev_dir, &agencies);
+        config
+    } else {
+        let path = args.config.context("give --config FILE, or --dev for a development broker")?;
+        broker::config::Config::load(&path, |name| std::env::var(name).ok())
+            .map_err(|errors| anyhow::anyhow!("configuration `{}`:\n{errors}", path.display()))?
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("could not listen on {}", config.listen))?;
+        broker::run(config, listener, shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn print_dev_instructions(dev_dir: &std::path::Path, agencies: &[String]) {
+    let dir = dev_dir.display();
+    eprintln!("Development broker. Agent configurations are in {dir}/agents/. In other terminals:");
+    for agency in agencies.iter().take(2) {
+        eprintln!("  cargo run -p agent -- run --config {dir}/agents/{agency}.toml");
+    }
+    eprintln!("  cargo run -p agent -- send --config {dir}/agents/beds-police.toml examples/f1-operation-encompass.json");
+    eprintln!("Agencies: {}", agencies.join(", "));
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::error!(error = %error, "cannot listen for SIGTERM; only SIGINT will stop the broker");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

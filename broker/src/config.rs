@@ -1,0 +1,301 @@
+//! Broker configuration: [`ConfigFile`] is what the TOML file says (unknown keys rejected), [`Config`] is the
+//! checked result. Every problem is reported at once, and environment variables (`BROKER_*`, see
+//! [`ENVIRONMENT_OVERRIDES`]) override file settings for containers. Parsing binds no ports and opens no files
+//! other than the configuration itself.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::{auth::token::TokensFile, delivery::DeliveryConfig};
+
+/// Default largest message accepted: 4 MiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The raw configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Address of the gRPC listener, e.g. `0.0.0.0:50051`.
+    pub listen: Option<String>,
+    /// Folder holding the journal, the index, the audit log and the broker's keys.
+    pub data_dir: Option<PathBuf>,
+    /// Folder of the information-sharing policy files.
+    pub policy_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub tls: TlsFile,
+    #[serde(default)]
+    pub limits: LimitsFile,
+    #[serde(default)]
+    pub delivery: DeliveryFile,
+    #[serde(default)]
+    pub storage: StorageFile,
+    /// Practitioner tokens: the audience, the leeway, and per agency the trusted issuers and their keys.
+    #[serde(default)]
+    pub tokens: TokensFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// The area CA that issues agency certificates (PEM).
+    pub ca_cert: Option<PathBuf>,
+    /// The broker's server certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// The broker's server private key (PEM).
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub max_message_bytes: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryFile {
+    pub ack_wait_seconds: Option<u64>,
+    pub max_attempts: Option<u32>,
+    pub default_retry_delay_millis: Option<u64>,
+    pub max_in_flight: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageFile {
+    /// Memory sled may use as cache.
+    pub index_cache_bytes: Option<u64>,
+}
+
+/// Environment variables that override the file, with the setting each overrides.
+pub const ENVIRONMENT_OVERRIDES: &[(&str, &str)] = &[
+    ("BROKER_LISTEN", "listen"),
+    ("BROKER_DATA_DIR", "data_dir"),
+    ("BROKER_POLICY_DIR", "policy_dir"),
+    ("BROKER_TLS_CA_CERT", "tls.ca_cert"),
+    ("BROKER_TLS_CERT", "tls.cert"),
+    ("BROKER_TLS_KEY", "tls.key"),
+    ("BROKER_MAX_MESSAGE_BYTES", "limits.max_message_bytes"),
+    ("BROKER_ACK_WAIT_SECONDS", "delivery.ack_wait_seconds"),
+    ("BROKER_MAX_ATTEMPTS", "delivery.max_attempts"),
+];
+
+/// The checked configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub policy_dir: PathBuf,
+    pub tls: TlsPaths,
+    pub max_message_bytes: usize,
+    pub delivery: DeliveryConfig,
+    pub index_cache_bytes: u64,
+    pub tokens: TokensFile,
+    /// Folder that relative paths in `tokens` are resolved against (the configuration file's).
+    pub base_dir: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsPaths {
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConfigErrors {
+    pub problems: Vec<String>,
+}
+
+impl Config {
+    /// Reads, overrides from `environment` and checks a configuration file. Relative paths are taken from the
+    /// file's folder.
+    pub fn load(path: &Path, environment: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigErrors {
+            problems: vec![format!("`{}`: {error}", path.display())],
+        })?;
+        let file: ConfigFile = toml::from_str(&text).map_err(|error| ConfigErrors {
+            problems: vec![format!("`{}`: {}", path.display(), error.to_string().trim_end())],
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_file(file, base, environment)
+    }
+
+    /// Checks a parsed file after applying environment overrides.
+    pub fn from_file(
+        mut file: ConfigFile,
+        base: &Path,
+        environment: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigErrors> {
+        let mut problems = Vec::new();
+        let mut number = |name: &str, value: String| -> Option<u64> {
+            match value.parse() {
+                Ok(number) => Some(number),
+                Err(_) => {
+                    problems.push(format!("`{name}`: `{value}` is not a whole number"));
+                    None
+                }
+            }
+        };
+        if let Some(value) = environment("BROKER_LISTEN") {
+            file.listen = Some(value);
+        }
+        if let Some(value) = environment("BROKER_DATA_DIR") {
+            file.data_dir = Some(value.into());
+        }
+        if let Some(value) = environment("BROKER_POLICY_DIR") {
+            file.policy_dir = Some(value.into());
+        }
+        if let Some(value) = environment("BROKER_TLS_CA_CERT") {
+            file.tls.ca_cert = Some(value.into());
+        }
+        if let Some(value) = environment("BROKER_TLS_CERT") {
+            file.tls.cert = Some(value.into());
+        }
+        if let Some(value) = environment("BROKER_TLS_KEY") {
+            file.tls.key = Some(value.into());
+        }
+        if let Some(value) = environment("BROKER_MAX_MESSAGE_BYTES") {
+            file.limits.max_message_bytes = number("BROKER_MAX_MESSAGE_BYTES", value).map(|n| n as usize);
+        }
+        if let Some(value) = environment("BROKER_ACK_WAIT_SECONDS") {
+            file.delivery.ack_wait_seconds = number("BROKER_ACK_WAIT_SECONDS", value);
+        }
+        if let Some(value) = environment("BROKER_MAX_ATTEMPTS") {
+            file.delivery.max_attempts = number("BROKER_MAX_ATTEMPTS", value).map(|n| n as u32);
+        }
+
+        let listen_text = file.listen.unwrap_or_else(|| "127.0.0.1:50051".to_owned());
+        let listen = match listen_text.parse() {
+            Ok(address) => Some(address),
+            Err(_) => {
+                problems.push(format!("`listen`: `{listen_text}` is not an address and port such as `0.0.0.0:50051`"));
+                None
+            }
+        };
+        let mut required = |name: &str, value: Option<PathBuf>| -> PathBuf {
+            match value {
+                Some(path) => base.join(path),
+                None => {
+                    problems.push(format!("`{name}` is required"));
+                    PathBuf::new()
+                }
+            }
+        };
+        let data_dir = required("data_dir", file.data_dir);
+        let policy_dir = required("policy_dir", file.policy_dir);
+        let tls = TlsPaths {
+            ca_cert: required("tls.ca_cert", file.tls.ca_cert),
+            cert: required("tls.cert", file.tls.cert),
+            key: required("tls.key", file.tls.key),
+        };
+        let defaults = DeliveryConfig::default();
+        let delivery = DeliveryConfig {
+            ack_wait: file.delivery.ack_wait_seconds.map_or(defaults.ack_wait, Duration::from_secs),
+            max_attempts: file.delivery.max_attempts.unwrap_or(defaults.max_attempts),
+            default_retry_delay: file
+                .delivery
+                .default_retry_delay_millis
+                .map_or(defaults.default_retry_delay, Duration::from_millis),
+            max_in_flight: file.delivery.max_in_flight.unwrap_or(defaults.max_in_flight),
+        };
+        if delivery.max_attempts == 0 {
+            problems.push("`delivery.max_attempts` must be at least 1".to_owned());
+        }
+        if delivery.max_in_flight == 0 {
+            problems.push("`delivery.max_in_flight` must be at least 1".to_owned());
+        }
+        if delivery.ack_wait.is_zero() {
+            problems.push("`delivery.ack_wait_seconds` must be at least 1".to_owned());
+        }
+        let max_message_bytes = file.limits.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
+        if file.tokens.issuers.is_empty() {
+            problems.push(
+                "`tokens.issuers` is empty: list, per agency, the identity providers whose tokens the broker trusts".to_owned(),
+            );
+        }
+        if max_message_bytes < 1024 {
+            problems.push("`limits.max_message_bytes` must be at least 1024".to_owned());
+        }
+        match listen {
+            Some(listen) if problems.is_empty() => Ok(Self {
+                listen,
+                data_dir,
+                policy_dir,
+                tls,
+                max_message_bytes,
+                delivery,
+                index_cache_bytes: file.storage.index_cache_bytes.unwrap_or(64 * 1024 * 1024),
+                tokens: file.tokens,
+                base_dir: base.to_owned(),
+            }),
+            _ => Err(ConfigErrors { problems }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, environment: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+        let file: ConfigFile = toml::from_str(text).map_err(|error| ConfigErrors { problems: vec![error.to_string()] })?;
+        Config::from_file(file, Path::new("/etc/broker"), |name| {
+            environment.iter().find(|(key, _)| *key == name).map(|(_, value)| (*value).to_owned())
+        })
+    }
+
+    const MINIMAL: &str = r#"
+        data_dir = "data"
+        policy_dir = "/srv/policies"
+        [tls]
+        ca_cert = "ca.pem"
+        cert = "server.pem"
+        key = "server.key"
+        [[tokens.issuers]]
+        agency = "beds-police"
+        issuer = "https://login.beds-police.example"
+        algorithms = ["ES256"]
+        public_keys = [{ kid = "2026-1", pem = "keys/beds-police.pem" }]
+    "#;
+
+    #[test]
+    fn a_minimal_file_gets_defaults_and_paths_relative_to_the_file() {
+        let config = parse(MINIMAL, &[]).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(config.data_dir, PathBuf::from("/etc/broker/data"));
+        assert_eq!(config.policy_dir, PathBuf::from("/srv/policies"));
+        assert_eq!(config.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let error = parse(&format!("{MINIMAL}\nsurprise = 1"), &[]).unwrap_err();
+        assert!(error.to_string().contains("surprise"), "{error}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let error = parse("listen = \"nowhere\"\n[delivery]\nmax_attempts = 0", &[]).unwrap_err();
+        let text = error.to_string();
+        for expected in ["`listen`", "`data_dir` is required", "`tls.key` is required", "max_attempts"] {
+            assert!(text.contains(expected), "missing {expected} in {text}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let config = parse(MINIMAL, &[("BROKER_LISTEN", "0.0.0.0:6000"), ("BROKER_MAX_ATTEMPTS", "9")]).unwrap();
+        assert_eq!(config.listen, "0.0.0.0:6000".parse().unwrap());
+        assert_eq!(config.delivery.max_attempts, 9);
+        let error = parse(MINIMAL, &[("BROKER_MAX_ATTEMPTS", "many")]).unwrap_err();
+        assert!(error.to_string().contains("BROKER_MAX_ATTEMPTS"));
+    }
+}

@@ -1,0 +1,768 @@
+//! Per-recipient queues: streaming delivery, acknowledgement, redelivery, negative acknowledgement, dead letters and
+//! acknowledgement deadlines.
+//!
+//! Each recipient agency has one actor task ([`RecipientActor`]) that owns that agency's queue in memory: the copies
+//! ready to send (in sequence order, so order is kept per sender-recipient pair when the agent acknowledges in
+//! order), the copies waiting out a retry delay, and the copies sent but not yet acknowledged. The durable truth is
+//! in the store (`q/`, `d/`, `c/` keys, see [`crate::records`]); the actor rebuilds its memory from it on start.
+//! Being the only writer of its recipient's delivery records, the actor needs no locks, and it batches: all
+//! commands waiting in its mailbox are handled together and their changes go to the store in one commit.
+//!
+//! INVARIANT: a copy is handed to a stream only after the audit entry of that delivery attempt is durable, and it
+//! leaves the queue only when the recipient acknowledges it (or it is dead-lettered after `max_attempts`).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use prost::Message;
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    time::Instant,
+};
+
+use crate::{
+    audit::{Actor, AuditEntry, EventType},
+    records::{self, DeliveryRecord, DeliveryState},
+    store::{Commit, Store, StoreError, Write},
+};
+use proto::pb;
+
+/// Settings of the delivery engine.
+#[derive(Clone, Debug)]
+pub struct DeliveryConfig {
+    /// How long an agent has to acknowledge a delivered copy before it is delivered again.
+    pub ack_wait: Duration,
+    /// Attempts before a copy is dead-lettered.
+    pub max_attempts: u32,
+    /// Retry delay after a negative acknowledgement that names none.
+    pub default_retry_delay: Duration,
+    /// Copies sent to one agency and not yet acknowledged, at most.
+    pub max_in_flight: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            ack_wait: Duration::from_secs(30),
+            max_attempts: 5,
+            default_retry_delay: Duration::from_secs(5),
+            max_in_flight: 256,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("no delivery `{0}` is waiting for this agency")]
+    UnknownDelivery(String),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+}
+
+/// What a stream receives.
+pub type StreamItem = Result<pb::Delivery, tonic::Status>;
+
+/// A copy newly queued by a send.
+#[derive(Clone, Debug)]
+pub struct Enqueued {
+    pub recipient: String,
+    pub seq: u64,
+    pub delivery_id: String,
+    pub acknowledge_by_micros: Option<i64>,
+}
+
+enum Command {
+    Enqueue(Enqueued),
+    Subscribe { stream: mpsc::Sender<StreamItem> },
+    Ack { delivery_id: String, actor: Actor, reply: oneshot::Sender<Result<(), DeliveryError>> },
+    Nack { delivery_id: String, actor: Actor, delay: Duration, reason: String, reply: oneshot::Sender<Result<bool, DeliveryError>> },
+}
+
+/// Handle to the delivery engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Deliveries {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    store: Store,
+    config: DeliveryConfig,
+    actors: Mutex<HashMap<String, mpsc::UnboundedSender<Command>>>,
+    next_seq: AtomicU64,
+    shutdown: watch::Receiver<bool>,
+    /// Called when a copy's acknowledgement deadline passes (escalation notices are sent through it).
+    on_escalation: Mutex<Option<EscalationHook>>,
+    /// The actor tasks, awaited on shutdown so that nothing holds the store afterwards.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// Called with the delivery record whose acknowledgement deadline has passed, after the escalation is recorded.
+pub type EscalationHook = Arc<dyn Fn(DeliveryRecord) + Send + Sync>;
+
+impl Deliveries {
+    /// Rebuilds every queue from the store and starts the actors of agencies with queued copies.
+    pub fn start(store: Store, config: DeliveryConfig, shutdown: watch::Receiver<bool>) -> Result<Self, StoreError> {
+        let mut pending: HashMap<String, Vec<Enqueued>> = HashMap::new();
+        let mut max_seq = 0;
+        for item in store.scan_prefix(records::QUEUE_PREFIX) {
+            let (key, value) = item?;
+            let Some((recipient, seq)) = records::parse_queue_key(&key) else { continue };
+            let delivery_id = String::from_utf8(value).map_err(|error| StoreError::Decode(error.to_string()))?;
+            let acknowledge_by_micros = match store.get(&records::delivery_key(&delivery_id))? {
+                Some(bytes) => {
+                    let record: DeliveryRecord = records::decode(&bytes)?;
+                    if record.escalated { None } else { record.acknowledge_by_micros }
+                }
+                None => None,
+            };
+            max_seq = max_seq.max(seq);
+            pending.entry(recipient.clone()).or_default().push(Enqueued {
+                recipient,
+                seq,
+                delivery_id,
+                acknowledge_by_micros,
+            });
+        }
+        let deliveries = Self {
+            shared: Arc::new(Shared {
+                store,
+                config,
+                actors: Mutex::new(HashMap::new()),
+                next_seq: AtomicU64::new(max_seq + 1),
+                shutdown,
+                on_escalation: Mutex::new(None),
+                tasks: Mutex::new(Vec::new()),
+            }),
+        };
+        for (recipient, entries) in pending {
+            for entry in entries {
+                deliveries.send(&recipient, Command::Enqueue(entry));
+            }
+        }
+        Ok(deliveries)
+    }
+
+    /// Sets what happens after an escalation is recorded.
+    pub fn set_escalation_hook(&self, hook: EscalationHook) {
+        if let Ok(mut slot) = self.shared.on_escalation.lock() {
+            *slot = Some(hook);
+        }
+    }
+
+    /// A fresh queue sequence number (global and increasing, so per-recipient order follows acceptance order).
+    pub fn next_seq(&self) -> u64 {
+        self.shared.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Tells the recipient's actor about a copy that is now durable in the store.
+    pub fn enqueued(&self, entry: Enqueued) {
+        let recipient = entry.recipient.clone();
+        self.send(&recipient, Command::Enqueue(entry));
+    }
+
+    /// Opens `recipient`'s delivery stream. A newer stream for the same agency replaces an older one.
+    pub fn subscribe(&self, recipient: &str) -> mpsc::Receiver<StreamItem> {
+        let (stream, receiver) = mpsc::channel(self.shared.config.max_in_flight.max(1) + 1);
+        self.send(recipient, Command::Subscribe { stream });
+        receiver
+    }
+
+    pub async fn acknowledge(&self, recipient: &str, delivery_id: &str, actor: Actor) -> Result<(), DeliveryError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(recipient, Command::Ack { delivery_id: delivery_id.to_owned(), actor, reply });
+        answer.await.map_err(|_| DeliveryError::ShuttingDown)?
+    }
+
+    /// Returns whether the copy is now dead-lettered.
+    pub async fn negative_acknowledge(
+        &self,
+        recipient: &str,
+        delivery_id: &str,
+        actor: Actor,
+        delay: Option<Duration>,
+        reason: String,
+    ) -> Result<bool, DeliveryError> {
+        let (reply, answer) = oneshot::channel();
+        let delay = delay.unwrap_or(self.shared.config.default_retry_delay);
+        self.send(recipient, Command::Nack { delivery_id: delivery_id.to_owned(), actor, delay, reason, reply });
+        answer.await.map_err(|_| DeliveryError::ShuttingDown)?
+    }
+
+    /// Copies waiting per recipient agency (queued or in flight), for metrics and tests.
+    pub fn queue_depths(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+        let mut depths = BTreeMap::new();
+        for item in self.shared.store.scan_prefix(records::QUEUE_PREFIX) {
+            let (key, _) = item?;
+            if let Some((recipient, _)) = records::parse_queue_key(&key) {
+                *depths.entry(recipient).or_insert(0) += 1;
+            }
+        }
+        Ok(depths)
+    }
+
+    /// Stops every actor after the commands already in its mailbox, and waits for them. Called once the server has
+    /// stopped taking requests.
+    pub async fn shutdown(&self) {
+        if let Ok(mut actors) = self.shared.actors.lock() {
+            actors.clear();
+        }
+        if let Ok(mut hook) = self.shared.on_escalation.lock() {
+            hook.take();
+        }
+        let tasks = match self.shared.tasks.lock() {
+            Ok(mut tasks) => std::mem::take(&mut *tasks),
+            Err(_) => Vec::new(),
+        };
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+
+    fn send(&self, recipient: &str, command: Command) {
+        let Ok(mut actors) = self.shared.actors.lock() else { return };
+        let sender = actors.entry(recipient.to_owned()).or_insert_with(|| {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            let actor = RecipientActor::new(recipient.to_owned(), self.shared.clone());
+            let task = tokio::spawn(actor.run(receiver));
+            if let Ok(mut tasks) = self.shared.tasks.lock() {
+                tasks.push(task);
+            }
+            sender
+        });
+        if let Err(mpsc::error::SendError(command)) = sender.send(command) {
+            // The actor has stopped (shutdown): answer rather than leave a caller waiting.
+            match command {
+                Command::Ack { reply, .. } => {
+                    let _ = reply.send(Err(DeliveryError::ShuttingDown));
+                }
+                Command::Nack { reply, .. } => {
+                    let _ = reply.send(Err(DeliveryError::ShuttingDown));
+                }
+                Command::Enqueue(_) | Command::Subscribe { .. } => {}
+            }
+        }
+    }
+}
+
+struct InFlight {
+    seq: u64,
+    deadline: Instant,
+}
+
+/// The owner of one recipient agency's queue.
+struct RecipientActor {
+    recipient: String,
+    shared: Arc<Shared>,
+    /// Copies ready to send, by sequence number.
+    ready: BTreeMap<u64, String>,
+    /// Copies waiting out a retry delay: (when, seq) -> delivery id.
+    delayed: BTreeMap<(Instant, u64), String>,
+    /// Copies sent and not yet acknowledged.
+    in_flight: HashMap<String, InFlight>,
+    /// Acknowledgement deadlines from policy obligations: (when, seq) -> delivery id.
+    deadlines: BTreeMap<(Instant, u64), String>,
+    /// When each delayed or deadline entry is due, by seq, so an acknowledgement can remove it without a scan.
+    delayed_at: HashMap<u64, Instant>,
+    deadline_at: HashMap<u64, Instant>,
+    stream: Option<mpsc::Sender<StreamItem>>,
+}
+
+impl RecipientActor {
+    fn new(recipient: String, shared: Arc<Shared>) -> Self {
+        Self {
+            recipient,
+            shared,
+            ready: BTreeMap::new(),
+            delayed: BTreeMap::new(),
+            in_flight: HashMap::new(),
+            deadlines: BTreeMap::new(),
+            delayed_at: HashMap::new(),
+            deadline_at: HashMap::new(),
+            stream: None,
+        }
+    }
+
+    async fn run(mut self, mut mailbox: mpsc::UnboundedReceiver<Command>) {
+        let mut shutdown = self.shared.shutdown.clone();
+        let mut stopping = *shutdown.borrow();
+        loop {
+            let wake = self.next_wake();
+            let mut commands = Vec::new();
+            tokio::select! {
+                command = mailbox.recv() => match command {
+                    Some(command) => commands.push(command),
+                    None => break,
+                },
+                () = sleep_until_option(wake) => {}
+                changed = shutdown.changed(), if !stopping => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        stopping = true;
+                        // Ending the stream lets the server finish its graceful shutdown; acknowledgements still work.
+                        self.stream = None;
+                    }
+                }
+            }
+            while commands.len() < 1024 {
+                match mailbox.try_recv() {
+                    Ok(command) => commands.push(command),
+                    Err(_) => break,
+                }
+            }
+            self.handle(commands, stopping).await;
+            self.expire_timers().await;
+            if !stopping {
+                self.pump().await;
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let in_flight = self.in_flight.values().map(|entry| entry.deadline).min();
+        let delayed = self.delayed.keys().next().map(|(when, _)| *when);
+        let deadline = self.deadlines.keys().next().map(|(when, _)| *when);
+        [in_flight, delayed, deadline].into_iter().flatten().min()
+    }
+
+    async fn handle(&mut self, commands: Vec<Command>, stopping: bool) {
+        let mut acks = Vec::new();
+        let mut nacks = Vec::new();
+        for command in commands {
+            match command {
+                Command::Enqueue(entry) => {
+                    if let Some(micros) = entry.acknowledge_by_micros {
+                        self.add_deadline(instant_for_micros(micros), entry.seq, entry.delivery_id.clone());
+                    }
+                    self.ready.insert(entry.seq, entry.delivery_id);
+                }
+                Command::Subscribe { stream } => {
+                    if stopping {
+                        continue;
+                    }
+                    // A new stream replaces the old one; copies sent on the old one and not yet acknowledged go
+                    // back to the front of the queue (the agent recognises a copy it already has by its id).
+                    self.stream = Some(stream);
+                    for (delivery_id, entry) in self.in_flight.drain() {
+                        self.ready.insert(entry.seq, delivery_id);
+                    }
+                }
+                Command::Ack { delivery_id, actor, reply } => acks.push((delivery_id, actor, reply)),
+                Command::Nack { delivery_id, actor, delay, reason, reply } => {
+                    nacks.push((delivery_id, actor, delay, reason, reply))
+                }
+            }
+        }
+        if !acks.is_empty() {
+            self.acknowledge(acks).await;
+        }
+        if !nacks.is_empty() {
+            self.negative_acknowledge(nacks).await;
+        }
+    }
+
+    fn seq_of(&self, delivery_id: &str) -> Option<u64> {
+        if let Some(entry) = self.in_flight.get(delivery_id) {
+            return Some(entry.seq);
+        }
+        // Not in flight: a late acknowledgement of a copy whose wait ran out, or of a delayed one. Rare, so a scan.
+        self.ready
+            .iter()
+            .find(|(_, id)| id.as_str() == delivery_id)
+            .map(|(seq, _)| *seq)
+            .or_else(|| self.delayed.iter().find(|(_, id)| id.as_str() == delivery_id).map(|((_, seq), _)| *seq))
+    }
+
+    fn forget(&mut self, delivery_id: &str, seq: u64) {
+        self.in_flight.remove(delivery_id);
+        self.ready.remove(&seq);
+        if let Some(when) = self.delayed_at.remove(&seq) {
+            self.delayed.remove(&(when, seq));
+        }
+        if let Some(when) = self.deadline_at.remove(&seq) {
+            self.deadlines.remove(&(when, seq));
+        }
+    }
+
+    fn add_delayed(&mut self, when: Instant, seq: u64, delivery_id: String) {
+        self.delayed.insert((when, seq), delivery_id);
+        self.delayed_at.insert(seq, when);
+    }
+
+    fn add_deadline(&mut self, when: Instant, seq: u64, delivery_id: String) {
+        self.deadlines.insert((when, seq), delivery_id);
+        self.deadline_at.insert(seq, when);
+    }
+
+    fn load(&self, delivery_id: &str) -> Result<Option<DeliveryRecord>, StoreError> {
+        match self.shared.store.get(&records::delivery_key(delivery_id))? {
+            Some(bytes) => Ok(Some(records::decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn acknowledge(&mut self, acks: Vec<(String, Actor, oneshot::Sender<Result<(), DeliveryError>>)>) {
+        let now = AuditEntry::now_micros();
+        let mut commit = Commit::default();
+        let mut done = Vec::new();
+        for (delivery_id, actor, reply) in acks {
+            let record = match self.load(&delivery_id) {
+                Ok(Some(record)) if record.recipient == self.recipient => record,
+                Ok(_) => {
+                    let _ = reply.send(Err(DeliveryError::UnknownDelivery(delivery_id)));
+                    continue;
+                }
+                Err(error) => {
+                    let _ = reply.send(Err(error.into()));
+                    continue;
+                }
+            };
+            if record.state == DeliveryState::Acknowledged {
+                // A repeated acknowledgement changes nothing.
+                let _ = reply.send(Ok(()));
+                continue;
+            }
+            let Some(seq) = self.seq_of(&delivery_id) else {
+                let _ = reply.send(Err(DeliveryError::UnknownDelivery(delivery_id)));
+                continue;
+            };
+            let mut record = record;
+            record.state = DeliveryState::Acknowledged;
+            record.acknowledged_at_micros = Some(now);
+            record.push_event(now, "acknowledged", "");
+            commit.audit.push(entry_for(&record, EventType::Acknowledgement, actor, now, String::new()));
+            push_final_writes(&mut commit, &record, seq);
+            done.push((delivery_id, seq, reply));
+        }
+        if done.is_empty() {
+            return;
+        }
+        match self.shared.store.commit(commit).await {
+            Ok(_) => {
+                for (delivery_id, seq, reply) in done {
+                    self.forget(&delivery_id, seq);
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Err(error) => {
+                let message = error.to_string();
+                for (_, _, reply) in done {
+                    let _ = reply.send(Err(StoreError::CommitFailed { message: message.clone(), disk_full: error.is_disk_full() }.into()));
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn negative_acknowledge(
+        &mut self,
+        nacks: Vec<(String, Actor, Duration, String, oneshot::Sender<Result<bool, DeliveryError>>)>,
+    ) {
+        let now = AuditEntry::now_micros();
+        let mut commit = Commit::default();
+        let mut done = Vec::new();
+        for (delivery_id, actor, delay, reason, reply) in nacks {
+            let record = match self.load(&delivery_id) {
+                Ok(Some(record)) if record.recipient == self.recipient => record,
+                Ok(_) => {
+                    let _ = reply.send(Err(DeliveryError::UnknownDelivery(delivery_id)));
+                    continue;
+                }
+                Err(error) => {
+                    let _ = reply.send(Err(error.into()));
+                    continue;
+                }
+            };
+            let Some(seq) = self.seq_of(&delivery_id) else {
+                let _ = reply.send(Err(DeliveryError::UnknownDelivery(delivery_id)));
+                continue;
+            };
+            let mut record = record;
+            let reason = sanitise_reason(&reason);
+            record.push_event(now, "negatively-acknowledged", reason.clone());
+            commit.audit.push(entry_for(&record, EventType::NegativeAcknowledgement, actor, now, reason));
+            let dead = record.attempts >= self.shared.config.max_attempts;
+            if dead {
+                self.dead_letter(&mut commit, &mut record, seq, now);
+            } else {
+                record.state = DeliveryState::Queued;
+                commit.writes.push(Write::Put(records::delivery_key(&delivery_id), encode_or_empty(&record)));
+            }
+            done.push((delivery_id, seq, delay, dead, reply));
+        }
+        if done.is_empty() {
+            return;
+        }
+        match self.shared.store.commit(commit).await {
+            Ok(_) => {
+                for (delivery_id, seq, delay, dead, reply) in done {
+                    if dead {
+                        self.forget(&delivery_id, seq);
+                    } else {
+                        self.in_flight.remove(&delivery_id);
+                        self.ready.remove(&seq);
+                        self.add_delayed(Instant::now() + delay, seq, delivery_id);
+                    }
+                    let _ = reply.send(Ok(dead));
+                }
+            }
+            Err(error) => {
+                let message = error.to_string();
+                for (.., reply) in done {
+                    let _ = reply.send(Err(StoreError::CommitFailed { message: message.clone(), disk_full: error.is_disk_full() }.into()));
+                }
+            }
+        }
+    }
+
+    fn dead_letter(&self, commit: &mut Commit, record: &mut DeliveryRecord, seq: u64, now: i64) {
+        record.state = DeliveryState::DeadLettered;
+        record.push_event(now, "dead-lettered", format!("after {} attempts", record.attempts));
+        commit.audit.push(entry_for(record, EventType::DeadLetter, broker_actor(), now, format!("attempts={}", record.attempts)));
+        push_final_writes(commit, record, seq);
+    }
+
+    /// Moves due retries to the ready queue, redelivers or dead-letters copies whose acknowledgement wait ran out,
+    /// and records escalations for passed acknowledgement deadlines.
+    async fn expire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let ((_, seq), delivery_id) = entry.remove_entry();
+            self.delayed_at.remove(&seq);
+            self.ready.insert(seq, delivery_id);
+        }
+        let expired: Vec<String> = self
+            .in_flight
+            .iter()
+            .filter(|(_, entry)| entry.deadline <= now)
+            .map(|(delivery_id, _)| delivery_id.clone())
+            .collect();
+        if !expired.is_empty() {
+            self.expire_in_flight(expired).await;
+        }
+        let mut due = Vec::new();
+        while let Some(entry) = self.deadlines.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let due_entry = entry.remove_entry();
+            self.deadline_at.remove(&due_entry.0.1);
+            due.push(due_entry);
+        }
+        if !due.is_empty() {
+            self.escalate(due).await;
+        }
+    }
+
+    async fn expire_in_flight(&mut self, expired: Vec<String>) {
+        let now_micros = AuditEntry::now_micros();
+        let mut commit = Commit::default();
+        let mut dead = Vec::new();
+        for delivery_id in expired {
+            let Some(entry) = self.in_flight.remove(&delivery_id) else { continue };
+            let record = match self.load(&delivery_id) {
+                Ok(Some(record)) => record,
+                _ => continue,
+            };
+            if record.attempts >= self.shared.config.max_attempts {
+                let mut record = record;
+                self.dead_letter(&mut commit, &mut record, entry.seq, now_micros);
+                dead.push((delivery_id, entry.seq));
+            } else {
+                // Redelivered by the next pump, which records the attempt.
+                self.ready.insert(entry.seq, delivery_id);
+            }
+        }
+        if dead.is_empty() {
+            return;
+        }
+        match self.shared.store.commit(commit).await {
+            Ok(_) => {
+                for (delivery_id, seq) in dead {
+                    self.forget(&delivery_id, seq);
+                }
+            }
+            Err(error) => {
+                tracing::error!(error = %error, recipient = %self.recipient, "could not record dead letters; will retry");
+                for (delivery_id, seq) in dead {
+                    self.in_flight.insert(delivery_id, InFlight { seq, deadline: Instant::now() + Duration::from_secs(1) });
+                }
+            }
+        }
+    }
+
+    async fn escalate(&mut self, due: Vec<((Instant, u64), String)>) {
+        let now = AuditEntry::now_micros();
+        let mut commit = Commit::default();
+        let mut escalated = Vec::new();
+        for (_, delivery_id) in &due {
+            let mut record = match self.load(delivery_id) {
+                Ok(Some(record)) => record,
+                _ => continue,
+            };
+            if record.escalated || matches!(record.state, DeliveryState::Acknowledged) {
+                continue;
+            }
+            record.escalated = true;
+            record.push_event(now, "escalated", "acknowledgement deadline passed");
+            commit.audit.push(entry_for(&record, EventType::Escalation, broker_actor(), now, "acknowledgement deadline passed".to_owned()));
+            commit.writes.push(Write::Put(records::delivery_key(delivery_id), encode_or_empty(&record)));
+            escalated.push(record);
+        }
+        if escalated.is_empty() {
+            return;
+        }
+        match self.shared.store.commit(commit).await {
+            Ok(_) => {
+                let hook = self.shared.on_escalation.lock().ok().and_then(|slot| slot.clone());
+                for record in escalated {
+                    tracing::warn!(delivery_id = %record.delivery_id, recipient = %self.recipient, "acknowledgement deadline passed: escalated");
+                    if let Some(hook) = &hook {
+                        hook(record);
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "could not record an escalation; will retry");
+                let retry = Instant::now() + Duration::from_secs(1);
+                for ((_, seq), delivery_id) in due {
+                    self.add_deadline(retry, seq, delivery_id);
+                }
+            }
+        }
+    }
+
+    /// Sends ready copies while the agent is connected and the in-flight window has room.
+    async fn pump(&mut self) {
+        loop {
+            let Some(stream) = self.stream.clone() else { return };
+            if stream.is_closed() {
+                self.stream = None;
+                for (delivery_id, entry) in self.in_flight.drain() {
+                    self.ready.insert(entry.seq, delivery_id);
+                }
+                return;
+            }
+            let room = self.shared.config.max_in_flight.saturating_sub(self.in_flight.len());
+            if room == 0 || self.ready.is_empty() {
+                return;
+            }
+            let batch: Vec<(u64, String)> =
+                self.ready.iter().take(room.min(256)).map(|(seq, id)| (*seq, id.clone())).collect();
+            let now = AuditEntry::now_micros();
+            let mut commit = Commit::default();
+            let mut outgoing = Vec::new();
+            for (seq, delivery_id) in &batch {
+                self.ready.remove(seq);
+                let (record, copy) = match (self.load(delivery_id), self.shared.store.get(&records::copy_key(delivery_id))) {
+                    (Ok(Some(record)), Ok(Some(copy))) => (record, copy),
+                    (Err(error), _) | (_, Err(error)) => {
+                        tracing::error!(error = %error, %delivery_id, "could not read a queued copy; will retry");
+                        self.add_delayed(Instant::now() + Duration::from_secs(1), *seq, delivery_id.clone());
+                        continue;
+                    }
+                    _ => {
+                        tracing::error!(%delivery_id, "a queued copy has no stored record: dropped from the queue");
+                        continue;
+                    }
+                };
+                let mut record = record;
+                record.attempts += 1;
+                record.state = DeliveryState::Delivered;
+                record.last_delivered_at_micros = Some(now);
+                let (event, name) =
+                    if record.attempts == 1 { (EventType::Delivery, "delivered") } else { (EventType::Redelivery, "redelivered") };
+                record.push_event(now, name, "");
+                commit.audit.push(entry_for(&record, event, broker_actor(), now, String::new()));
+                commit.writes.push(Write::Put(records::delivery_key(delivery_id), encode_or_empty(&record)));
+                outgoing.push((*seq, delivery_id.clone(), record.attempts, copy));
+            }
+            if outgoing.is_empty() {
+                continue;
+            }
+            if let Err(error) = self.shared.store.commit(commit).await {
+                tracing::error!(error = %error, recipient = %self.recipient, "could not record deliveries; will retry");
+                let retry = Instant::now() + Duration::from_secs(1);
+                for (seq, delivery_id, ..) in outgoing {
+                    self.add_delayed(retry, seq, delivery_id);
+                }
+                return;
+            }
+            let deadline = Instant::now() + self.shared.config.ack_wait;
+            for (seq, delivery_id, attempt, copy) in outgoing {
+                self.in_flight.insert(delivery_id.clone(), InFlight { seq, deadline });
+                match pb::Delivery::decode(copy.as_slice()) {
+                    Ok(mut delivery) => {
+                        delivery.attempt = attempt;
+                        // The channel holds at most `max_in_flight + 1` and we never have more than that in flight.
+                        if stream.try_send(Ok(delivery)).is_err() {
+                            tracing::debug!(%delivery_id, "delivery stream closed; the copy stays in flight until redelivery");
+                        }
+                    }
+                    Err(error) => {
+                        tracing::error!(%delivery_id, error = %error, "a stored copy does not decode");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn push_final_writes(commit: &mut Commit, record: &DeliveryRecord, seq: u64) {
+    commit.writes.push(Write::Put(records::delivery_key(&record.delivery_id), encode_or_empty(record)));
+    commit.writes.push(Write::Delete(records::copy_key(&record.delivery_id)));
+    commit.writes.push(Write::Delete(records::queue_key(&record.recipient, seq)));
+}
+
+/// postcard cannot fail to encode these plain records; an empty value would only ever be read back as "missing".
+fn encode_or_empty(record: &DeliveryRecord) -> Vec<u8> {
+    records::encode(record).unwrap_or_default()
+}
+
+pub fn broker_actor() -> Actor {
+    Actor { agency: "broker".to_owned(), practitioner: String::new(), role: String::new() }
+}
+
+fn entry_for(record: &DeliveryRecord, event: EventType, actor: Actor, now: i64, detail: String) -> AuditEntry {
+    AuditEntry {
+        time_micros: now,
+        event: Some(event),
+        actor,
+        subject: record.subject.clone(),
+        message_id: record.message_id.clone(),
+        recipient: record.recipient.clone(),
+        rule_ids: record.rule_ids.clone(),
+        policy_set_hash: record.policy_set_hash.clone(),
+        attempt: record.attempts,
+        detail,
+        ..AuditEntry::default()
+    }
+}
+
+/// Negative-acknowledgement reasons come from agencies' systems; keep them short and plain so they cannot carry a
+/// record's content into the audit log.
+fn sanitise_reason(reason: &str) -> String {
+    reason.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(120).collect()
+}
+
+fn instant_for_micros(micros: i64) -> Instant {
+    let now_micros = AuditEntry::now_micros();
+    let ahead = u64::try_from(micros.saturating_sub(now_micros)).unwrap_or(0);
+    Instant::now() + Duration::from_micros(ahead)
+}
+
+async fn sleep_until_option(when: Option<Instant>) {
+    match when {
+        Some(when) => tokio::time::sleep_until(when).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,603 @@
+//! Sending and tracking: what happens between an agent's `Send` and the copies waiting in recipients' queues.
+//!
+//! [`Exchange::send`] checks the envelope, answers a repeated idempotency key with the first receipt, asks the
+//! policy about each named recipient, builds each permitted recipient's copy from its allowed fields, and commits
+//! the decisions (audit entries), the message record and the queued copies in one durable commit before answering.
+//! It knows nothing of gRPC: [`crate::transport`] converts its errors to statuses.
+
+use std::{
+    collections::HashSet,
+    hash::{DefaultHasher, Hash, Hasher},
+    sync::{Arc, RwLock},
+};
+
+use prost::Message;
+use time::OffsetDateTime;
+
+use crate::{
+    audit::{Actor, AuditEntry, EventType, Pseudonymiser},
+    auth::Caller,
+    delivery::{Deliveries, Enqueued, broker_actor},
+    policy::{Decision, DecisionRequest, PolicySet},
+    records::{self, DeliveryRecord, DeliveryState, MessageRecord, RecipientDecision},
+    store::{Commit, Store, StoreError, Write},
+};
+use proto::pb::{self, envelope::Body};
+
+/// Most recipients one message may name.
+pub const MAX_RECIPIENTS: usize = 64;
+const IDEMPOTENCY_STRIPES: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("`{field}`: {description}")]
+    InvalidArgument { field: &'static str, description: String },
+    /// No recipient was permitted. The receipt says why for each.
+    #[error("the information-sharing policy permits none of the recipients: {summary}")]
+    Refused { receipt: Box<pb::SendResponse>, summary: String },
+    #[error("no message `{0}` sent by this agency")]
+    NotFound(String),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+/// The shared, swappable policy set: hot reload replaces the `Arc` inside.
+pub type CurrentPolicy = Arc<RwLock<Arc<PolicySet>>>;
+
+/// Send and track, over the store, the delivery engine and the current policy set.
+#[derive(Clone)]
+pub struct Exchange {
+    store: Store,
+    deliveries: Deliveries,
+    policy: CurrentPolicy,
+    pseudonymiser: Pseudonymiser,
+    /// Serialises sends that share an idempotency key, so two concurrent sends cannot both store a message.
+    idempotency_locks: Arc<Vec<tokio::sync::Mutex<()>>>,
+}
+
+impl Exchange {
+    pub fn new(store: Store, deliveries: Deliveries, policy: CurrentPolicy, pseudonymiser: Pseudonymiser) -> Self {
+        let idempotency_locks = Arc::new((0..IDEMPOTENCY_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect());
+        Self { store, deliveries, policy, pseudonymiser, idempotency_locks }
+    }
+
+    pub fn policy(&self) -> Arc<PolicySet> {
+        match self.policy.read() {
+            Ok(policy) => policy.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Decides, stores durably and queues; answers with the receipt.
+    pub async fn send(&self, caller: &Caller, mut envelope: pb::Envelope) -> Result<pb::SendResponse, ExchangeError> {
+        validate(&envelope)?;
+        let key = envelope.idempotency_key.clone();
+        let _guard = if key.is_empty() {
+            None
+        } else {
+            let mut hasher = DefaultHasher::new();
+            (&caller.agency, &key).hash(&mut hasher);
+            let stripe = (hasher.finish() % IDEMPOTENCY_STRIPES as u64) as usize;
+            Some(self.idempotency_locks[stripe].lock().await)
+        };
+        if !key.is_empty()
+            && let Some(message_id) = self.store.get(&records::idempotency_key(&caller.agency, &key))?
+        {
+            let message_id = String::from_utf8_lossy(&message_id).into_owned();
+            let record = self.message_record(&message_id)?.ok_or_else(|| ExchangeError::NotFound(message_id))?;
+            let mut receipt = receipt_of(&record);
+            receipt.duplicate = true;
+            return refusal_or(receipt);
+        }
+
+        let policy = self.policy();
+        let now = OffsetDateTime::now_utc();
+        let now_micros = micros(now);
+        let message_id = uuid::Uuid::now_v7().to_string();
+        envelope.message_id = message_id.clone();
+        let subject = self.pseudonymiser.child(envelope.subject.as_ref());
+        let actor = Actor {
+            agency: caller.agency.clone(),
+            practitioner: caller.practitioner.clone(),
+            role: envelope.sender_role.clone(),
+        };
+        let mut commit = Commit::default();
+        let mut decisions = Vec::new();
+        let mut enqueued = Vec::new();
+        for recipient in &envelope.recipients {
+            let request = DecisionRequest {
+                sender: &caller.agency,
+                sender_practitioner: &caller.practitioner,
+                sender_roles: &caller.roles,
+                recipient,
+                envelope: &envelope,
+                now,
+            };
+            let mut decision = policy.decide(&request);
+            let mut copy = None;
+            if decision.permitted {
+                match policy.build_copy(&envelope, &decision) {
+                    Ok(built) => copy = Some(built),
+                    Err(error) => {
+                        // Deny on any error while deciding (invariant 1).
+                        tracing::error!(error = %error, %recipient, "could not build a recipient copy: refused");
+                        decision.permitted = false;
+                        decision.explanation = "the broker could not build this recipient's copy".to_owned();
+                    }
+                }
+            }
+            let reason_code = if decision.permitted || copy.is_some() {
+                decision.reason_code.as_str().to_owned()
+            } else if decision.reason_code.as_str() == "permitted" {
+                "copy-failed".to_owned()
+            } else {
+                decision.reason_code.as_str().to_owned()
+            };
+            let acknowledge_by = decision
+                .obligations
+                .acknowledge_within
+                .as_ref()
+                .filter(|_| copy.is_some())
+                .map(|deadline| micros(policy.deadline_at(deadline, now)));
+            commit.audit.push(decision_entry(&actor, &subject, &message_id, recipient, &decision, &reason_code, copy.is_some(), now_micros));
+            if decision.override_used.is_some() && copy.is_some() {
+                let mut entry = decision_entry(&actor, &subject, &message_id, recipient, &decision, &reason_code, true, now_micros);
+                entry.event = Some(EventType::OverrideUsed);
+                entry.detail = override_detail(&envelope);
+                commit.audit.push(entry);
+            }
+            if let Some(copy) = copy {
+                let delivery_id = records::delivery_id(&message_id, recipient);
+                let delivery = pb::Delivery {
+                    delivery_id: delivery_id.clone(),
+                    message_id: message_id.clone(),
+                    attempt: 0,
+                    sender_agency: caller.agency.clone(),
+                    sender_practitioner: caller.practitioner.clone(),
+                    sender_role: envelope.sender_role.clone(),
+                    envelope: Some(copy),
+                    rule_ids: decision.rule_ids.clone(),
+                    lawful_basis: decision.lawful_basis.join(", "),
+                    fields_withheld: decision.fields_withheld.clone(),
+                    obligations: Some(pb::Obligations {
+                        acknowledge_within_seconds: acknowledge_by.map_or(0, |by| (by - now_micros) / 1_000_000),
+                        retention_class: decision.obligations.retention_class.clone().unwrap_or_default(),
+                        onward_disclosure_allowed: decision.obligations.onward_disclosure,
+                    }),
+                    accepted_at: Some(timestamp(now)),
+                    policy_set_hash: policy.hash().to_owned(),
+                };
+                let seq = self.deliveries.next_seq();
+                let record = DeliveryRecord {
+                    delivery_id: delivery_id.clone(),
+                    message_id: message_id.clone(),
+                    recipient: recipient.clone(),
+                    sender: caller.agency.clone(),
+                    seq,
+                    state: DeliveryState::Queued,
+                    attempts: 0,
+                    queued_at_micros: now_micros,
+                    last_delivered_at_micros: None,
+                    acknowledged_at_micros: None,
+                    acknowledge_by_micros: acknowledge_by,
+                    escalated: false,
+                    escalate_to: decision.obligations.escalate_to.clone(),
+                    subject: subject.clone(),
+                    rule_ids: decision.rule_ids.clone(),
+                    policy_set_hash: policy.hash().to_owned(),
+                    events: vec![records::TrackEvent {
+                        at_micros: now_micros,
+                        event: "queued".to_owned(),
+                        attempt: 0,
+                        detail: String::new(),
+                    }],
+                };
+                commit.writes.push(Write::Put(records::delivery_key(&delivery_id), records::encode(&record)?));
+                commit.writes.push(Write::Put(records::copy_key(&delivery_id), delivery.encode_to_vec()));
+                commit.writes.push(Write::Put(records::queue_key(recipient, seq), delivery_id.clone().into_bytes()));
+                enqueued.push(Enqueued {
+                    recipient: recipient.clone(),
+                    seq,
+                    delivery_id,
+                    acknowledge_by_micros: acknowledge_by,
+                });
+            }
+            decisions.push(RecipientDecision {
+                recipient: recipient.clone(),
+                accepted: decision.permitted,
+                reason_code,
+                explanation: decision.explanation.clone(),
+                rule_ids: decision.rule_ids.clone(),
+                fields_shared: if decision.permitted { decision.fields_shared.clone() } else { Vec::new() },
+                fields_withheld: if decision.permitted { decision.fields_withheld.clone() } else { Vec::new() },
+                acknowledge_by_micros: acknowledge_by,
+            });
+        }
+        let record = MessageRecord {
+            message_id: message_id.clone(),
+            sender: caller.agency.clone(),
+            sender_practitioner: caller.practitioner.clone(),
+            sender_role: envelope.sender_role.clone(),
+            kind: envelope.kind,
+            accepted_at_micros: now_micros,
+            idempotency_key: key.clone(),
+            policy_set_hash: policy.hash().to_owned(),
+            subject,
+            recipients: decisions,
+        };
+        commit.writes.push(Write::Put(records::message_key(&message_id), records::encode(&record)?));
+        if !key.is_empty() {
+            commit.writes.push(Write::Put(records::idempotency_key(&caller.agency, &key), message_id.clone().into_bytes()));
+        }
+        self.store.commit(commit).await?;
+        for entry in enqueued {
+            self.deliveries.enqueued(entry);
+        }
+        tracing::info!(
+            %message_id,
+            sender = %caller.agency,
+            kind = envelope.kind,
+            accepted = record.recipients.iter().filter(|r| r.accepted).count(),
+            refused = record.recipients.iter().filter(|r| !r.accepted).count(),
+            "message decided"
+        );
+        refusal_or(receipt_of(&record))
+    }
+
+    /// The state of a message the caller's agency sent, per recipient.
+    pub fn track(&self, caller: &Caller, message_id: &str) -> Result<pb::TrackResponse, ExchangeError> {
+        let record = match self.message_record(message_id)? {
+            Some(record) if record.sender == caller.agency => record,
+            _ => return Err(ExchangeError::NotFound(message_id.to_owned())),
+        };
+        let mut recipients = Vec::new();
+        for decision in &record.recipients {
+            if !decision.accepted {
+                recipients.push(pb::RecipientTrack {
+                    recipient: decision.recipient.clone(),
+                    state: pb::DeliveryState::Refused as i32,
+                    reason_code: decision.reason_code.clone(),
+                    ..Default::default()
+                });
+                continue;
+            }
+            let delivery_id = records::delivery_id(message_id, &decision.recipient);
+            let Some(bytes) = self.store.get(&records::delivery_key(&delivery_id))? else { continue };
+            let delivery: DeliveryRecord = records::decode(&bytes)?;
+            recipients.push(pb::RecipientTrack {
+                recipient: delivery.recipient.clone(),
+                state: match delivery.state {
+                    DeliveryState::Queued => pb::DeliveryState::Queued,
+                    DeliveryState::Delivered => pb::DeliveryState::Delivered,
+                    DeliveryState::Acknowledged => pb::DeliveryState::Acknowledged,
+                    DeliveryState::DeadLettered => pb::DeliveryState::DeadLettered,
+                } as i32,
+                attempts: delivery.attempts,
+                queued_at: Some(timestamp_micros(delivery.queued_at_micros)),
+                last_delivered_at: delivery.last_delivered_at_micros.map(timestamp_micros),
+                acknowledged_at: delivery.acknowledged_at_micros.map(timestamp_micros),
+                acknowledge_by: delivery.acknowledge_by_micros.map(timestamp_micros),
+                escalated: delivery.escalated,
+                reason_code: decision.reason_code.clone(),
+                events: delivery
+                    .events
+                    .iter()
+                    .map(|event| pb::TrackEvent {
+                        at: Some(timestamp_micros(event.at_micros)),
+                        event: event.event.clone(),
+                        attempt: event.attempt,
+                        detail: event.detail.clone(),
+                    })
+                    .collect(),
+            });
+        }
+        Ok(pb::TrackResponse {
+            message_id: record.message_id.clone(),
+            accepted_at: Some(timestamp_micros(record.accepted_at_micros)),
+            recipients,
+        })
+    }
+
+    /// Tells the sender of a copy whose acknowledgement deadline passed (and the agency the rule names for
+    /// escalation) with a broker-written escalation notice. The notice names the message and the recipient, never
+    /// the child or the content, so it needs no sharing decision; it is audited like any other share.
+    pub async fn send_escalation_notices(&self, late: DeliveryRecord) -> Result<(), ExchangeError> {
+        let policy = self.policy();
+        let now = OffsetDateTime::now_utc();
+        let now_micros = micros(now);
+        let mut targets = vec![late.sender.clone()];
+        if let Some(escalate_to) = &late.escalate_to
+            && !targets.contains(escalate_to)
+        {
+            targets.push(escalate_to.clone());
+        }
+        let message_id = uuid::Uuid::now_v7().to_string();
+        let envelope = pb::Envelope {
+            message_id: message_id.clone(),
+            kind: pb::MessageKind::EscalationNotice as i32,
+            purpose: "escalation".to_owned(),
+            urgency: pb::Urgency::Immediate as i32,
+            recipients: targets.clone(),
+            correlation_id: late.message_id.clone(),
+            created_at: Some(timestamp(now)),
+            body: Some(Body::Escalation(pb::Escalation {
+                message_id: late.message_id.clone(),
+                recipient: late.recipient.clone(),
+                deadline: late.acknowledge_by_micros.map(timestamp_micros),
+                rule_id: late.rule_ids.join(","),
+                explanation: format!(
+                    "{} has not acknowledged message {} by its deadline",
+                    late.recipient, late.message_id
+                ),
+            })),
+            ..Default::default()
+        };
+        let mut commit = Commit::default();
+        let mut enqueued = Vec::new();
+        let mut decisions = Vec::new();
+        for target in &targets {
+            let delivery_id = records::delivery_id(&message_id, target);
+            let seq = self.deliveries.next_seq();
+            let delivery = pb::Delivery {
+                delivery_id: delivery_id.clone(),
+                message_id: message_id.clone(),
+                sender_agency: "broker".to_owned(),
+                envelope: Some(envelope.clone()),
+                rule_ids: vec!["broker-escalation-notice".to_owned()],
+                accepted_at: Some(timestamp(now)),
+                policy_set_hash: policy.hash().to_owned(),
+                ..Default::default()
+            };
+            let record = DeliveryRecord {
+                delivery_id: delivery_id.clone(),
+                message_id: message_id.clone(),
+                recipient: target.clone(),
+                sender: "broker".to_owned(),
+                seq,
+                state: DeliveryState::Queued,
+                attempts: 0,
+                queued_at_micros: now_micros,
+                last_delivered_at_micros: None,
+                acknowledged_at_micros: None,
+                acknowledge_by_micros: None,
+                escalated: false,
+                escalate_to: None,
+                subject: None,
+                rule_ids: vec!["broker-escalation-notice".to_owned()],
+                policy_set_hash: policy.hash().to_owned(),
+                events: Vec::new(),
+            };
+            commit.audit.push(AuditEntry {
+                time_micros: now_micros,
+                event: Some(EventType::DecisionToShare),
+                actor: broker_actor(),
+                subject: late.subject.clone(),
+                message_id: message_id.clone(),
+                recipient: target.clone(),
+                rule_ids: vec!["broker-escalation-notice".to_owned()],
+                reason_code: "escalation-notice".to_owned(),
+                policy_set_hash: policy.hash().to_owned(),
+                detail: format!("escalates {}", late.delivery_id),
+                ..AuditEntry::default()
+            });
+            commit.writes.push(Write::Put(records::delivery_key(&delivery_id), records::encode(&record)?));
+            commit.writes.push(Write::Put(records::copy_key(&delivery_id), delivery.encode_to_vec()));
+            commit.writes.push(Write::Put(records::queue_key(target, seq), delivery_id.clone().into_bytes()));
+            enqueued.push(Enqueued { recipient: target.clone(), seq, delivery_id, acknowledge_by_micros: None });
+            decisions.push(RecipientDecision {
+                recipient: target.clone(),
+                accepted: true,
+                reason_code: "escalation-notice".to_owned(),
+                explanation: "acknowledgement deadline passed".to_owned(),
+                rule_ids: vec!["broker-escalation-notice".to_owned()],
+                fields_shared: Vec::new(),
+                fields_withheld: Vec::new(),
+                acknowledge_by_micros: None,
+            });
+        }
+        let record = MessageRecord {
+            message_id: message_id.clone(),
+            sender: "broker".to_owned(),
+            sender_practitioner: String::new(),
+            sender_role: String::new(),
+            kind: pb::MessageKind::EscalationNotice as i32,
+            accepted_at_micros: now_micros,
+            idempotency_key: String::new(),
+            policy_set_hash: policy.hash().to_owned(),
+            subject: late.subject.clone(),
+            recipients: decisions,
+        };
+        commit.writes.push(Write::Put(records::message_key(&message_id), records::encode(&record)?));
+        self.store.commit(commit).await?;
+        for entry in enqueued {
+            self.deliveries.enqueued(entry);
+        }
+        Ok(())
+    }
+
+    fn message_record(&self, message_id: &str) -> Result<Option<MessageRecord>, ExchangeError> {
+        match self.store.get(&records::message_key(message_id))? {
+            Some(bytes) => Ok(Some(records::decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decision_entry(
+    actor: &Actor,
+    subject: &Option<crate::audit::Pseudonym>,
+    message_id: &str,
+    recipient: &str,
+    decision: &Decision,
+    reason_code: &str,
+    shared: bool,
+    now_micros: i64,
+) -> AuditEntry {
+    AuditEntry {
+        time_micros: now_micros,
+        event: Some(if shared { EventType::DecisionToShare } else { EventType::DecisionNotToShare }),
+        actor: actor.clone(),
+        subject: subject.clone(),
+        message_id: message_id.to_owned(),
+        recipient: recipient.to_owned(),
+        rule_ids: decision.rule_ids.clone(),
+        lawful_basis: decision.lawful_basis.clone(),
+        reason_code: reason_code.to_owned(),
+        fields_shared: if shared { decision.fields_shared.clone() } else { Vec::new() },
+        fields_withheld: decision.fields_withheld.clone(),
+        policy_set_hash: decision.policy_set_hash.clone(),
+        ..AuditEntry::default()
+    }
+}
+
+/// The override's reason code and who authorised it; the free-text justification stays in the message.
+fn override_detail(envelope: &pb::Envelope) -> String {
+    let Some(agreement) = &envelope.agreement else { return String::new() };
+    let reason = pb::OverrideReason::try_from(agreement.override_reason)
+        .map(|reason| reason.as_str_name().to_owned())
+        .unwrap_or_default();
+    let state = pb::AgreementState::try_from(agreement.state)
+        .map(|state| state.as_str_name().to_owned())
+        .unwrap_or_default();
+    format!("state={state} reason={reason} authorised_by={}", agreement.authorised_by)
+}
+
+fn refusal_or(receipt: pb::SendResponse) -> Result<pb::SendResponse, ExchangeError> {
+    let any_accepted = receipt.recipients.iter().any(|r| r.outcome == pb::RecipientOutcome::Accepted as i32);
+    if any_accepted {
+        return Ok(receipt);
+    }
+    let summary = receipt
+        .recipients
+        .iter()
+        .map(|r| format!("{}: {}", r.recipient, r.reason_code))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(ExchangeError::Refused { receipt: Box::new(receipt), summary })
+}
+
+fn receipt_of(record: &MessageRecord) -> pb::SendResponse {
+    pb::SendResponse {
+        message_id: record.message_id.clone(),
+        duplicate: false,
+        recipients: record
+            .recipients
+            .iter()
+            .map(|decision| pb::RecipientReceipt {
+                recipient: decision.recipient.clone(),
+                outcome: if decision.accepted { pb::RecipientOutcome::Accepted } else { pb::RecipientOutcome::Refused }
+                    as i32,
+                reason_code: decision.reason_code.clone(),
+                explanation: decision.explanation.clone(),
+                rule_ids: decision.rule_ids.clone(),
+                fields_shared: decision.fields_shared.clone(),
+                fields_withheld: decision.fields_withheld.clone(),
+                acknowledge_by: decision.acknowledge_by_micros.map(timestamp_micros),
+            })
+            .collect(),
+        policy_set_hash: record.policy_set_hash.clone(),
+        accepted_at: Some(timestamp_micros(record.accepted_at_micros)),
+    }
+}
+
+/// The body each kind must carry.
+pub fn kind_matches_body(kind: pb::MessageKind, body: &Body) -> bool {
+    use pb::MessageKind as K;
+    matches!(
+        (kind, body),
+        (K::Referral, Body::Referral(_))
+            | (K::DomesticAbuseNotification, Body::DomesticAbuseIncident(_))
+            | (K::PublicProtectionNotice, Body::PublicProtectionNotice(_))
+            | (K::ReferralAcknowledgement | K::OutcomeFeedback, Body::ReferralOutcome(_))
+            | (K::InformationRequest, Body::InformationRequest(_))
+            | (K::InformationResponse, Body::InformationResponse(_))
+            | (K::StrategyDiscussion | K::Conference | K::FamilyNetworkMeeting, Body::Meeting(_))
+            | (K::PlanStatusNotification, Body::PlanStatus(_))
+            | (K::UnscheduledCareAttendance | K::EmergencyAttendance, Body::CareAttendance(_))
+            | (K::FamilyHelpRequest, Body::FamilyHelpRequest(_))
+            | (K::MissingEpisode, Body::MissingEpisode(_))
+            | (K::RecordTransfer, Body::RecordTransfer(_))
+            | (K::CaseClosure, Body::CaseClosure(_))
+    )
+}
+
+/// Checks what the broker itself needs of an envelope; the policy decides the rest.
+pub fn validate(envelope: &pb::Envelope) -> Result<(), ExchangeError> {
+    let invalid = |field: &'static str, description: &str| ExchangeError::InvalidArgument {
+        field,
+        description: description.to_owned(),
+    };
+    let kind = pb::MessageKind::try_from(envelope.kind)
+        .map_err(|_| invalid("envelope.kind", "is not a known message kind"))?;
+    if kind == pb::MessageKind::Unspecified {
+        return Err(invalid("envelope.kind", "is required"));
+    }
+    if kind == pb::MessageKind::EscalationNotice {
+        return Err(invalid("envelope.kind", "escalation notices are written by the broker only"));
+    }
+    let body = envelope.body.as_ref().ok_or_else(|| invalid("envelope.body", "is required: set the body for the kind"))?;
+    if !kind_matches_body(kind, body) {
+        return Err(invalid("envelope.body", &format!("does not match kind `{}`", kind.as_str_name())));
+    }
+    if envelope.purpose.trim().is_empty() {
+        return Err(invalid("envelope.purpose", "is required: name a purpose declared in the policy set"));
+    }
+    if pb::Urgency::try_from(envelope.urgency).is_err() {
+        return Err(invalid("envelope.urgency", "is not a known urgency"));
+    }
+    if envelope.recipients.is_empty() {
+        return Err(invalid("envelope.recipients", "name at least one recipient agency"));
+    }
+    if envelope.recipients.len() > MAX_RECIPIENTS {
+        return Err(invalid("envelope.recipients", &format!("name at most {MAX_RECIPIENTS} recipients")));
+    }
+    let mut seen = HashSet::new();
+    for recipient in &envelope.recipients {
+        if !crate::pki::is_valid_agency_id(recipient) {
+            return Err(invalid("envelope.recipients", &format!("`{}` is not an agency id", truncate(recipient))));
+        }
+        if !seen.insert(recipient) {
+            return Err(invalid("envelope.recipients", &format!("`{recipient}` is named twice")));
+        }
+    }
+    if envelope.idempotency_key.len() > 200
+        || envelope.idempotency_key.chars().any(|c| c.is_control())
+    {
+        return Err(invalid("envelope.idempotency_key", "must be at most 200 printable characters"));
+    }
+    if let Some(agreement) = &envelope.agreement {
+        if pb::AgreementState::try_from(agreement.state).is_err() {
+            return Err(invalid("envelope.agreement.state", "is not a known agreement state"));
+        }
+        if pb::OverrideReason::try_from(agreement.override_reason).is_err() {
+            return Err(invalid("envelope.agreement.override_reason", "is not a known override reason"));
+        }
+    }
+    if let Some(date) = envelope.subject.as_ref().and_then(|child| child.date_of_birth.as_ref()) {
+        let month = u8::try_from(date.month).ok().and_then(|month| time::Month::try_from(month).ok());
+        let day = u8::try_from(date.day).ok();
+        let valid = matches!((month, day), (Some(month), Some(day))
+            if time::Date::from_calendar_date(date.year, month, day).is_ok());
+        if !valid {
+            return Err(invalid("envelope.subject.date_of_birth", "is not a valid calendar date"));
+        }
+    }
+    Ok(())
+}
+
+fn truncate(text: &str) -> String {
+    text.chars().take(40).collect()
+}
+
+pub fn micros(at: OffsetDateTime) -> i64 {
+    (at.unix_timestamp_nanos() / 1000) as i64
+}
+
+pub fn timestamp(at: OffsetDateTime) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: at.unix_timestamp(), nanos: at.nanosecond() as i32 }
+}
+
+pub fn timestamp_micros(micros: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: micros.div_euclid(1_000_000), nanos: (micros.rem_euclid(1_000_000) * 1000) as i32 }
+}

@@ -1,0 +1,153 @@
+//! The safeguarding information-sharing broker.
+//!
+//! Agencies' agents call the broker over gRPC with mutual TLS. For each message the broker identifies the sending
+//! agency from its certificate ([`auth`]), asks the area's information-sharing policy ([`policy`]) about each
+//! named recipient, builds each permitted recipient's copy from the fields it may see, records every decision in
+//! the audit log ([`audit`]), stores the message durably ([`store`]) and delivers the copies to the recipients'
+//! agents, which acknowledge them once their own write is durable ([`delivery`]).
+//!
+//! - [`run`] serves on an already-bound listener until a shutdown future resolves (so tests bind `127.0.0.1:0`).
+//! - [`exchange`] holds send and track; [`transport`] is the gRPC face and the only error-to-status mapping.
+//! - [`records`] names every stored key; [`store`] is the only module that names sled.
+//! - [`config`] parses `broker.toml`; [`dev`] and [`pki`] make development certificates.
+
+pub mod audit;
+pub mod auth;
+pub mod config;
+pub mod delivery;
+pub mod dev;
+pub mod exchange;
+pub mod pki;
+pub mod policy;
+pub mod records;
+pub mod store;
+pub mod transport;
+
+use std::{
+    future::Future,
+    sync::{Arc, RwLock},
+};
+
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{
+    audit::{AuditLog, Pseudonymiser},
+    auth::token::TokenVerifier,
+    config::Config,
+    delivery::Deliveries,
+    exchange::Exchange,
+    policy::PolicySet,
+    store::Store,
+    transport::service::BrokerService,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("the policy set in `{dir}` is not valid, so the broker will not start:\n{errors}")]
+    Policy { dir: String, errors: String },
+    #[error("{0}")]
+    Audit(#[from] audit::AuditError),
+    #[error("{0}")]
+    Store(#[from] store::StoreError),
+    #[error("{0}")]
+    Tls(#[from] transport::TlsError),
+    #[error("the token settings are not valid:\n{0}")]
+    Tokens(String),
+    #[error("the gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Loads the policy set; the broker never runs without a valid one.
+pub fn load_policy(config: &Config) -> Result<PolicySet, BrokerError> {
+    PolicySet::load_dir(&config.policy_dir).map_err(|errors| BrokerError::Policy {
+        dir: config.policy_dir.display().to_string(),
+        errors: errors.to_string(),
+    })
+}
+
+/// Reads the trusted token issuers and their keys.
+pub fn load_tokens(config: &Config) -> Result<TokenVerifier, BrokerError> {
+    TokenVerifier::load(&config.tokens, &config.base_dir).map_err(|problems| BrokerError::Tokens(problems.join("\n")))
+}
+
+/// Reloads the token keys when a key file changes (an agency rotated its signing key). A set that fails to load is
+/// not used: the previous one stays.
+async fn reload_tokens_on_change(config: Config, current: transport::service::CurrentTokens) {
+    let mut interval = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        interval.tick().await;
+        let changed = current.read().map(|verifier| verifier.key_files_changed()).unwrap_or(false);
+        if !changed {
+            continue;
+        }
+        match load_tokens(&config) {
+            Ok(verifier) => {
+                if let Ok(mut slot) = current.write() {
+                    *slot = Arc::new(verifier);
+                }
+                tracing::info!("token keys reloaded");
+            }
+            Err(error) => tracing::error!(error = %error, "token keys changed but do not load: keeping the previous ones"),
+        }
+    }
+}
+
+/// Serves the broker on `listener` until `shutdown` resolves, then stops accepting, ends delivery streams, lets
+/// requests in flight finish and closes the store.
+pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), BrokerError> {
+    let policy = load_policy(&config)?;
+    tracing::info!(policy_set_hash = %policy.hash(), "policy set loaded");
+    let audit = AuditLog::open(&config.data_dir.join("audit"))?;
+    let (store, report) = Store::open(&config.data_dir, audit, config.index_cache_bytes)?;
+    tracing::info!(
+        journal_records_replayed = report.journal_records_replayed,
+        journal_bytes_truncated = report.journal_bytes_truncated,
+        audit_entries = report.audit_entries,
+        "storage opened"
+    );
+    let pseudonymiser = Pseudonymiser::load_or_create(&config.data_dir.join("keys"))?;
+    let tokens = load_tokens(&config)?;
+    let (stop_streams, streams_stopping) = watch::channel(false);
+    let deliveries = Deliveries::start(store.clone(), config.delivery.clone(), streams_stopping)?;
+    let current_policy = Arc::new(RwLock::new(Arc::new(policy)));
+    let exchange = Exchange::new(store.clone(), deliveries.clone(), current_policy, pseudonymiser);
+    {
+        let exchange = exchange.clone();
+        deliveries.set_escalation_hook(Arc::new(move |late| {
+            let exchange = exchange.clone();
+            tokio::spawn(async move {
+                if let Err(error) = exchange.send_escalation_notices(late).await {
+                    tracing::error!(error = %error, "could not queue escalation notices");
+                }
+            });
+        }));
+    }
+    let current_tokens = Arc::new(RwLock::new(Arc::new(tokens)));
+    let reloader = tokio::spawn(reload_tokens_on_change(config.clone(), current_tokens.clone()));
+    let service = proto::pb::broker_server::BrokerServer::new(BrokerService::new(
+        exchange,
+        deliveries.clone(),
+        current_tokens,
+        store.clone(),
+    ))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes.saturating_mul(2));
+    let tls = transport::server_tls(&config.tls)?;
+    let local = listener.local_addr().ok();
+    tracing::info!(address = ?local, "broker listening (mutual TLS)");
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, ending delivery streams");
+        let _ = stop_streams.send(true);
+    };
+    let served = tonic::transport::Server::builder()
+        .tls_config(tls)?
+        .add_service(service)
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), signal)
+        .await;
+    reloader.abort();
+    deliveries.shutdown().await;
+    store.close();
+    tracing::info!("broker stopped");
+    served.map_err(BrokerError::from)
+}

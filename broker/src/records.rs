@@ -1,0 +1,147 @@
+//! What the broker stores about messages and deliveries, and the keys it stores them under.
+//!
+//! Values are postcard-encoded. Key layout (one sled tree, so that a commit's writes apply atomically):
+//!
+//! | key | value |
+//! |---|---|
+//! | `m/<message_id>` | [`MessageRecord`]: sender, time, and the receipt per named recipient |
+//! | `i/<sender>/<idempotency key>` | the message id the key was first used for |
+//! | `d/<delivery_id>` | [`DeliveryRecord`]: state of one recipient's copy, with its tracking events |
+//! | `c/<delivery_id>` | the encoded `pb::Delivery` (the recipient's copy); deleted once acknowledged or dead-lettered |
+//! | `q/<recipient>/<seq, 20 digits>` | the delivery id, while the copy waits for acknowledgement |
+//!
+//! Message content lives only in `c/` and only until the recipient has it: transport copies should not live long
+//! (DOMAIN.md, retention), while the tracking record and the audit log stay.
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::{audit::Pseudonym, store::StoreError};
+
+pub fn message_key(message_id: &str) -> Vec<u8> {
+    format!("m/{message_id}").into_bytes()
+}
+
+pub fn idempotency_key(sender: &str, key: &str) -> Vec<u8> {
+    format!("i/{sender}/{key}").into_bytes()
+}
+
+pub fn delivery_key(delivery_id: &str) -> Vec<u8> {
+    format!("d/{delivery_id}").into_bytes()
+}
+
+pub fn copy_key(delivery_id: &str) -> Vec<u8> {
+    format!("c/{delivery_id}").into_bytes()
+}
+
+pub fn queue_key(recipient: &str, seq: u64) -> Vec<u8> {
+    format!("q/{recipient}/{seq:020}").into_bytes()
+}
+
+pub const QUEUE_PREFIX: &[u8] = b"q/";
+
+/// Splits a `q/<recipient>/<seq>` key.
+pub fn parse_queue_key(key: &[u8]) -> Option<(String, u64)> {
+    let text = std::str::from_utf8(key).ok()?.strip_prefix("q/")?;
+    let (recipient, seq) = text.rsplit_once('/')?;
+    Some((recipient.to_owned(), seq.parse().ok()?))
+}
+
+pub fn delivery_id(message_id: &str, recipient: &str) -> String {
+    format!("{message_id}.{recipient}")
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(value).map_err(|error| StoreError::Decode(error.to_string()))
+}
+
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|error| StoreError::Decode(error.to_string()))
+}
+
+/// A message as accepted: who sent it and what was decided for each named recipient.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MessageRecord {
+    pub message_id: String,
+    pub sender: String,
+    pub sender_practitioner: String,
+    pub sender_role: String,
+    pub kind: i32,
+    pub accepted_at_micros: i64,
+    pub idempotency_key: String,
+    pub policy_set_hash: String,
+    pub subject: Option<Pseudonym>,
+    pub recipients: Vec<RecipientDecision>,
+}
+
+/// The decision for one named recipient, as the receipt reports it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RecipientDecision {
+    pub recipient: String,
+    pub accepted: bool,
+    pub reason_code: String,
+    pub explanation: String,
+    pub rule_ids: Vec<String>,
+    pub fields_shared: Vec<String>,
+    pub fields_withheld: Vec<String>,
+    pub acknowledge_by_micros: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum DeliveryState {
+    Queued,
+    Delivered,
+    Acknowledged,
+    DeadLettered,
+}
+
+/// One tracking event of a delivery, as `track` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TrackEvent {
+    pub at_micros: i64,
+    pub event: String,
+    pub attempt: u32,
+    pub detail: String,
+}
+
+/// The state of one recipient's copy.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeliveryRecord {
+    pub delivery_id: String,
+    pub message_id: String,
+    pub recipient: String,
+    pub sender: String,
+    pub seq: u64,
+    pub state: DeliveryState,
+    pub attempts: u32,
+    pub queued_at_micros: i64,
+    pub last_delivered_at_micros: Option<i64>,
+    pub acknowledged_at_micros: Option<i64>,
+    pub acknowledge_by_micros: Option<i64>,
+    pub escalated: bool,
+    /// Agency to tell, besides the sender, when the acknowledgement deadline passes.
+    pub escalate_to: Option<String>,
+    pub subject: Option<Pseudonym>,
+    pub rule_ids: Vec<String>,
+    pub policy_set_hash: String,
+    pub events: Vec<TrackEvent>,
+}
+
+impl DeliveryRecord {
+    pub fn push_event(&mut self, at_micros: i64, event: &str, detail: impl Into<String>) {
+        self.events.push(TrackEvent { at_micros, event: event.to_owned(), attempt: self.attempts, detail: detail.into() });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_keys_sort_by_sequence_and_parse_back() {
+        let low = queue_key("luton-csc", 9);
+        let high = queue_key("luton-csc", 10);
+        assert!(low < high);
+        assert_eq!(parse_queue_key(&high), Some(("luton-csc".to_owned(), 10)));
+        assert_eq!(parse_queue_key(b"m/abc"), None);
+    }
+}

@@ -1,0 +1,286 @@
+//! An append-only file of framed records, written in batches and made durable with one `fdatasync` per batch.
+//!
+//! Frame: `len: u32 LE | crc32(payload): u32 LE | payload`. The broker keeps two such files: the state journal
+//! (`journal.log`, the source of truth for queues and message state, see [`super::Store`]) and the audit log
+//! (`audit/entries.log`, see [`crate::audit`]).
+//!
+//! A crash can leave a torn last record (a partial frame, or a frame whose checksum fails and that runs to the end
+//! of the file). Opening the file truncates such a tail: it was never acknowledged, because acknowledgement waits for
+//! the `fdatasync` that follows a complete write. A bad frame followed by more data is corruption, not a torn write,
+//! and opening fails with [`LogError::Corrupt`].
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, BufReader, Read, Seek, SeekFrom, Write},
+    path::{Path, PathBuf},
+};
+
+/// Largest record accepted (a message with all its recipient copies must fit).
+pub const MAX_RECORD_BYTES: usize = 256 * 1024 * 1024;
+
+const HEADER_BYTES: u64 = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("`{path}`: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("`{path}` is corrupt at byte offset {offset}: {reason}")]
+    Corrupt { path: PathBuf, offset: u64, reason: String },
+    #[error("a record of {0} bytes is larger than the largest allowed")]
+    TooLarge(usize),
+}
+
+/// The append-only file, positioned at its end.
+pub struct AppendLog {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    scratch: Vec<u8>,
+}
+
+/// What [`AppendLog::open`] found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Recovery {
+    /// Records read (from the scan offset on).
+    pub records: u64,
+    /// Bytes of a torn tail that were cut off.
+    pub truncated_bytes: u64,
+}
+
+impl AppendLog {
+    /// Opens (creating if needed) the log at `path`, reads every record from byte `scan_from` on and hands each to
+    /// `visit` with its offset, and truncates a torn tail.
+    pub fn open(
+        path: &Path,
+        scan_from: u64,
+        mut visit: impl FnMut(u64, &[u8]) -> Result<(), LogError>,
+    ) -> Result<(Self, Recovery), LogError> {
+        let io_err = |source| LogError::Io { path: path.to_owned(), source };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io_err)?;
+        }
+        let mut file = OpenOptions::new().read(true).append(true).create(true).open(path).map_err(io_err)?;
+        let file_len = file.metadata().map_err(io_err)?.len();
+        let mut recovery = Recovery::default();
+        let scan_from = scan_from.min(file_len);
+        let mut reader = BufReader::with_capacity(1 << 20, &mut file);
+        reader.seek(SeekFrom::Start(scan_from)).map_err(io_err)?;
+        let mut offset = scan_from;
+        let mut payload = Vec::new();
+        loop {
+            match read_frame(&mut reader, &mut payload, file_len - offset) {
+                Ok(Frame::End) => break,
+                Ok(Frame::Record) => {
+                    visit(offset, &payload)?;
+                    recovery.records += 1;
+                    offset += HEADER_BYTES + payload.len() as u64;
+                }
+                Ok(Frame::Torn) => {
+                    recovery.truncated_bytes = file_len - offset;
+                    break;
+                }
+                Ok(Frame::BadChecksum { frame_len }) => {
+                    if offset + frame_len >= file_len {
+                        recovery.truncated_bytes = file_len - offset;
+                        break;
+                    }
+                    return Err(LogError::Corrupt {
+                        path: path.to_owned(),
+                        offset,
+                        reason: "checksum mismatch before the end of the file".to_owned(),
+                    });
+                }
+                Err(source) => return Err(io_err(source)),
+            }
+        }
+        drop(reader);
+        if recovery.truncated_bytes > 0 {
+            file.set_len(offset).map_err(io_err)?;
+            file.sync_all().map_err(io_err)?;
+        }
+        Ok((Self { path: path.to_owned(), file, len: offset, scratch: Vec::new() }, recovery))
+    }
+
+    /// Byte length of the log, which is also the offset the next record will have.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes the records (not yet durable) and returns the offset of each.
+    pub fn append<'a>(&mut self, records: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<u64>, LogError> {
+        self.scratch.clear();
+        let mut offsets = Vec::new();
+        let mut next = self.len;
+        for record in records {
+            if record.len() > MAX_RECORD_BYTES {
+                return Err(LogError::TooLarge(record.len()));
+            }
+            offsets.push(next);
+            self.scratch.extend_from_slice(&(record.len() as u32).to_le_bytes());
+            self.scratch.extend_from_slice(&crc32fast::hash(record).to_le_bytes());
+            self.scratch.extend_from_slice(record);
+            next += HEADER_BYTES + record.len() as u64;
+        }
+        if let Err(source) = self.file.write_all(&self.scratch) {
+            // A failed write (disk full) may have written part of the batch. Cut it off so that the file still
+            // ends on a record boundary; the batch is reported as failed and nothing in it was acknowledged.
+            let _ = self.file.set_len(self.len);
+            return Err(LogError::Io { path: self.path.clone(), source });
+        }
+        self.len = next;
+        Ok(offsets)
+    }
+
+    /// Makes everything written so far durable.
+    pub fn sync(&mut self) -> Result<(), LogError> {
+        self.file.sync_data().map_err(|source| LogError::Io { path: self.path.clone(), source })
+    }
+}
+
+enum Frame {
+    End,
+    Record,
+    Torn,
+    BadChecksum { frame_len: u64 },
+}
+
+fn read_frame(reader: &mut impl Read, payload: &mut Vec<u8>, remaining: u64) -> io::Result<Frame> {
+    if remaining == 0 {
+        return Ok(Frame::End);
+    }
+    if remaining < HEADER_BYTES {
+        return Ok(Frame::Torn);
+    }
+    let mut header = [0u8; 8];
+    reader.read_exact(&mut header)?;
+    let len = u64::from(u32::from_le_bytes([header[0], header[1], header[2], header[3]]));
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if len > remaining - HEADER_BYTES || len as usize > MAX_RECORD_BYTES {
+        return Ok(Frame::Torn);
+    }
+    payload.resize(len as usize, 0);
+    reader.read_exact(payload)?;
+    if crc32fast::hash(payload) != crc {
+        return Ok(Frame::BadChecksum { frame_len: HEADER_BYTES + len });
+    }
+    Ok(Frame::Record)
+}
+
+/// Reads every record of a log without changing it (for offline verification and export).
+pub fn read_all(path: &Path, mut visit: impl FnMut(u64, &[u8]) -> Result<(), LogError>) -> Result<u64, LogError> {
+    let io_err = |source| LogError::Io { path: path.to_owned(), source };
+    let file = File::open(path).map_err(io_err)?;
+    let file_len = file.metadata().map_err(io_err)?.len();
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut offset = 0;
+    let mut payload = Vec::new();
+    loop {
+        match read_frame(&mut reader, &mut payload, file_len - offset).map_err(io_err)? {
+            Frame::End => return Ok(offset),
+            Frame::Record => {
+                visit(offset, &payload)?;
+                offset += HEADER_BYTES + payload.len() as u64;
+            }
+            Frame::Torn => {
+                return Err(LogError::Corrupt {
+                    path: path.to_owned(),
+                    offset,
+                    reason: "the last record is incomplete".to_owned(),
+                });
+            }
+            Frame::BadChecksum { .. } => {
+                return Err(LogError::Corrupt { path: path.to_owned(), offset, reason: "checksum mismatch".to_owned() });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collect(path: &Path) -> (AppendLog, Vec<Vec<u8>>, Recovery) {
+        let mut seen = Vec::new();
+        let (log, recovery) = AppendLog::open(path, 0, |_, record| {
+            seen.push(record.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        (log, seen, recovery)
+    }
+
+    #[test]
+    fn records_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (mut log, seen, _) = collect(&path);
+        assert!(seen.is_empty());
+        let offsets = log.append([b"one".as_slice(), b"two".as_slice()]).unwrap();
+        assert_eq!(offsets, vec![0, 11]);
+        log.sync().unwrap();
+        drop(log);
+        let (log, seen, recovery) = collect(&path);
+        assert_eq!(seen, vec![b"one".to_vec(), b"two".to_vec()]);
+        assert_eq!(recovery, Recovery { records: 2, truncated_bytes: 0 });
+        assert_eq!(log.len(), 22);
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_off_and_appending_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (mut log, _, _) = collect(&path);
+        log.append([b"complete".as_slice()]).unwrap();
+        log.append([b"torn record".as_slice()]).unwrap();
+        drop(log);
+        let full = std::fs::metadata(&path).unwrap().len();
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(full - 3).unwrap();
+        let (mut log, seen, recovery) = collect(&path);
+        assert_eq!(seen, vec![b"complete".to_vec()]);
+        assert_eq!(recovery.truncated_bytes, 8 + 11 - 3);
+        log.append([b"after".as_slice()]).unwrap();
+        drop(log);
+        let (_, seen, _) = collect(&path);
+        assert_eq!(seen, vec![b"complete".to_vec(), b"after".to_vec()]);
+    }
+
+    #[test]
+    fn a_flipped_byte_in_the_middle_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (mut log, _, _) = collect(&path);
+        log.append([b"first".as_slice(), b"second".as_slice()]).unwrap();
+        drop(log);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[9] ^= 0x01;
+        std::fs::write(&path, bytes).unwrap();
+        let result = AppendLog::open(&path, 0, |_, _| Ok(()));
+        assert!(matches!(result, Err(LogError::Corrupt { offset: 0, .. })));
+        assert!(matches!(read_all(&path, |_, _| Ok(())), Err(LogError::Corrupt { offset: 0, .. })));
+    }
+
+    #[test]
+    fn scanning_can_start_at_an_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (mut log, _, _) = collect(&path);
+        let offsets = log.append([b"a".as_slice(), b"b".as_slice(), b"c".as_slice()]).unwrap();
+        drop(log);
+        let mut seen = Vec::new();
+        AppendLog::open(&path, offsets[1], |offset, record| {
+            seen.push((offset, record.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(offsets[1], b"b".to_vec()), (offsets[2], b"c".to_vec())]);
+    }
+}

@@ -1,0 +1,289 @@
+//! Durable state: the only module that names sled.
+//!
+//! # How durability is achieved
+//! sled's `flush` uses `sync_file_range`, which does not guarantee durability on power loss (sled issue #1452), so
+//! sled is not the source of truth. Every change is a [`Commit`]: audit entries plus key/value writes. One committer
+//! thread takes every commit waiting in its queue (group commit), then
+//!
+//! 1. appends their audit entries to the audit log and `fdatasync`s it ([`crate::audit::AuditLog`]),
+//! 2. appends their writes to the state journal (`journal.log`) and `fdatasync`s it,
+//! 3. applies the writes to sled in one atomic batch that also records how far into the journal sled has got,
+//! 4. and only then answers each waiting caller.
+//!
+//! INVARIANT: nothing is acknowledged to a sender, delivered or reported before steps 1 and 2 are durable
+//! (DESIGN.md invariants 4 and 5). Audit entries are made durable before the state they describe, so a crash between
+//! the two can leave a recorded decision whose message was never stored (the sender got no answer and retries), but
+//! never a stored message without its decision.
+//!
+//! On start, the journal is replayed into sled from the offset sled last recorded, so sled holds every change that
+//! was ever acknowledged, whatever sled itself lost. Replaying a write twice is harmless: writes are whole values.
+//! The journal is never truncated yet (see ARCHITECTURE.md, "known limits").
+
+pub mod log;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, mpsc},
+    thread,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::audit::{AuditEntry, AuditError, AuditLog};
+use log::{AppendLog, LogError};
+
+const JOURNAL_APPLIED_KEY: &[u8] = b"\x00journal-applied";
+/// How many commits one group may hold at most.
+const MAX_GROUP: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage: {0}")]
+    Log(#[from] LogError),
+    #[error("audit log: {0}")]
+    Audit(#[from] AuditError),
+    #[error("index database: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("a stored record could not be decoded: {0}")]
+    Decode(String),
+    #[error("the change could not be made durable: {message}")]
+    CommitFailed { message: String, disk_full: bool },
+    #[error("the storage thread has stopped")]
+    Stopped,
+}
+
+impl StoreError {
+    /// True when the failure is lack of space: the caller may retry later.
+    pub fn is_disk_full(&self) -> bool {
+        let io = match self {
+            StoreError::Log(LogError::Io { source, .. }) => Some(source),
+            StoreError::Audit(AuditError::Log(LogError::Io { source, .. })) => Some(source),
+            StoreError::CommitFailed { disk_full, .. } => return *disk_full,
+            _ => None,
+        };
+        io.is_some_and(|error| error.raw_os_error() == Some(28))
+    }
+}
+
+/// One key/value change.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Write {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+}
+
+/// A unit of change made durable as a whole: audit entries (their sequence numbers are assigned by the committer)
+/// and state writes.
+#[derive(Debug, Default)]
+pub struct Commit {
+    pub audit: Vec<AuditEntry>,
+    pub writes: Vec<Write>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct JournalRecord {
+    writes: Vec<Write>,
+}
+
+struct Job {
+    commit: Commit,
+    reply: oneshot::Sender<Result<Vec<u64>, (String, bool)>>,
+}
+
+/// Handle to the durable state. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tree: sled::Db,
+    jobs: std::sync::Mutex<Option<mpsc::Sender<Job>>>,
+    committer: std::sync::Mutex<Option<thread::JoinHandle<()>>>,
+    data_dir: PathBuf,
+}
+
+/// What opening found, for the start-up log line.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenReport {
+    pub journal_records_replayed: u64,
+    pub journal_bytes_truncated: u64,
+    pub audit_entries: u64,
+}
+
+impl Store {
+    /// Opens the data directory: sled under `index/`, the journal `journal.log`, and the audit log, replaying the
+    /// journal into sled.
+    pub fn open(data_dir: &Path, audit: AuditLog, sled_cache_bytes: u64) -> Result<(Self, OpenReport), StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|source| LogError::Io { path: data_dir.to_owned(), source })?;
+        let db = sled::Config::new()
+            .path(data_dir.join("index"))
+            .cache_capacity(sled_cache_bytes)
+            .flush_every_ms(Some(1000))
+            .open()?;
+        let applied = match db.get(JOURNAL_APPLIED_KEY)? {
+            Some(bytes) => decode_u64(&bytes)?,
+            None => 0,
+        };
+        let mut replayed = 0;
+        let (journal, recovery) = AppendLog::open(&data_dir.join("journal.log"), applied, |offset, payload| {
+            let record: JournalRecord = postcard::from_bytes(payload)
+                .map_err(|error| LogError::Corrupt {
+                    path: data_dir.join("journal.log"),
+                    offset,
+                    reason: format!("undecodable journal record: {error}"),
+                })?;
+            let end = offset + 8 + payload.len() as u64;
+            let mut batch = sled::Batch::default();
+            apply_to_batch(&mut batch, record.writes);
+            batch.insert(JOURNAL_APPLIED_KEY, &end.to_be_bytes());
+            db.apply_batch(batch).map_err(|error| LogError::Corrupt {
+                path: data_dir.join("index"),
+                offset,
+                reason: format!("could not replay into the index: {error}"),
+            })?;
+            replayed += 1;
+            Ok(())
+        })?;
+        let report = OpenReport {
+            journal_records_replayed: replayed,
+            journal_bytes_truncated: recovery.truncated_bytes,
+            audit_entries: audit.len(),
+        };
+        let (sender, receiver) = mpsc::channel::<Job>();
+        let committer_db = db.clone();
+        let handle = thread::Builder::new()
+            .name("committer".to_owned())
+            .spawn(move || run_committer(receiver, journal, audit, committer_db))
+            .map_err(|source| LogError::Io { path: data_dir.to_owned(), source })?;
+        let inner = Inner {
+            tree: db,
+            jobs: std::sync::Mutex::new(Some(sender)),
+            committer: std::sync::Mutex::new(Some(handle)),
+            data_dir: data_dir.to_owned(),
+        };
+        Ok((Self { inner: Arc::new(inner) }, report))
+    }
+
+    /// Makes the commit durable (see the module documentation) and returns the sequence numbers given to its audit
+    /// entries.
+    pub async fn commit(&self, commit: Commit) -> Result<Vec<u64>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        {
+            let jobs = self.inner.jobs.lock().map_err(|_| StoreError::Stopped)?;
+            let sender = jobs.as_ref().ok_or(StoreError::Stopped)?;
+            sender.send(Job { commit, reply }).map_err(|_| StoreError::Stopped)?;
+        }
+        match answer.await {
+            Ok(Ok(sequences)) => Ok(sequences),
+            Ok(Err((message, disk_full))) => Err(StoreError::CommitFailed { message, disk_full }),
+            Err(_) => Err(StoreError::Stopped),
+        }
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.inner.tree.get(key)?.map(|value| value.to_vec()))
+    }
+
+    /// Every key/value under `prefix`, in key order.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
+        self.inner
+            .tree
+            .scan_prefix(prefix)
+            .map(|item| item.map(|(key, value)| (key.to_vec(), value.to_vec())).map_err(StoreError::from))
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.data_dir
+    }
+
+    /// Stops the committer after the commits already queued, and flushes sled (for a faster next start).
+    pub fn close(&self) {
+        if let Ok(mut jobs) = self.inner.jobs.lock() {
+            jobs.take();
+        }
+        if let Ok(mut committer) = self.inner.committer.lock()
+            && let Some(handle) = committer.take()
+        {
+            let _ = handle.join();
+        }
+        let _ = self.inner.tree.flush();
+    }
+}
+
+fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
+    let array: [u8; 8] = bytes.try_into().map_err(|_| StoreError::Decode("bad journal offset".to_owned()))?;
+    Ok(u64::from_be_bytes(array))
+}
+
+fn apply_to_batch(batch: &mut sled::Batch, writes: Vec<Write>) {
+    for write in writes {
+        match write {
+            Write::Put(key, value) => batch.insert(key, value),
+            Write::Delete(key) => batch.remove(key),
+        }
+    }
+}
+
+fn run_committer(jobs: mpsc::Receiver<Job>, mut journal: AppendLog, mut audit: AuditLog, db: sled::Db) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        let result = commit_group(&mut group, &mut journal, &mut audit, &db);
+        match result {
+            Ok(sequences) => {
+                for (job, sequences) in group.into_iter().zip(sequences) {
+                    let _ = job.reply.send(Ok(sequences));
+                }
+            }
+            Err(error) => {
+                tracing::error!(error = %error, commits = group.len(), "commit failed: nothing in this group was acknowledged");
+                let message = error.to_string();
+                let disk_full = error.is_disk_full();
+                for job in group {
+                    let _ = job.reply.send(Err((message.clone(), disk_full)));
+                }
+            }
+        }
+    }
+    let _ = db.flush();
+}
+
+fn commit_group(
+    group: &mut [Job],
+    journal: &mut AppendLog,
+    audit: &mut AuditLog,
+    db: &sled::Db,
+) -> Result<Vec<Vec<u64>>, StoreError> {
+    // 1. Audit entries, durable first (AuditLog::append syncs before it returns).
+    let counts: Vec<usize> = group.iter().map(|job| job.commit.audit.len()).collect();
+    let mut entries = Vec::with_capacity(counts.iter().sum());
+    for job in group.iter_mut() {
+        entries.append(&mut job.commit.audit);
+    }
+    let mut sequences = audit.append(entries)?.into_iter();
+    let per_job: Vec<Vec<u64>> = counts.iter().map(|count| sequences.by_ref().take(*count).collect()).collect();
+    // 2. State writes, durable second.
+    let mut encoded = Vec::with_capacity(group.len());
+    let mut batch = sled::Batch::default();
+    for job in group.iter_mut() {
+        let record = JournalRecord { writes: std::mem::take(&mut job.commit.writes) };
+        encoded.push(postcard::to_stdvec(&record).map_err(|error| StoreError::Decode(error.to_string()))?);
+        apply_to_batch(&mut batch, record.writes);
+    }
+    if !encoded.is_empty() {
+        journal.append(encoded.iter().map(Vec::as_slice))?;
+        journal.sync()?;
+    }
+    // 3. The index, with how far into the journal it has got.
+    batch.insert(JOURNAL_APPLIED_KEY, &journal.len().to_be_bytes());
+    db.apply_batch(batch)?;
+    Ok(per_job)
+}

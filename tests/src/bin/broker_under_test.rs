@@ -1,0 +1,50 @@
+//! Runs the real broker as its own process for the tests that kill it (`kill -9`) and start it again.
+//!
+//! Usage: `broker-under-test CONFIG.toml`. Binds the configured address (port 0 picks a free one), prints
+//! `LISTENING <address>` on standard output once bound, and serves until SIGTERM or SIGINT.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let Some(path) = std::env::args().nth(1) else {
+        eprintln!("usage: broker-under-test CONFIG.toml");
+        return ExitCode::FAILURE;
+    };
+    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter("warn").try_init();
+    let config = match broker::config::Config::load(std::path::Path::new(&path), |_| None) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        println!("LISTENING {}", listener.local_addr()?);
+        let signal = async {
+            let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => return std::future::pending().await,
+            };
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        broker::run(config, listener, signal).await.map_err(anyhow::Error::from)
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

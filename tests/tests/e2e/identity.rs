@@ -1,0 +1,158 @@
+//! Practitioner identity (issue 4): every request carries a JWT from the caller's own agency. Each bad token is
+//! refused with UNAUTHENTICATED or PERMISSION_DENIED, audited as a refused request, and stores nothing.
+
+use anyhow::Result;
+use base64::Engine;
+use broker::auth::token::{Claims, DEFAULT_AUDIENCE, DevIssuer};
+use proto::pb;
+use tests::{Area, InProcessBroker, error_reason, example};
+
+const POLICE: &str = "beds-police";
+const SCHOOL: &str = "luton-oakwood-primary";
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn police_claims(issuer: &DevIssuer) -> Claims {
+    Claims {
+        iss: issuer.issuer.clone(),
+        sub: "pc-4321".to_owned(),
+        aud: DEFAULT_AUDIENCE.to_owned(),
+        exp: now() + 600,
+        nbf: None,
+        iat: Some(now()),
+        agency: POLICE.to_owned(),
+        name: String::new(),
+        roles: vec!["spoc".to_owned()],
+        role: None,
+    }
+}
+
+fn b64(value: &serde_json::Value) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(value).unwrap())
+}
+
+async fn try_send(area: &Area, broker: &InProcessBroker, token: Option<&str>) -> tonic::Status {
+    let mut client = area.client_with_token(POLICE, broker.address, token).await.unwrap();
+    let mut envelope = example("operation-encompass-notification.json").unwrap();
+    envelope.idempotency_key = "identity".to_owned();
+    client.send(pb::SendRequest { envelope: Some(envelope) }).await.unwrap_err()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_token_is_refused_audited_and_stores_nothing() -> Result<()> {
+    let area = Area::new()?;
+    let broker = InProcessBroker::start(&area).await?;
+    let police = area.issuer(POLICE)?;
+    let mut cases: Vec<(&str, Option<String>, tonic::Code, &str)> = Vec::new();
+
+    cases.push(("missing token", None, tonic::Code::Unauthenticated, "missing-token"));
+    cases.push(("malformed token", Some("not.a.jwt".to_owned()), tonic::Code::Unauthenticated, "malformed-token"));
+    let payload = b64(&serde_json::to_value(police_claims(&police))?);
+    let none = format!("{}.{payload}.", b64(&serde_json::json!({"alg": "none", "typ": "JWT"})));
+    cases.push(("alg none", Some(none), tonic::Code::Unauthenticated, "malformed-token"));
+    // Algorithm confusion: HS256 with the trusted public key as the HMAC secret.
+    let public = std::fs::read(area.path().join(format!("tokens/keys/{POLICE}.pub.pem")))?;
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some(police.kid.clone());
+    let confused =
+        jsonwebtoken::encode(&header, &police_claims(&police), &jsonwebtoken::EncodingKey::from_secret(&public))?;
+    cases.push(("hmac confusion", Some(confused), tonic::Code::Unauthenticated, "algorithm-not-allowed"));
+    // A genuine school token over the police certificate.
+    cases.push(("other agency's token", Some(area.default_token(SCHOOL)?), tonic::Code::Unauthenticated, "unknown-issuer"));
+    let mut expired = police_claims(&police);
+    expired.exp = now() - 3600;
+    cases.push(("expired", Some(police.mint_claims(&expired).unwrap()), tonic::Code::Unauthenticated, "token-expired"));
+    let mut early = police_claims(&police);
+    early.nbf = Some(now() + 3600);
+    cases.push(("not yet valid", Some(police.mint_claims(&early).unwrap()), tonic::Code::Unauthenticated, "token-not-yet-valid"));
+    let mut audience = police_claims(&police);
+    audience.aud = "some-other-service".to_owned();
+    cases.push(("wrong audience", Some(police.mint_claims(&audience).unwrap()), tonic::Code::Unauthenticated, "wrong-audience"));
+    let (stranger, _, _) = DevIssuer::generate(POLICE).unwrap();
+    let mut foreign = police_claims(&stranger);
+    foreign.iss = "https://idp.elsewhere.invalid/".to_owned();
+    cases.push(("unknown issuer", Some(stranger.mint_claims(&foreign).unwrap()), tonic::Code::Unauthenticated, "unknown-issuer"));
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+    header.kid = Some("not-a-key-id".to_owned());
+    let private = std::fs::read(area.path().join(format!("tokens/keys/{POLICE}.key")))?;
+    let unknown_kid =
+        jsonwebtoken::encode(&header, &police_claims(&police), &jsonwebtoken::EncodingKey::from_ed_pem(&private)?)?;
+    cases.push(("unknown key id", Some(unknown_kid), tonic::Code::Unauthenticated, "unknown-key"));
+    let good = police.mint_claims(&police_claims(&police)).unwrap();
+    let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
+    let mut raised = police_claims(&police);
+    raised.roles = vec!["manager".to_owned()];
+    parts[1] = b64(&serde_json::to_value(raised)?);
+    cases.push(("tampered payload", Some(parts.join(".")), tonic::Code::Unauthenticated, "bad-signature"));
+    // Signed by the police's own key but claiming another agency.
+    let mut claims = police_claims(&police);
+    claims.agency = SCHOOL.to_owned();
+    cases.push(("agency claim mismatch", Some(police.mint_claims(&claims).unwrap()), tonic::Code::PermissionDenied, "agency-mismatch"));
+
+    for (name, token, code, reason) in &cases {
+        let status = try_send(&area, &broker, token.as_deref()).await;
+        assert_eq!(status.code(), *code, "{name}: {status:?}");
+        assert_eq!(error_reason(&status).as_deref(), Some(*reason), "{name}: {status:?}");
+        assert!(!status.message().contains("BEGIN"), "{name}: the error must not carry key material");
+    }
+
+    // A genuine token whose role the policy does not allow for the act.
+    let practitioner = area.token(POLICE, "pc-0001", &["practitioner"])?;
+    let mut client = area.client_with_token(POLICE, broker.address, Some(&practitioner)).await?;
+    let mut envelope = example("operation-encompass-notification.json")?;
+    envelope.sender_role = String::new();
+    let status = client.send(pb::SendRequest { envelope: Some(envelope) }).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+    broker.stop().await?;
+    // Each refused token is one audit entry; the role refusal is a decision not to share. Nothing was queued.
+    let mut refused = 0;
+    let mut not_shared = 0;
+    broker::store::log::read_all(&broker::audit::AuditLog::path(&area.data_dir().join("audit")), |_, bytes| {
+        let entry = broker::audit::AuditEntry::decode(bytes).unwrap();
+        match entry.event {
+            Some(broker::audit::EventType::RequestRefused) => refused += 1,
+            Some(broker::audit::EventType::DecisionNotToShare) => {
+                assert_eq!(entry.actor.practitioner, "pc-0001", "the practitioner is in the audit entry");
+                not_shared += 1
+            }
+            other => panic!("unexpected audit entry {other:?}"),
+        }
+        Ok(())
+    })?;
+    assert_eq!(refused, cases.len());
+    assert_eq!(not_shared, 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_practitioner_and_role_reach_the_recipient_and_the_audit_log() -> Result<()> {
+    let area = Area::new()?;
+    let broker = InProcessBroker::start(&area).await?;
+    let token = area.token(POLICE, "pc-2468", &["spoc"])?;
+    let mut police = area.client_with_token(POLICE, broker.address, Some(&token)).await?;
+    let mut envelope = example("operation-encompass-notification.json")?;
+    envelope.idempotency_key = "who".to_owned();
+    police.send(pb::SendRequest { envelope: Some(envelope) }).await?;
+    let mut school = area.client(SCHOOL, broker.address).await?;
+    let mut stream = school.deliveries(pb::DeliveriesRequest {}).await?.into_inner();
+    let delivery = tokio_stream::StreamExt::next(&mut stream).await.unwrap()?;
+    assert_eq!(delivery.sender_practitioner, "pc-2468");
+    assert_eq!(delivery.sender_role, "spoc");
+    school.acknowledge(pb::AcknowledgeRequest { delivery_id: delivery.delivery_id }).await?;
+    broker.stop().await?;
+    let mut acts = Vec::new();
+    broker::store::log::read_all(&broker::audit::AuditLog::path(&area.data_dir().join("audit")), |_, bytes| {
+        let entry = broker::audit::AuditEntry::decode(bytes).unwrap();
+        acts.push((entry.event.unwrap().as_str(), entry.actor.agency, entry.actor.practitioner, entry.actor.role));
+        Ok(())
+    })?;
+    assert_eq!(acts[0], ("decision-to-share", POLICE.to_owned(), "pc-2468".to_owned(), "spoc".to_owned()));
+    assert!(acts.iter().any(|(event, agency, practitioner, role)| *event == "acknowledgement"
+        && agency == SCHOOL
+        && practitioner == "test-dsl"
+        && role == "dsl"));
+    Ok(())
+}

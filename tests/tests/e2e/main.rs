@@ -1,0 +1,5 @@
+//! End-to-end tests: one binary, one module per area of behaviour.
+
+mod backbone;
+mod identity;
+mod restart;
