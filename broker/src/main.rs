@@ -17,6 +17,34 @@ struct Cli {
 enum Command {
     /// Run the broker.
     Serve(ServeArgs),
+    /// Development helpers.
+    #[command(subcommand)]
+    Dev(DevCommand),
+}
+
+#[derive(Subcommand)]
+enum DevCommand {
+    /// Mint a short-lived practitioner token with an agency's development signing key (made by `serve --dev`).
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// The agency id (from policies/registry.yaml).
+    #[arg(long)]
+    agency: String,
+    /// The practitioner's subject, e.g. a staff number.
+    #[arg(long)]
+    sub: String,
+    /// A role the practitioner holds; repeat for several.
+    #[arg(long = "role", required = true)]
+    roles: Vec<String>,
+    /// Minutes the token stays valid.
+    #[arg(long, default_value_t = 60)]
+    minutes: u64,
+    /// The development folder.
+    #[arg(long, default_value = ".dev")]
+    dev_dir: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -46,6 +74,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Dev(DevCommand::Token(args)) => dev_token(args),
     };
     match result {
         Ok(code) => code,
@@ -91,13 +120,29 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+fn dev_token(args: TokenArgs) -> anyhow::Result<ExitCode> {
+    if !broker::pki::is_valid_agency_id(&args.agency) {
+        anyhow::bail!("`{}` is not an agency id", args.agency);
+    }
+    let key = args.dev_dir.join("tokens").join("keys").join(format!("{}.key", args.agency));
+    let pem = std::fs::read_to_string(&key).with_context(|| {
+        format!("no development signing key for `{}` at `{}`: run `broker serve --dev` first", args.agency, key.display())
+    })?;
+    let issuer = broker::auth::token::DevIssuer::from_private_pem(&args.agency, &pem).map_err(anyhow::Error::msg)?;
+    let token = issuer
+        .mint(&args.sub, &args.roles, std::time::Duration::from_secs(args.minutes * 60))
+        .map_err(anyhow::Error::msg)?;
+    println!("{token}");
+    Ok(ExitCode::SUCCESS)
+}
+
 fn print_dev_instructions(dev_dir: &std::path::Path, agencies: &[String]) {
     let dir = dev_dir.display();
     eprintln!("Development broker. Agent configurations are in {dir}/agents/. In other terminals:");
-    for agency in agencies.iter().take(2) {
-        eprintln!("  cargo run -p agent -- run --config {dir}/agents/{agency}.toml");
-    }
-    eprintln!("  cargo run -p agent -- send --config {dir}/agents/beds-police.toml examples/f1-operation-encompass.json");
+    eprintln!("  cargo run -p agent -- run --config {dir}/agents/luton-oakwood-primary.toml");
+    eprintln!(
+        "  cargo run -p agent -- send --config {dir}/agents/beds-police.toml examples/operation-encompass-notification.json"
+    );
     eprintln!("Agencies: {}", agencies.join(", "));
 }
 
