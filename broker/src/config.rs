@@ -26,6 +26,8 @@ pub struct ConfigFile {
     pub data_dir: Option<PathBuf>,
     /// Folder of the information-sharing policy files.
     pub policy_dir: Option<PathBuf>,
+    /// Address of the Prometheus metrics endpoint (`/metrics`, plain HTTP); none when absent.
+    pub metrics_listen: Option<String>,
     #[serde(default)]
     pub tls: TlsFile,
     #[serde(default)]
@@ -77,6 +79,7 @@ pub const ENVIRONMENT_OVERRIDES: &[(&str, &str)] = &[
     ("BROKER_LISTEN", "listen"),
     ("BROKER_DATA_DIR", "data_dir"),
     ("BROKER_POLICY_DIR", "policy_dir"),
+    ("BROKER_METRICS_LISTEN", "metrics_listen"),
     ("BROKER_TLS_CA_CERT", "tls.ca_cert"),
     ("BROKER_TLS_CERT", "tls.cert"),
     ("BROKER_TLS_KEY", "tls.key"),
@@ -89,6 +92,7 @@ pub const ENVIRONMENT_OVERRIDES: &[(&str, &str)] = &[
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub policy_dir: PathBuf,
     pub tls: TlsPaths,
@@ -147,6 +151,9 @@ impl Config {
         if let Some(value) = environment("BROKER_LISTEN") {
             file.listen = Some(value);
         }
+        if let Some(value) = environment("BROKER_METRICS_LISTEN") {
+            file.metrics_listen = Some(value);
+        }
         if let Some(value) = environment("BROKER_DATA_DIR") {
             file.data_dir = Some(value.into());
         }
@@ -179,6 +186,16 @@ impl Config {
                 problems.push(format!("`listen`: `{listen_text}` is not an address and port such as `0.0.0.0:50051`"));
                 None
             }
+        };
+        let metrics_listen = match &file.metrics_listen {
+            None => None,
+            Some(text) => match text.parse() {
+                Ok(address) => Some(address),
+                Err(_) => {
+                    problems.push(format!("`metrics_listen`: `{text}` is not an address and port such as `0.0.0.0:9464`"));
+                    None
+                }
+            },
         };
         let mut required = |name: &str, value: Option<PathBuf>| -> PathBuf {
             match value {
@@ -227,6 +244,7 @@ impl Config {
         match listen {
             Some(listen) if problems.is_empty() => Ok(Self {
                 listen,
+                metrics_listen,
                 data_dir,
                 policy_dir,
                 tls,

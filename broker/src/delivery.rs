@@ -28,6 +28,7 @@ use tokio::{
 
 use crate::{
     audit::{Actor, AuditEntry, EventType},
+    metrics::metrics,
     records::{self, DeliveryRecord, DeliveryState},
     store::{Commit, Store, StoreError, Write},
 };
@@ -196,16 +197,25 @@ impl Deliveries {
         answer.await.map_err(|_| DeliveryError::ShuttingDown)?
     }
 
-    /// Copies waiting per recipient agency (queued or in flight), for metrics and tests.
-    pub fn queue_depths(&self) -> Result<BTreeMap<String, u64>, StoreError> {
-        let mut depths = BTreeMap::new();
+    /// Per recipient agency: copies waiting for acknowledgement (queued or in flight) and when the oldest of them
+    /// was queued (microseconds since the epoch), for metrics.
+    pub fn queue_stats(&self) -> Result<BTreeMap<String, (u64, Option<i64>)>, StoreError> {
+        let mut stats: BTreeMap<String, (u64, Option<i64>)> = BTreeMap::new();
         for item in self.shared.store.scan_prefix(records::QUEUE_PREFIX) {
-            let (key, _) = item?;
-            if let Some((recipient, _)) = records::parse_queue_key(&key) {
-                *depths.entry(recipient).or_insert(0) += 1;
+            let (key, delivery_id) = item?;
+            let Some((recipient, _)) = records::parse_queue_key(&key) else { continue };
+            let entry = stats.entry(recipient).or_insert((0, None));
+            entry.0 += 1;
+            if entry.1.is_none() {
+                // Keys sort by sequence, so the first copy of each recipient is its oldest.
+                let delivery_id = String::from_utf8_lossy(&delivery_id).into_owned();
+                if let Some(bytes) = self.shared.store.get(&records::delivery_key(&delivery_id))? {
+                    let record: DeliveryRecord = records::decode(&bytes)?;
+                    entry.1 = Some(record.queued_at_micros);
+                }
             }
         }
-        Ok(depths)
+        Ok(stats)
     }
 
     /// Stops every actor after the commands already in its mailbox, and waits for them. Called once the server has
@@ -433,6 +443,9 @@ impl RecipientActor {
                 continue;
             };
             let mut record = record;
+            if let Some(delivered) = record.last_delivered_at_micros {
+                metrics().acknowledgement_seconds.observe((now - delivered).max(0) as f64 / 1_000_000.0);
+            }
             record.state = DeliveryState::Acknowledged;
             record.acknowledged_at_micros = Some(now);
             record.push_event(now, "acknowledged", "");
@@ -522,6 +535,7 @@ impl RecipientActor {
     }
 
     fn dead_letter(&self, commit: &mut Commit, record: &mut DeliveryRecord, seq: u64, now: i64) {
+        metrics().dead_letters.inc();
         record.state = DeliveryState::DeadLettered;
         record.push_event(now, "dead-lettered", format!("after {} attempts", record.attempts));
         commit.audit.push(entry_for(record, EventType::DeadLetter, broker_actor(), now, format!("attempts={}", record.attempts)));
@@ -625,6 +639,7 @@ impl RecipientActor {
             Ok(_) => {
                 let hook = self.shared.on_escalation.lock().ok().and_then(|slot| slot.clone());
                 for record in escalated {
+                    metrics().escalations.inc();
                     tracing::warn!(delivery_id = %record.delivery_id, recipient = %self.recipient, "acknowledgement deadline passed: escalated");
                     if let Some(hook) = &hook {
                         hook(record);
@@ -699,6 +714,11 @@ impl RecipientActor {
             }
             let deadline = Instant::now() + self.shared.config.ack_wait;
             for (seq, delivery_id, attempt, copy) in outgoing {
+                if attempt == 1 {
+                    metrics().deliveries.inc();
+                } else {
+                    metrics().redeliveries.inc();
+                }
                 self.in_flight.insert(delivery_id.clone(), InFlight { seq, deadline });
                 match pb::Delivery::decode(copy.as_slice()) {
                     Ok(mut delivery) => {

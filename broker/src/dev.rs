@@ -123,6 +123,7 @@ pub fn prepare(root: &Path, policy_dir: &Path, policy: &PolicySet, listen: std::
     }
     let config = Config {
         listen,
+        metrics_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464))),
         data_dir: root.join("data"),
         policy_dir: policy_dir.to_owned(),
         tls: TlsPaths { ca_cert, cert: server_cert, key: server_key },

@@ -202,6 +202,11 @@ impl Exchange {
                     acknowledge_by_micros: acknowledge_by,
                 });
             }
+            crate::metrics::metrics().message(
+                pb::MessageKind::try_from(envelope.kind).map_or("unknown", |kind| kind.as_str_name()),
+                decision.permitted,
+                &reason_code,
+            );
             decisions.push(RecipientDecision {
                 recipient: recipient.clone(),
                 accepted: decision.permitted,

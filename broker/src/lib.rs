@@ -13,10 +13,12 @@
 
 pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod config;
 pub mod delivery;
 pub mod dev;
 pub mod exchange;
+pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod records;
@@ -53,6 +55,10 @@ pub enum BrokerError {
     Tls(#[from] transport::TlsError),
     #[error("the token settings are not valid:\n{0}")]
     Tokens(String),
+    #[error("could not listen for metrics on {address}: {source}")]
+    Metrics { address: std::net::SocketAddr, source: std::io::Error },
+    #[error("could not build the reflection service: {0}")]
+    Reflection(String),
     #[error("the gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -97,6 +103,11 @@ async fn reload_tokens_on_change(config: Config, current: transport::service::Cu
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), BrokerError> {
     let policy = load_policy(&config)?;
     tracing::info!(policy_set_hash = %policy.hash(), "policy set loaded");
+    metrics::metrics().policy_activated(policy.hash());
+    let metrics_listener = match config.metrics_listen {
+        Some(address) => Some(metrics::bind(address).await.map_err(|source| BrokerError::Metrics { address, source })?),
+        None => None,
+    };
     let audit = AuditLog::open(&config.data_dir.join("audit"))?;
     let (store, report) = Store::open(&config.data_dir, audit, config.index_cache_bytes)?;
     tracing::info!(
@@ -132,20 +143,40 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     ))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes.saturating_mul(2));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<proto::pb::broker_server::BrokerServer<BrokerService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|error| BrokerError::Reflection(error.to_string()))?;
+    let (stop_metrics, metrics_stopping) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = metrics_listener.map(|listener| {
+        tracing::info!(address = ?listener.local_addr().ok(), "metrics at /metrics");
+        tokio::spawn(metrics::serve(listener, deliveries.clone(), async move {
+            let _ = metrics_stopping.await;
+        }))
+    });
     let tls = transport::server_tls(&config.tls)?;
     let local = listener.local_addr().ok();
     tracing::info!(address = ?local, "broker listening (mutual TLS)");
     let signal = async move {
         shutdown.await;
         tracing::info!("shutting down: no new connections, ending delivery streams");
+        health.set_not_serving::<proto::pb::broker_server::BrokerServer<BrokerService>>().await;
         let _ = stop_streams.send(true);
     };
     let served = tonic::transport::Server::builder()
         .tls_config(tls)?
+        .add_service(health_service)
+        .add_service(reflection)
         .add_service(service)
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), signal)
         .await;
     reloader.abort();
+    let _ = stop_metrics.send(());
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     deliveries.shutdown().await;
     store.close();
     tracing::info!("broker stopped");

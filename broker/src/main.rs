@@ -20,6 +20,21 @@ enum Command {
     /// Development helpers.
     #[command(subcommand)]
     Dev(DevCommand),
+    /// Take a consistent copy of a data directory, while the broker runs.
+    Backup {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The backup file to write (a tar file).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Unpack a backup into an empty data directory; the index is rebuilt when the broker starts.
+    Restore {
+        #[arg(long)]
+        backup: PathBuf,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -75,6 +90,20 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Dev(DevCommand::Token(args)) => dev_token(args),
+        Command::Backup { data_dir, out } => broker::backup::backup(&data_dir, &out)
+            .map(|report| {
+                for (name, bytes) in report.files {
+                    println!("{name}\t{bytes} bytes");
+                }
+                ExitCode::SUCCESS
+            })
+            .map_err(anyhow::Error::from),
+        Command::Restore { backup, data_dir } => broker::backup::restore(&backup, &data_dir)
+            .map(|report| {
+                println!("restored {} files into {}; the index is rebuilt at the next start", report.files.len(), data_dir.display());
+                ExitCode::SUCCESS
+            })
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(code) => code,

@@ -236,7 +236,12 @@ fn run_committer(jobs: mpsc::Receiver<Job>, mut journal: AppendLog, mut audit: A
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         let result = commit_group(&mut group, &mut journal, &mut audit, &db);
+        let metrics = crate::metrics::metrics();
+        metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+        metrics.commit_group_size.observe(group.len() as f64);
+        metrics.audit_entries.set(audit.len() as i64);
         match result {
             Ok(sequences) => {
                 for (job, sequences) in group.into_iter().zip(sequences) {
@@ -268,8 +273,19 @@ fn commit_group(
     for job in group.iter_mut() {
         entries.append(&mut job.commit.audit);
     }
-    let mut sequences = audit.append(entries)?.into_iter();
-    let per_job: Vec<Vec<u64>> = counts.iter().map(|count| sequences.by_ref().take(*count).collect()).collect();
+    // Each entry's auditor index keys (see `audit::index`) join its commit's writes, so the index is as durable as
+    // the rest of the state and journal replay rebuilds it.
+    let mut prefixes = entries.iter().map(crate::audit::index::entry_prefixes).collect::<Vec<_>>().into_iter();
+    let mut located = audit.append_located(entries)?.into_iter();
+    let mut per_job = Vec::with_capacity(group.len());
+    for (job, count) in group.iter_mut().zip(&counts) {
+        let mut sequences = Vec::with_capacity(*count);
+        for ((sequence, offset), keys) in located.by_ref().take(*count).zip(prefixes.by_ref()) {
+            job.commit.writes.extend(crate::audit::index::index_writes(keys, sequence, offset));
+            sequences.push(sequence);
+        }
+        per_job.push(sequences);
+    }
     // 2. State writes, durable second.
     let mut encoded = Vec::with_capacity(group.len());
     let mut batch = sled::Batch::default();

@@ -92,6 +92,28 @@ impl BrokerService {
     }
 }
 
+/// A delivery stream that counts itself in the `connected_agents` metric while it is open.
+pub struct CountedStream {
+    inner: ReceiverStream<StreamItem>,
+}
+
+impl tokio_stream::Stream for CountedStream {
+    type Item = StreamItem;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<StreamItem>> {
+        std::pin::Pin::new(&mut self.inner).poll_next(context)
+    }
+}
+
+impl Drop for CountedStream {
+    fn drop(&mut self) {
+        crate::metrics::metrics().connected_agents.dec();
+    }
+}
+
 fn actor_of(caller: &Caller) -> Actor {
     Actor {
         agency: caller.agency.clone(),
@@ -112,7 +134,7 @@ impl Broker for BrokerService {
         Ok(Response::new(receipt))
     }
 
-    type DeliveriesStream = ReceiverStream<StreamItem>;
+    type DeliveriesStream = CountedStream;
 
     async fn deliveries(
         &self,
@@ -121,7 +143,8 @@ impl Broker for BrokerService {
         let caller = self.caller(&request, "deliveries").await?;
         tracing::info!(agency = %caller.agency, "delivery stream opened");
         let receiver = self.deliveries.subscribe(&caller.agency);
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        crate::metrics::metrics().connected_agents.inc();
+        Ok(Response::new(CountedStream { inner: ReceiverStream::new(receiver) }))
     }
 
     async fn acknowledge(

@@ -1,0 +1,144 @@
+//! `broker backup` and `broker restore`: a consistent copy of a data directory, taken while the broker runs.
+//!
+//! The append-only files are the source of truth (see [`crate::store`]), so a backup is a tar file of their
+//! prefixes plus the broker's keys; the sled index is not copied but rebuilt on restore by replaying the journal
+//! from the start. Files are copied in an order that keeps the copy consistent without stopping the broker:
+//!
+//! 1. `audit/checkpoints.log`: every checkpoint copied covers only entries already durable,
+//! 2. `journal.log`: state, each change of which had its audit entries made durable first,
+//! 3. `audit/entries.log`: a superset of the entries the copied journal and checkpoints rely on,
+//! 4. `keys/`: the pseudonymisation and checkpoint signing keys.
+//!
+//! Each file is copied up to the length it had when its copy began; a record being written at that moment is
+//! copied torn and cut off on restore, exactly as after a crash.
+
+use std::{
+    fs::File,
+    io::{Read, Write},
+    path::{Path, PathBuf},
+};
+
+/// Files copied, in this order (relative to the data directory); missing ones are skipped.
+const LOG_FILES: [&str; 3] = ["audit/checkpoints.log", "journal.log", "audit/entries.log"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("`{path}`: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("`{0}` is not a broker data directory (no journal.log)")]
+    NotADataDirectory(PathBuf),
+    #[error("`{0}` already holds data: restore into an empty or new folder")]
+    NotEmpty(PathBuf),
+    #[error("`{0}` in the backup is not a file this broker writes")]
+    UnexpectedEntry(String),
+}
+
+/// What a backup holds.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct BackupReport {
+    pub files: Vec<(String, u64)>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
+    move |source| BackupError::Io { path: path.to_owned(), source }
+}
+
+/// Writes a tar file of `data_dir` to `out` (fsync'd before returning).
+pub fn backup(data_dir: &Path, out: &Path) -> Result<BackupReport, BackupError> {
+    if !data_dir.join("journal.log").exists() {
+        return Err(BackupError::NotADataDirectory(data_dir.to_owned()));
+    }
+    let file = File::create(out).map_err(io(out))?;
+    let mut archive = tar::Builder::new(file);
+    let mut report = BackupReport::default();
+    for name in LOG_FILES {
+        let path = data_dir.join(name);
+        let Ok(mut source) = File::open(&path) else { continue };
+        let length = source.metadata().map_err(io(&path))?.len();
+        let mut header = tar::Header::new_gnu();
+        header.set_size(length);
+        header.set_mode(0o600);
+        header.set_cksum();
+        let mut prefix = Read::take(&mut source, length);
+        archive.append_data(&mut header, name, &mut prefix).map_err(io(&path))?;
+        report.files.push((name.to_owned(), length));
+    }
+    let keys = data_dir.join("keys");
+    if let Ok(entries) = std::fs::read_dir(&keys) {
+        let mut names: Vec<PathBuf> = entries.filter_map(|entry| entry.ok().map(|entry| entry.path())).collect();
+        names.sort();
+        for path in names.into_iter().filter(|path| path.is_file()) {
+            let Some(file_name) = path.file_name().and_then(|name| name.to_str()) else { continue };
+            let name = format!("keys/{file_name}");
+            let bytes = std::fs::read(&path).map_err(io(&path))?;
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o600);
+            header.set_cksum();
+            archive.append_data(&mut header, &name, bytes.as_slice()).map_err(io(&path))?;
+            report.files.push((name, bytes.len() as u64));
+        }
+    }
+    let mut file = archive.into_inner().map_err(io(out))?;
+    file.flush().map_err(io(out))?;
+    file.sync_all().map_err(io(out))?;
+    Ok(report)
+}
+
+/// Unpacks a backup into `data_dir`, which must be empty or absent. The index is rebuilt when the broker starts.
+pub fn restore(backup_file: &Path, data_dir: &Path) -> Result<BackupReport, BackupError> {
+    if data_dir.exists() && std::fs::read_dir(data_dir).map_err(io(data_dir))?.next().is_some() {
+        return Err(BackupError::NotEmpty(data_dir.to_owned()));
+    }
+    std::fs::create_dir_all(data_dir.join("audit")).map_err(io(data_dir))?;
+    std::fs::create_dir_all(data_dir.join("keys")).map_err(io(data_dir))?;
+    let file = File::open(backup_file).map_err(io(backup_file))?;
+    let mut archive = tar::Archive::new(file);
+    let mut report = BackupReport::default();
+    for entry in archive.entries().map_err(io(backup_file))? {
+        let mut entry = entry.map_err(io(backup_file))?;
+        let name = entry.path().map_err(io(backup_file))?.to_string_lossy().into_owned();
+        let allowed = LOG_FILES.contains(&name.as_str())
+            || name.strip_prefix("keys/").is_some_and(|rest| !rest.is_empty() && !rest.contains('/') && !rest.contains(".."));
+        if !allowed {
+            return Err(BackupError::UnexpectedEntry(name));
+        }
+        let target = data_dir.join(&name);
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).map_err(io(&target))?;
+        let mut out = File::create(&target).map_err(io(&target))?;
+        out.write_all(&bytes).map_err(io(&target))?;
+        out.sync_all().map_err(io(&target))?;
+        report.files.push((name, bytes.len() as u64));
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backup_restores_the_same_files_and_refuses_a_non_empty_target() {
+        let source = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(source.path().join("audit")).unwrap();
+        std::fs::create_dir_all(source.path().join("keys")).unwrap();
+        std::fs::write(source.path().join("journal.log"), b"journal").unwrap();
+        std::fs::write(source.path().join("audit/entries.log"), b"entries").unwrap();
+        std::fs::write(source.path().join("keys/pseudonym-v1.key"), b"key").unwrap();
+        std::fs::create_dir_all(source.path().join("index")).unwrap();
+        std::fs::write(source.path().join("index/db"), b"not copied").unwrap();
+        let out = source.path().join("backup.tar");
+        let report = backup(source.path(), &out).unwrap();
+        assert_eq!(report.files.len(), 3);
+        let target = tempfile::tempdir().unwrap();
+        let restored = target.path().join("data");
+        restore(&out, &restored).unwrap();
+        assert_eq!(std::fs::read(restored.join("journal.log")).unwrap(), b"journal");
+        assert_eq!(std::fs::read(restored.join("audit/entries.log")).unwrap(), b"entries");
+        assert_eq!(std::fs::read(restored.join("keys/pseudonym-v1.key")).unwrap(), b"key");
+        assert!(!restored.join("index").exists());
+        assert!(matches!(restore(&out, &restored), Err(BackupError::NotEmpty(_))));
+        assert!(matches!(backup(target.path(), &out), Err(BackupError::NotADataDirectory(_))));
+    }
+}
