@@ -45,11 +45,23 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
 
 /// Writes a tar file of `data_dir` to `out` (fsync'd before returning).
 pub fn backup(data_dir: &Path, out: &Path) -> Result<BackupReport, BackupError> {
+    let file = File::create(out).map_err(io(out))?;
+    let (report, file) = write_archive(data_dir, file)?;
+    file.sync_all().map_err(io(out))?;
+    Ok(report)
+}
+
+/// Writes the tar stream of `data_dir` to any writer (standard output, for `--out -`).
+pub fn backup_to<W: Write>(data_dir: &Path, out: W) -> Result<BackupReport, BackupError> {
+    write_archive(data_dir, out).map(|(report, _)| report)
+}
+
+fn write_archive<W: Write>(data_dir: &Path, out: W) -> Result<(BackupReport, W), BackupError> {
     if !data_dir.join("journal.log").exists() {
         return Err(BackupError::NotADataDirectory(data_dir.to_owned()));
     }
-    let file = File::create(out).map_err(io(out))?;
-    let mut archive = tar::Builder::new(file);
+    let out_path = PathBuf::from("backup output");
+    let mut archive = tar::Builder::new(out);
     let mut report = BackupReport::default();
     for name in LOG_FILES {
         let path = data_dir.join(name);
@@ -79,10 +91,9 @@ pub fn backup(data_dir: &Path, out: &Path) -> Result<BackupReport, BackupError> 
             report.files.push((name, bytes.len() as u64));
         }
     }
-    let mut file = archive.into_inner().map_err(io(out))?;
-    file.flush().map_err(io(out))?;
-    file.sync_all().map_err(io(out))?;
-    Ok(report)
+    let mut out = archive.into_inner().map_err(io(&out_path))?;
+    out.flush().map_err(io(&out_path))?;
+    Ok((report, out))
 }
 
 /// Unpacks a backup into `data_dir`, which must be empty or absent. The index is rebuilt when the broker starts.

@@ -606,3 +606,105 @@ pub fn timestamp(at: OffsetDateTime) -> prost_types::Timestamp {
 pub fn timestamp_micros(micros: i64) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: micros.div_euclid(1_000_000), nanos: (micros.rem_euclid(1_000_000) * 1000) as i32 }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{path::Path, time::Duration};
+
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::{audit::AuditLog, delivery::DeliveryConfig};
+
+    fn example(name: &str) -> pb::Envelope {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(name);
+        let bytes = std::fs::read(path).unwrap();
+        let pool = proto::descriptor_pool().unwrap();
+        let descriptor = pool.get_message_by_name(proto::ENVELOPE_MESSAGE).unwrap();
+        let mut deserializer = serde_json::Deserializer::from_slice(&bytes);
+        let message = prost_reflect::DynamicMessage::deserialize(descriptor, &mut deserializer).unwrap();
+        message.transcode_to::<pb::Envelope>().unwrap()
+    }
+
+    /// An unacknowledged Operation Encompass notification escalates when its deadline passes: the escalation is
+    /// recorded, and the sender and the rule's escalation agency each get a notice. The policy's real deadline
+    /// ("before the next school day") is hours away, so the test brings the stored deadline forward to 300 ms.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unacknowledged_copy_escalates_to_the_sender_and_the_named_agency() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
+        let (store, _) = Store::open(dir.path(), audit, 8 * 1024 * 1024).unwrap();
+        let policy_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let policy = Arc::new(RwLock::new(Arc::new(PolicySet::load_dir(&policy_dir).unwrap())));
+        let (_stop, stopping) = watch::channel(false);
+        let deliveries = Deliveries::start(store.clone(), DeliveryConfig::default(), stopping).unwrap();
+        let pseudonymiser = Pseudonymiser::load_or_create(&dir.path().join("keys")).unwrap();
+        let exchange = Exchange::new(store.clone(), deliveries.clone(), policy, pseudonymiser);
+        let (late_sender, mut late) = tokio::sync::mpsc::unbounded_channel();
+        deliveries.set_escalation_hook(Arc::new(move |record| {
+            let _ = late_sender.send(record);
+        }));
+
+        let police = Caller { agency: "beds-police".into(), practitioner: "pc-1".into(), roles: vec!["spoc".into()] };
+        let receipt = exchange.send(&police, example("operation-encompass-notification.json")).await.unwrap();
+        assert!(receipt.recipients[0].acknowledge_by.is_some(), "F1 carries an acknowledgement deadline");
+        let delivery_id = records::delivery_id(&receipt.message_id, "luton-oakwood-primary");
+        let mut stored: DeliveryRecord =
+            records::decode(&store.get(&records::delivery_key(&delivery_id)).unwrap().unwrap()).unwrap();
+        let soon = AuditEntry::now_micros() + 300_000;
+        stored.acknowledge_by_micros = Some(soon);
+        let write = Write::Put(records::delivery_key(&delivery_id), records::encode(&stored).unwrap());
+        store.commit(Commit { audit: Vec::new(), writes: vec![write] }).await.unwrap();
+        deliveries.enqueued(Enqueued {
+            recipient: stored.recipient.clone(),
+            seq: stored.seq,
+            delivery_id: delivery_id.clone(),
+            acknowledge_by_micros: Some(soon),
+        });
+
+        let record = tokio::time::timeout(Duration::from_secs(10), late.recv()).await.unwrap().unwrap();
+        assert_eq!(record.message_id, receipt.message_id);
+        assert!(record.escalated);
+        assert_eq!(record.escalate_to.as_deref(), Some("luton-csc"));
+        exchange.send_escalation_notices(record).await.unwrap();
+
+        for agency in ["beds-police", "luton-csc"] {
+            let mut stream = deliveries.subscribe(agency);
+            let notice = tokio::time::timeout(Duration::from_secs(10), stream.recv()).await.unwrap().unwrap().unwrap();
+            let envelope = notice.envelope.unwrap();
+            assert_eq!(envelope.kind, pb::MessageKind::EscalationNotice as i32);
+            assert_eq!(envelope.correlation_id, receipt.message_id);
+            assert!(envelope.subject.is_none(), "an escalation notice never names the child");
+        }
+        let track = exchange.track(&police, &receipt.message_id).unwrap();
+        assert!(track.recipients[0].escalated);
+        assert!(track.recipients[0].events.iter().any(|event| event.event == "escalated"));
+        deliveries.shutdown().await;
+        store.close();
+        let mut escalations = 0;
+        crate::store::log::read_all(&AuditLog::path(&dir.path().join("audit")), |_, bytes| {
+            if AuditEntry::decode(bytes).unwrap().event == Some(EventType::Escalation) {
+                escalations += 1;
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(escalations, 1);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut envelope = example("operation-encompass-notification.json");
+        envelope.recipients.push(envelope.recipients[0].clone());
+        let Err(ExchangeError::InvalidArgument { field, .. }) = validate(&envelope) else { panic!("accepted") };
+        assert_eq!(field, "envelope.recipients");
+        let mut envelope = example("operation-encompass-notification.json");
+        envelope.subject.as_mut().unwrap().date_of_birth = Some(pb::Date { year: 2018, month: 2, day: 30 });
+        let Err(ExchangeError::InvalidArgument { field, .. }) = validate(&envelope) else { panic!("accepted") };
+        assert_eq!(field, "envelope.subject.date_of_birth");
+        let mut envelope = example("operation-encompass-notification.json");
+        envelope.purpose.clear();
+        assert!(validate(&envelope).is_err());
+        assert!(validate(&example("school-referral-to-front-door.json")).is_ok());
+    }
+}

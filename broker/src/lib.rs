@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod records;
+pub mod reload;
 pub mod store;
 pub mod transport;
 
@@ -63,12 +64,10 @@ pub enum BrokerError {
     Serve(#[from] tonic::transport::Error),
 }
 
-/// Loads the policy set; the broker never runs without a valid one.
+/// Loads the policy set and runs its tests; the broker never runs without a valid one.
 pub fn load_policy(config: &Config) -> Result<PolicySet, BrokerError> {
-    PolicySet::load_dir(&config.policy_dir).map_err(|errors| BrokerError::Policy {
-        dir: config.policy_dir.display().to_string(),
-        errors: errors.to_string(),
-    })
+    reload::load_and_test(&config.policy_dir)
+        .map_err(|errors| BrokerError::Policy { dir: config.policy_dir.display().to_string(), errors })
 }
 
 /// Reads the trusted token issuers and their keys.
@@ -109,6 +108,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         None => None,
     };
     let audit = AuditLog::open(&config.data_dir.join("audit"))?;
+    let checkpointer = audit::checkpoints::Checkpointer::open_in(
+        &config.data_dir,
+        audit.tree(),
+        audit::checkpoints::DEFAULT_ORIGIN,
+    )
+    .map_err(audit::AuditError::from)?;
     let (store, report) = Store::open(&config.data_dir, audit, config.index_cache_bytes)?;
     tracing::info!(
         journal_records_replayed = report.journal_records_replayed,
@@ -120,7 +125,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let tokens = load_tokens(&config)?;
     let (stop_streams, streams_stopping) = watch::channel(false);
     let deliveries = Deliveries::start(store.clone(), config.delivery.clone(), streams_stopping)?;
+    reload::audit_policy_event(&store, audit::EventType::PolicyActivated, policy.hash(), "at start".to_owned()).await;
     let current_policy = Arc::new(RwLock::new(Arc::new(policy)));
+    let policy_watcher =
+        tokio::spawn(reload::watch(config.policy_dir.clone(), current_policy.clone(), store.clone()));
     let exchange = Exchange::new(store.clone(), deliveries.clone(), current_policy, pseudonymiser);
     {
         let exchange = exchange.clone();
@@ -135,6 +143,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     }
     let current_tokens = Arc::new(RwLock::new(Arc::new(tokens)));
     let reloader = tokio::spawn(reload_tokens_on_change(config.clone(), current_tokens.clone()));
+    let audit_service = transport::audit_service::server(
+        transport::service::Authenticator::new(exchange.clone(), current_tokens.clone(), store.clone()),
+        store.clone(),
+        Pseudonymiser::load_or_create(&config.data_dir.join("keys"))?,
+        checkpointer.clone(),
+    );
+    let checkpoints = tokio::spawn(checkpointer.clone().run(audit::checkpoints::CHECKPOINT_INTERVAL));
     let service = proto::pb::broker_server::BrokerServer::new(BrokerService::new(
         exchange,
         deliveries.clone(),
@@ -170,15 +185,22 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)
+        .add_service(audit_service)
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), signal)
         .await;
     reloader.abort();
+    policy_watcher.abort();
     let _ = stop_metrics.send(());
     if let Some(task) = metrics_task {
         let _ = task.await;
     }
     deliveries.shutdown().await;
     store.close();
+    checkpoints.abort();
+    // A last checkpoint covering everything the log holds.
+    if let Err(error) = checkpointer.checkpoint_now() {
+        tracing::error!(error = %error, "could not sign the final checkpoint");
+    }
     tracing::info!("broker stopped");
     served.map_err(BrokerError::from)
 }

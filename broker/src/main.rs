@@ -24,10 +24,13 @@ enum Command {
     Backup {
         #[arg(long)]
         data_dir: PathBuf,
-        /// The backup file to write (a tar file).
+        /// The backup file to write (a tar file); `-` writes it to standard output.
         #[arg(long)]
         out: PathBuf,
     },
+    /// Audit log tools: verify, checkpoint, prove, query.
+    #[command(subcommand)]
+    Audit(broker::audit::cli::AuditCommand),
     /// Unpack a backup into an empty data directory; the index is rebuilt when the broker starts.
     Restore {
         #[arg(long)]
@@ -74,6 +77,9 @@ struct ServeArgs {
     /// With --dev: where to listen.
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// With --dev: where to serve Prometheus metrics (`/metrics`).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_listen: SocketAddr,
     /// With --dev: the policy directory.
     #[arg(long, default_value = "policies")]
     policy_dir: PathBuf,
@@ -89,7 +95,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Audit(command) => broker::audit::cli::run(command),
         Command::Dev(DevCommand::Token(args)) => dev_token(args),
+        Command::Backup { data_dir, out } if out.as_os_str() == "-" => {
+            broker::backup::backup_to(&data_dir, std::io::stdout().lock())
+                .map(|_| ExitCode::SUCCESS)
+                .map_err(anyhow::Error::from)
+        }
         Command::Backup { data_dir, out } => broker::backup::backup(&data_dir, &out)
             .map(|report| {
                 for (name, bytes) in report.files {
@@ -130,8 +142,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = if args.dev {
         let policy = broker::policy::PolicySet::load_dir(&args.policy_dir)
             .map_err(|errors| anyhow::anyhow!("the policy set in `{}` is not valid:\n{errors}", args.policy_dir.display()))?;
-        let (config, agencies) = broker::dev::prepare(&args.dev_dir, &args.policy_dir, &policy, args.listen)
+        let (mut config, agencies) = broker::dev::prepare(&args.dev_dir, &args.policy_dir, &policy, args.listen)
             .context("could not prepare the development folder")?;
+        config.metrics_listen = Some(args.metrics_listen);
         print_dev_instructions(&args.dev_dir, &agencies);
         config
     } else {

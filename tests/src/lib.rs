@@ -47,6 +47,25 @@ pub fn sample_policy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
 }
 
+/// Copies the sample policy set into `target` (for tests that change it).
+pub fn copy_sample_policies(target: &Path) -> Result<()> {
+    let source = sample_policy_dir();
+    let mut folders = vec![PathBuf::new()];
+    while let Some(relative) = folders.pop() {
+        std::fs::create_dir_all(target.join(&relative))?;
+        for entry in std::fs::read_dir(source.join(&relative))? {
+            let entry = entry?;
+            let name = relative.join(entry.file_name());
+            if entry.file_type()?.is_dir() {
+                folders.push(name);
+            } else {
+                std::fs::copy(entry.path(), target.join(&name))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The repository's example messages.
 pub fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
@@ -59,11 +78,15 @@ pub struct BrokerSettings {
     pub max_attempts: u32,
     pub max_message_bytes: usize,
     pub default_retry_delay_millis: u64,
+    /// Where to serve metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The policy directory (default: the repository's sample set).
+    pub policy_dir: Option<PathBuf>,
 }
 
 impl Default for BrokerSettings {
     fn default() -> Self {
-        Self { ack_wait_seconds: 30, max_attempts: 5, max_message_bytes: 4 * 1024 * 1024, default_retry_delay_millis: 200 }
+        Self { ack_wait_seconds: 30, max_attempts: 5, max_message_bytes: 4 * 1024 * 1024, default_retry_delay_millis: 200, metrics_listen: None, policy_dir: None }
     }
 }
 
@@ -124,9 +147,10 @@ impl Area {
     /// Writes `broker.toml` for `listen` and returns its path.
     pub fn write_broker_config(&self, listen: SocketAddr) -> Result<PathBuf> {
         let settings = &self.settings;
+        let metrics = settings.metrics_listen.map(|address| format!("metrics_listen = \"{address}\"\n")).unwrap_or_default();
         let text = format!(
             r#"listen = "{listen}"
-data_dir = "data"
+{metrics}data_dir = "data"
 policy_dir = "{policy}"
 [tls]
 ca_cert = "pki/ca.pem"
@@ -140,7 +164,7 @@ max_attempts = {max_attempts}
 default_retry_delay_millis = {retry}
 {issuers}
 "#,
-            policy = sample_policy_dir().display(),
+            policy = settings.policy_dir.clone().unwrap_or_else(sample_policy_dir).display(),
             max_message_bytes = settings.max_message_bytes,
             ack_wait = settings.ack_wait_seconds,
             max_attempts = settings.max_attempts,
@@ -314,13 +338,28 @@ pub struct BrokerProcess {
 impl BrokerProcess {
     /// `executable` is `env!("CARGO_BIN_EXE_broker-under-test")`, which only integration tests can name.
     pub fn start(executable: &str, area: &Area, listen: SocketAddr) -> Result<Self> {
+        Self::spawn(executable, area, listen, None)
+    }
+
+    /// Like [`BrokerProcess::start`], logging at debug level as JSON into `log`.
+    pub fn start_logged(executable: &str, area: &Area, listen: SocketAddr, log: &Path) -> Result<Self> {
+        Self::spawn(executable, area, listen, Some(log))
+    }
+
+    fn spawn(executable: &str, area: &Area, listen: SocketAddr, log: Option<&Path>) -> Result<Self> {
         let config = area.write_broker_config(listen)?;
-        let mut child = Command::new(executable)
-            .arg(&config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("could not start broker-under-test")?;
+        let mut command = Command::new(executable);
+        command.arg(&config).stdout(Stdio::piped());
+        match log {
+            Some(log) => {
+                let file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+                command.stderr(file).env("BROKER_TEST_LOG", "debug");
+            }
+            None => {
+                command.stderr(Stdio::inherit());
+            }
+        }
+        let mut child = command.spawn().context("could not start broker-under-test")?;
         let stdout = child.stdout.take().context("no stdout")?;
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;
@@ -330,6 +369,17 @@ impl BrokerProcess {
             .ok_or_else(|| anyhow!("broker-under-test said `{}` instead of its address", line.trim()))?
             .parse()?;
         Ok(Self { address, child })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then waits for the process to exit (graceful shutdown).
+    pub fn terminate(mut self) -> Result<std::process::ExitStatus> {
+        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status()?;
+        anyhow::ensure!(status.success(), "kill -TERM failed");
+        Ok(self.child.wait()?)
     }
 
     /// SIGKILL: no shutdown code runs.

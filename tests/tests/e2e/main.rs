@@ -2,4 +2,6 @@
 
 mod backbone;
 mod identity;
+mod operations;
+mod policy;
 mod restart;

@@ -1,0 +1,213 @@
+//! Operations (issue 7): health and reflection through real clients, a metrics scrape after traffic, graceful
+//! shutdown losing nothing, backup while running and restore, the deploy/ example configurations, and a run's
+//! logs holding no personal data.
+
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
+
+use anyhow::Result;
+use proto::pb;
+use tests::{Area, BrokerProcess, BrokerSettings, InProcessBroker, example};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const POLICE: &str = "beds-police";
+const SCHOOL: &str = "luton-oakwood-primary";
+const BROKER: &str = env!("CARGO_BIN_EXE_broker-under-test");
+
+fn free_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+async fn http_get(address: SocketAddr, path: &str) -> Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response)
+}
+
+async fn send_f1(client: &mut tests::Client, key: &str) -> Result<pb::SendResponse> {
+    let mut envelope = example("operation-encompass-notification.json")?;
+    envelope.idempotency_key = key.to_owned();
+    Ok(client.send(pb::SendRequest { envelope: Some(envelope) }).await?.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_answer_standard_clients() -> Result<()> {
+    let area = Area::new()?;
+    let broker = InProcessBroker::start(&area).await?;
+    let channel = area.channel(POLICE, broker.address).await?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in ["", "safeguarding.v1.Broker"] {
+        let answer = health
+            .check(tonic_health::pb::HealthCheckRequest { service: service.to_owned() })
+            .await?
+            .into_inner();
+        assert_eq!(answer.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{service}");
+    }
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut responses = reflection.server_reflection_info(tokio_stream::iter(vec![request])).await?.into_inner();
+    let response = tokio_stream::StreamExt::next(&mut responses).await.unwrap()?;
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else { panic!("no service list") };
+    let names: BTreeSet<String> = list.service.into_iter().map(|service| service.name).collect();
+    assert!(names.contains("safeguarding.v1.Broker"), "{names:?}");
+    broker.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_traffic_without_personal_data() -> Result<()> {
+    let metrics_address = free_port();
+    let area = Area::with_settings(BrokerSettings { metrics_listen: Some(metrics_address), ..BrokerSettings::default() })?;
+    let broker = InProcessBroker::start(&area).await?;
+    let mut police = area.client(POLICE, broker.address).await?;
+    send_f1(&mut police, "metrics-1").await?;
+    send_f1(&mut police, "metrics-2").await?;
+    let mut refused = example("operation-encompass-notification.json")?;
+    refused.recipients = vec!["luton-womens-aid".to_owned()];
+    let _ = police.send(pb::SendRequest { envelope: Some(refused) }).await;
+
+    let scrape = http_get(metrics_address, "/metrics").await?;
+    assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
+    assert!(
+        scrape.contains(r#"broker_messages_total{kind="MESSAGE_KIND_DOMESTIC_ABUSE_NOTIFICATION",outcome="accepted"}"#),
+        "{scrape}"
+    );
+    assert!(scrape.contains("broker_refusals_total{reason_code="), "{scrape}");
+    assert!(scrape.contains(&format!(r#"broker_queue_depth{{recipient="{SCHOOL}"}} 2"#)), "{scrape}");
+    assert!(scrape.contains(&format!(r#"broker_queue_oldest_age_seconds{{recipient="{SCHOOL}"}}"#)), "{scrape}");
+    assert!(scrape.contains("broker_commit_seconds_bucket"), "{scrape}");
+    assert!(scrape.contains("broker_policy_set{hash="), "{scrape}");
+    for personal in ["Maisie", "Exampleton", "Fictional Close", "Sampleford"] {
+        assert!(!scrape.contains(personal), "metrics must not carry `{personal}`");
+    }
+    broker.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_sends_loses_nothing_that_was_acknowledged() -> Result<()> {
+    let area = Area::new()?;
+    let broker = BrokerProcess::start(BROKER, &area, "127.0.0.1:0".parse()?)?;
+    let address = broker.address;
+    let mut senders = Vec::new();
+    for task in 0..4 {
+        let mut client = area.client(POLICE, address).await?;
+        senders.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for index in 0..200 {
+                match send_f1(&mut client, &format!("term-{task}-{index}")).await {
+                    Ok(receipt) => acknowledged.push(receipt.message_id),
+                    Err(_) => break,
+                }
+            }
+            acknowledged
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = tokio::task::spawn_blocking(move || broker.terminate()).await??;
+    assert!(status.success(), "graceful shutdown exits cleanly: {status:?}");
+    let mut acknowledged = BTreeSet::new();
+    for sender in senders {
+        acknowledged.extend(sender.await?);
+    }
+    assert!(!acknowledged.is_empty());
+
+    let broker = BrokerProcess::start(BROKER, &area, address)?;
+    let mut school = area.client(SCHOOL, broker.address).await?;
+    let mut stream = school.deliveries(pb::DeliveriesRequest {}).await?.into_inner();
+    let mut delivered = BTreeSet::new();
+    while delivered.len() < acknowledged.len() {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), tokio_stream::StreamExt::next(&mut stream))
+            .await?
+            .unwrap()?;
+        school.acknowledge(pb::AcknowledgeRequest { delivery_id: delivery.delivery_id.clone() }).await?;
+        delivered.insert(delivery.message_id);
+    }
+    assert!(acknowledged.is_subset(&delivered), "every acknowledged send was delivered after the restart");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_while_running_restores_queue_and_audit_log() -> Result<()> {
+    let area = Area::new()?;
+    let broker = InProcessBroker::start(&area).await?;
+    let address = broker.address;
+    let mut police = area.client(POLICE, address).await?;
+    let receipt = send_f1(&mut police, "backup").await?;
+    let backup_file = area.path().join("backup.tar");
+    broker::backup::backup(&area.data_dir(), &backup_file)?;
+    let entries_at_backup = broker::audit::AuditLog::open(&area.data_dir().join("audit")).map(|log| log.len()).ok();
+    broker.stop().await?;
+
+    // Restore into the data directory of a fresh area that shares the same certificates and keys.
+    let original = area.data_dir();
+    std::fs::rename(&original, area.path().join("data-before-restore"))?;
+    broker::backup::restore(&backup_file, &original)?;
+    let restored_entries = broker::audit::AuditLog::open(&original.join("audit"))?.len();
+    assert!(restored_entries >= 1);
+    if let Some(expected) = entries_at_backup {
+        assert!(restored_entries <= expected);
+    }
+    let broker = InProcessBroker::start_on(&area, address).await?;
+    let mut school = area.client(SCHOOL, address).await?;
+    let mut stream = school.deliveries(pb::DeliveriesRequest {}).await?.into_inner();
+    let delivery = tokio::time::timeout(Duration::from_secs(5), tokio_stream::StreamExt::next(&mut stream)).await?.unwrap()?;
+    assert_eq!(delivery.message_id, receipt.message_id, "the queued copy survived backup and restore");
+    let mut police = area.client(POLICE, address).await?;
+    let again = send_f1(&mut police, "backup").await?;
+    assert!(again.duplicate, "the idempotency record survived too");
+    broker.stop().await
+}
+
+#[test]
+fn the_deploy_example_configurations_parse() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let config = broker::config::Config::load(&deploy.join("broker.toml"), |_| None)
+        .unwrap_or_else(|errors| panic!("deploy/broker.toml: {errors}"));
+    assert!(!config.tokens.issuers.is_empty());
+    // The agent checks its certificate files exist: point them at files that do.
+    let files = tempfile::tempdir().unwrap();
+    for name in ["ca.pem", "agent.pem", "agent.key"] {
+        std::fs::write(files.path().join(name), "placeholder").unwrap();
+    }
+    let path_of = |name: &str| files.path().join(name).display().to_string();
+    let agent = agent::AgentConfig::load_with_environment(deploy.join("agent.toml"), |name| match name {
+        "AGENT_CA_CERT" => Some(path_of("ca.pem")),
+        "AGENT_CERT" => Some(path_of("agent.pem")),
+        "AGENT_KEY" => Some(path_of("agent.key")),
+        _ => None,
+    });
+    assert!(agent.is_ok(), "deploy/agent.toml: {agent:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debug_log_of_real_traffic_holds_no_personal_data() -> Result<()> {
+    let area = Area::new()?;
+    let log = area.path().join("broker.log");
+    let broker = BrokerProcess::start_logged(BROKER, &area, "127.0.0.1:0".parse()?, &log)?;
+    let mut police = area.client(POLICE, broker.address).await?;
+    let mut envelope = example("operation-encompass-notification.json")?;
+    envelope.subject.as_mut().unwrap().nhs_number = "943 476 5919".to_owned();
+    envelope.idempotency_key = "logs".to_owned();
+    police.send(pb::SendRequest { envelope: Some(envelope) }).await?;
+    let mut school_client = area.client(SCHOOL, broker.address).await?;
+    let referral = example("school-referral-to-front-door.json")?;
+    school_client.send(pb::SendRequest { envelope: Some(referral) }).await?;
+    let mut stream = school_client.deliveries(pb::DeliveriesRequest {}).await?.into_inner();
+    let delivery = tokio_stream::StreamExt::next(&mut stream).await.unwrap()?;
+    school_client.acknowledge(pb::AcknowledgeRequest { delivery_id: delivery.delivery_id }).await?;
+    let _ = area.client_with_token(POLICE, broker.address, Some("garbage")).await?.send(pb::SendRequest { envelope: None }).await;
+    drop(stream);
+    tokio::task::spawn_blocking(move || broker.terminate()).await??;
+
+    let text = std::fs::read_to_string(&log)?;
+    assert!(text.contains("message decided"), "the log has the run's events: {text}");
+    for personal in ["Maisie", "Exampleton", "Tyler", "Fakename", "9434765919", "943 476 5919", "Fictional Close", "Imaginary Road", "scared by the shouting"] {
+        assert!(!text.contains(personal), "the log must not carry `{personal}`");
+    }
+    Ok(())
+}
