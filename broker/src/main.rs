@@ -17,6 +17,11 @@ struct Cli {
 enum Command {
     /// Run the broker.
     Serve(ServeArgs),
+    /// Tools for information-governance leads: validate, test, explain, diff and matrix of a policy set.
+    Policy {
+        #[command(subcommand)]
+        command: broker::policy::cli::PolicyCommand,
+    },
     /// Development helpers.
     #[command(subcommand)]
     Dev(DevCommand),
@@ -96,6 +101,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Audit(command) => broker::audit::cli::run(command),
+        Command::Policy { command } => Ok(ExitCode::from(clamp_exit(broker::policy::cli::run(&command)))),
         Command::Dev(DevCommand::Token(args)) => dev_token(args),
         Command::Backup { data_dir, out } if out.as_os_str() == "-" => {
             broker::backup::backup_to(&data_dir, std::io::stdout().lock())
@@ -124,6 +130,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Exit codes above 255 do not exist on Unix.
+fn clamp_exit(code: i32) -> u8 {
+    u8::try_from(code).unwrap_or(1)
 }
 
 fn init_logging(json: bool) {
