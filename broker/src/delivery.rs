@@ -262,6 +262,11 @@ impl Deliveries {
     }
 }
 
+/// An acknowledgement waiting for the actor's next commit: delivery id, who acknowledged, where to answer.
+type PendingAck = (String, Actor, oneshot::Sender<Result<(), DeliveryError>>);
+/// A negative acknowledgement waiting for the actor's next commit, with its retry delay and reason.
+type PendingNack = (String, Actor, Duration, String, oneshot::Sender<Result<bool, DeliveryError>>);
+
 struct InFlight {
     seq: u64,
     deadline: Instant,
@@ -417,7 +422,7 @@ impl RecipientActor {
         }
     }
 
-    async fn acknowledge(&mut self, acks: Vec<(String, Actor, oneshot::Sender<Result<(), DeliveryError>>)>) {
+    async fn acknowledge(&mut self, acks: Vec<PendingAck>) {
         let now = AuditEntry::now_micros();
         let mut commit = Commit::default();
         let mut done = Vec::new();
@@ -472,11 +477,7 @@ impl RecipientActor {
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    async fn negative_acknowledge(
-        &mut self,
-        nacks: Vec<(String, Actor, Duration, String, oneshot::Sender<Result<bool, DeliveryError>>)>,
-    ) {
+    async fn negative_acknowledge(&mut self, nacks: Vec<PendingNack>) {
         let now = AuditEntry::now_micros();
         let mut commit = Commit::default();
         let mut done = Vec::new();
