@@ -1,0 +1,97 @@
+//! The real agent against the real broker: the outbox folder, and a crash between the inbox write and the
+//! acknowledgement (the redelivered copy is recognised, acknowledged and not written twice).
+
+use std::time::Duration;
+
+use anyhow::Result;
+use proto::pb;
+use tests::{Area, InProcessBroker, eventually, example};
+use tokio_stream::StreamExt;
+
+const POLICE: &str = "beds-police";
+const SCHOOL: &str = "luton-oakwood-primary";
+
+fn json_files(folder: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(folder) else { return Vec::new() };
+    let mut files: Vec<_> = entries
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| path.is_file() && path.extension().is_some_and(|ext| ext == "json"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn start(config: agent::AgentConfig) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), agent::AgentError>>) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(agent::run(config, async move {
+        let _ = stopped.await;
+    }));
+    (stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_dropped_in_the_outbox_are_sent_and_filed_with_their_receipts() -> Result<()> {
+    let area = Area::new()?;
+    let broker = InProcessBroker::start(&area).await?;
+    let mut police_config = area.agent_config(POLICE, broker.address)?;
+    let outbox = area.path().join("outbox").join(POLICE);
+    std::fs::create_dir_all(&outbox)?;
+    police_config.outbox = Some(outbox.clone());
+    std::fs::copy(tests::examples_dir().join("operation-encompass-notification.json"), outbox.join("f1.json"))?;
+    std::fs::write(outbox.join("broken.json"), b"{ \"kind\": \"not a kind\" }")?;
+    let (stop_police, police) = start(police_config);
+    let (stop_school, school) = start(area.agent_config(SCHOOL, broker.address)?);
+
+    let inbox = area.inbox(SCHOOL);
+    assert!(eventually(Duration::from_secs(10), || json_files(&inbox).len() == 1).await, "nothing arrived");
+    assert!(eventually(Duration::from_secs(5), || outbox.join("sent/f1.json").exists()).await);
+    assert!(outbox.join("sent/f1.receipt.json").exists());
+    assert!(eventually(Duration::from_secs(5), || outbox.join("failed/broken.json").exists()).await);
+    assert!(outbox.join("failed/broken.error.txt").exists());
+    assert!(json_files(&outbox).is_empty(), "the outbox is empty once every file is filed");
+    let _ = stop_police.send(());
+    let _ = stop_school.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), police).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), school).await;
+    broker.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_crashed_before_acknowledging_does_not_write_twice() -> Result<()> {
+    let area = Area::new()?;
+    let broker = InProcessBroker::start(&area).await?;
+    let mut police = area.client(POLICE, broker.address).await?;
+    let mut envelope = example("operation-encompass-notification.json")?;
+    envelope.idempotency_key = "crash".to_owned();
+    let receipt = police.send(pb::SendRequest { envelope: Some(envelope) }).await?.into_inner();
+
+    // The "crashed" agent: took the delivery, wrote it durably, died before acknowledging.
+    let mut first = area.client(SCHOOL, broker.address).await?;
+    let mut stream = first.deliveries(pb::DeliveriesRequest {}).await?.into_inner();
+    let delivery = tokio::time::timeout(Duration::from_secs(5), stream.next()).await?.unwrap()?;
+    let inbox = area.inbox(SCHOOL);
+    std::fs::create_dir_all(&inbox)?;
+    assert_eq!(agent::write_delivery_durably(&inbox, &delivery)?, agent::WriteOutcome::Written);
+    let written = std::fs::read(&json_files(&inbox)[0])?;
+    drop(stream);
+
+    // The restarted real agent gets the copy again, recognises it, acknowledges it, and writes nothing new.
+    let (stop, task) = start(area.agent_config(SCHOOL, broker.address)?);
+    let mut acknowledged = false;
+    for _ in 0..200 {
+        let track = police.track(pb::TrackRequest { message_id: receipt.message_id.clone() }).await?.into_inner();
+        if track.recipients[0].state == pb::DeliveryState::Acknowledged as i32 {
+            assert_eq!(track.recipients[0].attempts, 2, "it was delivered twice");
+            acknowledged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(acknowledged, "the redelivered copy was never acknowledged");
+    let files = json_files(&inbox);
+    assert_eq!(files.len(), 1, "written once");
+    assert_eq!(std::fs::read(&files[0])?, written, "the first write was kept as it was");
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    broker.stop().await
+}
