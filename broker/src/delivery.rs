@@ -422,19 +422,23 @@ impl RecipientActor {
         }
     }
 
+    /// The record of one of this recipient's copies; another agency's delivery id is as unknown as a made-up one.
+    fn load_own(&self, delivery_id: &str) -> Result<DeliveryRecord, DeliveryError> {
+        match self.load(delivery_id)? {
+            Some(record) if record.recipient == self.recipient => Ok(record),
+            _ => Err(DeliveryError::UnknownDelivery(delivery_id.to_owned())),
+        }
+    }
+
     async fn acknowledge(&mut self, acks: Vec<PendingAck>) {
         let now = AuditEntry::now_micros();
         let mut commit = Commit::default();
         let mut done = Vec::new();
         for (delivery_id, actor, reply) in acks {
-            let record = match self.load(&delivery_id) {
-                Ok(Some(record)) if record.recipient == self.recipient => record,
-                Ok(_) => {
-                    let _ = reply.send(Err(DeliveryError::UnknownDelivery(delivery_id)));
-                    continue;
-                }
+            let record = match self.load_own(&delivery_id) {
+                Ok(record) => record,
                 Err(error) => {
-                    let _ = reply.send(Err(error.into()));
+                    let _ = reply.send(Err(error));
                     continue;
                 }
             };
@@ -482,14 +486,10 @@ impl RecipientActor {
         let mut commit = Commit::default();
         let mut done = Vec::new();
         for (delivery_id, actor, delay, reason, reply) in nacks {
-            let record = match self.load(&delivery_id) {
-                Ok(Some(record)) if record.recipient == self.recipient => record,
-                Ok(_) => {
-                    let _ = reply.send(Err(DeliveryError::UnknownDelivery(delivery_id)));
-                    continue;
-                }
+            let record = match self.load_own(&delivery_id) {
+                Ok(record) => record,
                 Err(error) => {
-                    let _ = reply.send(Err(error.into()));
+                    let _ = reply.send(Err(error));
                     continue;
                 }
             };

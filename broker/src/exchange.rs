@@ -167,40 +167,17 @@ impl Exchange {
                     accepted_at: Some(timestamp(now)),
                     policy_set_hash: policy.hash().to_owned(),
                 };
-                let seq = self.deliveries.next_seq();
-                let record = DeliveryRecord {
-                    delivery_id: delivery_id.clone(),
-                    message_id: message_id.clone(),
+                let copy = NewCopy {
                     recipient: recipient.clone(),
                     sender: caller.agency.clone(),
-                    seq,
-                    state: DeliveryState::Queued,
-                    attempts: 0,
-                    queued_at_micros: now_micros,
-                    last_delivered_at_micros: None,
-                    acknowledged_at_micros: None,
-                    acknowledge_by_micros: acknowledge_by,
-                    escalated: false,
+                    delivery,
+                    acknowledge_by,
                     escalate_to: decision.obligations.escalate_to.clone(),
                     subject: subject.clone(),
                     rule_ids: decision.rule_ids.clone(),
                     policy_set_hash: policy.hash().to_owned(),
-                    events: vec![records::TrackEvent {
-                        at_micros: now_micros,
-                        event: "queued".to_owned(),
-                        attempt: 0,
-                        detail: String::new(),
-                    }],
                 };
-                commit.writes.push(Write::Put(records::delivery_key(&delivery_id), records::encode(&record)?));
-                commit.writes.push(Write::Put(records::copy_key(&delivery_id), delivery.encode_to_vec()));
-                commit.writes.push(Write::Put(records::queue_key(recipient, seq), delivery_id.clone().into_bytes()));
-                enqueued.push(Enqueued {
-                    recipient: recipient.clone(),
-                    seq,
-                    delivery_id,
-                    acknowledge_by_micros: acknowledge_by,
-                });
+                enqueued.push(self.queue_copy(&mut commit, copy, now_micros)?);
             }
             crate::metrics::metrics().message(
                 pb::MessageKind::try_from(envelope.kind).map_or("unknown", |kind| kind.as_str_name()),
@@ -342,7 +319,6 @@ impl Exchange {
         let mut decisions = Vec::new();
         for target in &targets {
             let delivery_id = records::delivery_id(&message_id, target);
-            let seq = self.deliveries.next_seq();
             let delivery = pb::Delivery {
                 delivery_id: delivery_id.clone(),
                 message_id: message_id.clone(),
@@ -352,25 +328,6 @@ impl Exchange {
                 accepted_at: Some(timestamp(now)),
                 policy_set_hash: policy.hash().to_owned(),
                 ..Default::default()
-            };
-            let record = DeliveryRecord {
-                delivery_id: delivery_id.clone(),
-                message_id: message_id.clone(),
-                recipient: target.clone(),
-                sender: "broker".to_owned(),
-                seq,
-                state: DeliveryState::Queued,
-                attempts: 0,
-                queued_at_micros: now_micros,
-                last_delivered_at_micros: None,
-                acknowledged_at_micros: None,
-                acknowledge_by_micros: None,
-                escalated: false,
-                escalate_to: None,
-                subject: None,
-                rule_ids: vec!["broker-escalation-notice".to_owned()],
-                policy_set_hash: policy.hash().to_owned(),
-                events: Vec::new(),
             };
             commit.audit.push(AuditEntry {
                 time_micros: now_micros,
@@ -385,10 +342,17 @@ impl Exchange {
                 detail: format!("escalates {}", late.delivery_id),
                 ..AuditEntry::default()
             });
-            commit.writes.push(Write::Put(records::delivery_key(&delivery_id), records::encode(&record)?));
-            commit.writes.push(Write::Put(records::copy_key(&delivery_id), delivery.encode_to_vec()));
-            commit.writes.push(Write::Put(records::queue_key(target, seq), delivery_id.clone().into_bytes()));
-            enqueued.push(Enqueued { recipient: target.clone(), seq, delivery_id, acknowledge_by_micros: None });
+            let copy = NewCopy {
+                recipient: target.clone(),
+                sender: "broker".to_owned(),
+                delivery,
+                acknowledge_by: None,
+                escalate_to: None,
+                subject: None,
+                rule_ids: vec!["broker-escalation-notice".to_owned()],
+                policy_set_hash: policy.hash().to_owned(),
+            };
+            enqueued.push(self.queue_copy(&mut commit, copy, now_micros)?);
             decisions.push(RecipientDecision {
                 recipient: target.clone(),
                 accepted: true,
@@ -420,12 +384,58 @@ impl Exchange {
         Ok(())
     }
 
+    /// Adds a queued copy's record, content and queue entry to `commit`.
+    fn queue_copy(&self, commit: &mut Commit, copy: NewCopy, now_micros: i64) -> Result<Enqueued, ExchangeError> {
+        let delivery_id = copy.delivery.delivery_id.clone();
+        let seq = self.deliveries.next_seq();
+        let record = DeliveryRecord {
+            delivery_id: delivery_id.clone(),
+            message_id: copy.delivery.message_id.clone(),
+            recipient: copy.recipient.clone(),
+            sender: copy.sender,
+            seq,
+            state: DeliveryState::Queued,
+            attempts: 0,
+            queued_at_micros: now_micros,
+            last_delivered_at_micros: None,
+            acknowledged_at_micros: None,
+            acknowledge_by_micros: copy.acknowledge_by,
+            escalated: false,
+            escalate_to: copy.escalate_to,
+            subject: copy.subject,
+            rule_ids: copy.rule_ids,
+            policy_set_hash: copy.policy_set_hash,
+            events: vec![records::TrackEvent {
+                at_micros: now_micros,
+                event: "queued".to_owned(),
+                attempt: 0,
+                detail: String::new(),
+            }],
+        };
+        commit.writes.push(Write::Put(records::delivery_key(&delivery_id), records::encode(&record)?));
+        commit.writes.push(Write::Put(records::copy_key(&delivery_id), copy.delivery.encode_to_vec()));
+        commit.writes.push(Write::Put(records::queue_key(&copy.recipient, seq), delivery_id.clone().into_bytes()));
+        Ok(Enqueued { recipient: copy.recipient, seq, delivery_id, acknowledge_by_micros: copy.acknowledge_by })
+    }
+
     fn message_record(&self, message_id: &str) -> Result<Option<MessageRecord>, ExchangeError> {
         match self.store.get(&records::message_key(message_id))? {
             Some(bytes) => Ok(Some(records::decode(&bytes)?)),
             None => Ok(None),
         }
     }
+}
+
+/// A recipient's copy about to be queued.
+struct NewCopy {
+    recipient: String,
+    sender: String,
+    delivery: pb::Delivery,
+    acknowledge_by: Option<i64>,
+    escalate_to: Option<String>,
+    subject: Option<crate::audit::Pseudonym>,
+    rule_ids: Vec<String>,
+    policy_set_hash: String,
 }
 
 #[allow(clippy::too_many_arguments)]
