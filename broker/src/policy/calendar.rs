@@ -48,11 +48,7 @@ impl Calendar {
     }
 
     pub fn is_school_day(&self, date: Date) -> bool {
-        self.is_working_day(date)
-            && !self
-                .school_closures
-                .iter()
-                .any(|(from, until)| *from <= date && date <= *until)
+        self.is_working_day(date) && !self.school_closures.iter().any(|(from, until)| *from <= date && date <= *until)
     }
 
     fn next_day_where(&self, after: Date, wanted: impl Fn(&Calendar, Date) -> bool) -> Option<Date> {
@@ -73,12 +69,12 @@ impl Calendar {
             Deadline::Within(duration) => {
                 from + Duration::try_from(*duration).unwrap_or(Duration::days(i64::from(SEARCH_LIMIT_DAYS)))
             }
-            Deadline::WorkingDays(count) => self
-                .count_days(from, *count, Calendar::is_working_day, self.working_day_starts_at)
-                .unwrap_or(fallback),
-            Deadline::SchoolDays(count) => self
-                .count_days(from, *count, Calendar::is_school_day, self.school_day_starts_at)
-                .unwrap_or(fallback),
+            Deadline::WorkingDays(count) => {
+                self.count_days(from, *count, Calendar::is_working_day, self.working_day_starts_at).unwrap_or(fallback)
+            }
+            Deadline::SchoolDays(count) => {
+                self.count_days(from, *count, Calendar::is_school_day, self.school_day_starts_at).unwrap_or(fallback)
+            }
             Deadline::BeforeNextSchoolDay => {
                 let local = uk_local(from);
                 let start_today = PrimitiveDateTime::new(local.date(), self.school_day_starts_at);
@@ -87,8 +83,7 @@ impl Calendar {
                 } else {
                     self.next_day_where(local.date(), Calendar::is_school_day)
                 };
-                day.map(|day| from_uk_local(PrimitiveDateTime::new(day, self.school_day_starts_at)))
-                    .unwrap_or(fallback)
+                day.map(|day| from_uk_local(PrimitiveDateTime::new(day, self.school_day_starts_at))).unwrap_or(fallback)
             }
         }
     }
@@ -127,18 +122,11 @@ fn last_sunday_one_am_utc(year: i32, month: Month) -> Option<OffsetDateTime> {
 pub fn uk_offset(at: OffsetDateTime) -> UtcOffset {
     let utc = at.to_offset(UtcOffset::UTC);
     let year = utc.year();
-    let summer = match (
-        last_sunday_one_am_utc(year, Month::March),
-        last_sunday_one_am_utc(year, Month::October),
-    ) {
+    let summer = match (last_sunday_one_am_utc(year, Month::March), last_sunday_one_am_utc(year, Month::October)) {
         (Some(start), Some(end)) => start <= utc && utc < end,
         _ => false,
     };
-    if summer {
-        UtcOffset::from_hms(1, 0, 0).unwrap_or(UtcOffset::UTC)
-    } else {
-        UtcOffset::UTC
-    }
+    if summer { UtcOffset::from_hms(1, 0, 0).unwrap_or(UtcOffset::UTC) } else { UtcOffset::UTC }
 }
 
 /// The UK local date and time of the instant `at`.
@@ -227,10 +215,8 @@ mod tests {
     #[test]
     fn within_adds_the_duration() {
         let calendar = Calendar::default();
-        let deadline = calendar.deadline_at(
-            &Deadline::Within(std::time::Duration::from_secs(4 * 3600)),
-            datetime!(2026-01-10 22:00 UTC),
-        );
+        let deadline = calendar
+            .deadline_at(&Deadline::Within(std::time::Duration::from_secs(4 * 3600)), datetime!(2026-01-10 22:00 UTC));
         assert_eq!(deadline, datetime!(2026-01-11 02:00 UTC));
     }
 }

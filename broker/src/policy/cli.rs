@@ -30,7 +30,7 @@ pub enum PolicyCommand {
         require_coverage: bool,
     },
     /// May A send K to B for P, with these facts, at this time, and what would B see?
-    Explain(ExplainArgs),
+    Explain(Box<ExplainArgs>),
     /// Say exactly what a change does: routes newly allowed or refused, fields newly visible or hidden, obligations
     Diff {
         old: PathBuf,
@@ -123,11 +123,7 @@ pub fn run_to(command: &PolicyCommand, out: &mut dyn Write) -> anyhow::Result<i3
         PolicyCommand::Validate { dir } => validate(dir, out),
         PolicyCommand::Test { dir, require_coverage } => test(dir, *require_coverage, out),
         PolicyCommand::Explain(args) => explain(args, out),
-        PolicyCommand::Diff {
-            old,
-            new,
-            fail_on_new_access,
-        } => {
+        PolicyCommand::Diff { old, new, fail_on_new_access } => {
             let (Some(old_set), Some(new_set)) = (load_or_report(old, out)?, load_or_report(new, out)?) else {
                 return Ok(1);
             };
@@ -147,7 +143,9 @@ pub fn run_to(command: &PolicyCommand, out: &mut dyn Write) -> anyhow::Result<i3
         PolicyCommand::Schema { out: file } => {
             let schema = model::policy_file_schema_json();
             match file {
-                Some(file) => std::fs::write(file, schema).with_context(|| format!("cannot write `{}`", file.display()))?,
+                Some(file) => {
+                    std::fs::write(file, schema).with_context(|| format!("cannot write `{}`", file.display()))?
+                }
                 None => write!(out, "{schema}")?,
             }
             Ok(0)

@@ -17,8 +17,8 @@ use time::Date;
 use super::calendar::{self, Calendar};
 use super::fields::{self, MaskNode, ROUTING_FACTS};
 use super::model::{
-    AcknowledgeWithin, AgencyKind, Effect, KindName, LawfulBasis, Located, NamedEntry, OverrideReasonName,
-    PolicyFile, RuleEntry,
+    AcknowledgeWithin, AgencyKind, Effect, KindName, LawfulBasis, Located, NamedEntry, OverrideReasonName, PolicyFile,
+    RuleEntry,
 };
 use super::{Agency, Deadline, Diagnostic, Group, PolicySet, Severity, testing};
 
@@ -134,13 +134,7 @@ struct Diagnostics {
 
 impl Diagnostics {
     fn push(&mut self, severity: Severity, file: &Path, line: u64, column: u64, message: String) {
-        self.list.push(Diagnostic {
-            file: file.to_path_buf(),
-            line,
-            column,
-            severity,
-            message,
-        });
+        self.list.push(Diagnostic { file: file.to_path_buf(), line, column, severity, message });
     }
 
     fn error<T>(&mut self, file: &Path, at: &Located<T>, message: String) {
@@ -205,30 +199,26 @@ impl Registry {
 }
 
 fn suggestion(given: &str, known: &[String]) -> String {
-    fields::nearest_name(given, known)
-        .map(|name| format!("; did you mean `{name}`?"))
-        .unwrap_or_default()
+    fields::nearest_name(given, known).map(|name| format!("; did you mean `{name}`?")).unwrap_or_default()
 }
 
 /// Validates and compiles parsed files. Returns every error (and warning) when any error is found.
 pub fn compile(sources: Vec<SourceFile>, base_dir: &Path) -> Result<PolicySet, Vec<Diagnostic>> {
     let mut diagnostics = Diagnostics { list: Vec::new() };
-    let envelope = match proto::descriptor_pool()
-        .ok()
-        .and_then(|pool| pool.get_message_by_name(proto::ENVELOPE_MESSAGE))
-    {
-        Some(envelope) => envelope,
-        None => {
-            diagnostics.push(
-                Severity::Error,
-                base_dir,
-                0,
-                0,
-                "the broker's message descriptors could not be read".to_owned(),
-            );
-            return Err(diagnostics.list);
-        }
-    };
+    let envelope =
+        match proto::descriptor_pool().ok().and_then(|pool| pool.get_message_by_name(proto::ENVELOPE_MESSAGE)) {
+            Some(envelope) => envelope,
+            None => {
+                diagnostics.push(
+                    Severity::Error,
+                    base_dir,
+                    0,
+                    0,
+                    "the broker's message descriptors could not be read".to_owned(),
+                );
+                return Err(diagnostics.list);
+            }
+        };
 
     let registry = build_registry(&sources, &mut diagnostics);
     let calendar = build_calendar(&sources, &mut diagnostics);
@@ -291,13 +281,7 @@ fn build_registry(sources: &[SourceFile], diagnostics: &mut Diagnostics) -> Regi
                     format!("`{}` is reserved (an agency kind or `any`); choose another group id", id.value),
                 );
             }
-            registry.groups.insert(
-                id.value.clone(),
-                Group {
-                    id: id.value.clone(),
-                    name: group.value.name.clone(),
-                },
-            );
+            registry.groups.insert(id.value.clone(), Group { id: id.value.clone(), name: group.value.name.clone() });
         }
     }
     for source in sources {
@@ -359,32 +343,25 @@ fn build_registry(sources: &[SourceFile], diagnostics: &mut Diagnostics) -> Regi
     };
     declare(&|file| &file.purposes, "purpose", &mut registry.purposes, diagnostics);
     declare(&|file| &file.roles, "role", &mut registry.roles, diagnostics);
-    declare(
-        &|file| &file.retention_classes,
-        "retention class",
-        &mut registry.retention_classes,
-        diagnostics,
-    );
-    if registry.agencies.is_empty() && !sources.is_empty() {
-        if let Some(first) = sources.first() {
-            diagnostics.push(
-                Severity::Error,
-                &first.path,
-                1,
-                1,
-                "the policy set declares no agencies (add an `agencies` section)".to_owned(),
-            );
-        }
+    declare(&|file| &file.retention_classes, "retention class", &mut registry.retention_classes, diagnostics);
+    if registry.agencies.is_empty()
+        && !sources.is_empty()
+        && let Some(first) = sources.first()
+    {
+        diagnostics.push(
+            Severity::Error,
+            &first.path,
+            1,
+            1,
+            "the policy set declares no agencies (add an `agencies` section)".to_owned(),
+        );
     }
     registry
 }
 
 fn check_id(file: &Path, id: &Located<String>, what: &str, diagnostics: &mut Diagnostics) {
     let valid = !id.value.is_empty()
-        && id
-            .value
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && id.value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !id.value.starts_with('-');
     if !valid {
         diagnostics.error(
@@ -469,11 +446,7 @@ fn compile_rules(
     let mut seen: HashMap<String, Place> = HashMap::new();
     for source in sources {
         for rule in &source.file.rules {
-            let place = Place {
-                file: source.path.clone(),
-                line: rule.value.id.line,
-                column: rule.value.id.column,
-            };
+            let place = Place { file: source.path.clone(), line: rule.value.id.line, column: rule.value.id.column };
             check_id(&source.path, &rule.value.id, "rule", diagnostics);
             if let Some(other) = seen.insert(rule.value.id.value.clone(), place.clone()) {
                 diagnostics.error_at(
@@ -524,11 +497,7 @@ fn check_roles(file: &Path, roles: &[Located<String>], registry: &Registry, diag
     for role in roles {
         if !registry.roles.contains(&role.value) {
             let known: Vec<String> = registry.roles.iter().cloned().collect();
-            diagnostics.error(
-                file,
-                role,
-                format!("unknown role `{}`{}", role.value, suggestion(&role.value, &known)),
-            );
+            diagnostics.error(file, role, format!("unknown role `{}`{}", role.value, suggestion(&role.value, &known)));
         }
     }
 }
@@ -639,12 +608,8 @@ fn compile_rule(
             .filter(|agency| agency.kind != AgencyKind::VoluntarySector)
             .map(|agency| agency.id.as_str())
             .collect();
-        if !public_bodies.is_empty() {
-            let at = rule
-                .lawful_basis
-                .iter()
-                .find(|basis| basis.value == LawfulBasis::LegitimateInterests)
-                .unwrap_or(&rule.lawful_basis[0]);
+        let at = rule.lawful_basis.iter().find(|basis| basis.value == LawfulBasis::LegitimateInterests);
+        if let (false, Some(at)) = (public_bodies.is_empty(), at) {
             diagnostics.error(
                 file,
                 at,
@@ -693,25 +658,21 @@ fn compile_rule(
         let mut roles: Vec<String> = entry.value.override_roles.iter().map(|role| role.value.clone()).collect();
         roles.sort();
         roles.dedup();
-        CompiledAgreement {
-            required: entry.value.required,
-            override_reasons: reasons,
-            override_roles: roles,
-        }
+        CompiledAgreement { required: entry.value.required, override_reasons: reasons, override_roles: roles }
     });
 
     let mut conditions = CompiledConditions::default();
     if let Some(entry) = &rule.conditions {
         let given = &entry.value;
         if let Some(range) = given.child_age {
-            if let (Some(min), Some(max)) = (range.min, range.max) {
-                if min > max {
-                    diagnostics.error(
-                        file,
-                        entry,
-                        format!("rule `{id}` can never match: its `child_age` minimum {min} is above its maximum {max}"),
-                    );
-                }
+            if let (Some(min), Some(max)) = (range.min, range.max)
+                && min > max
+            {
+                diagnostics.error(
+                    file,
+                    entry,
+                    format!("rule `{id}` can never match: its `child_age` minimum {min} is above its maximum {max}"),
+                );
             }
             conditions.age_min = range.min;
             conditions.age_max = range.max;
@@ -727,24 +688,16 @@ fn compile_rule(
 
     let (mut valid_from, mut valid_until) = (None, None);
     if let Some(window) = &rule.valid {
-        valid_from = window
-            .value
-            .from
-            .as_ref()
-            .and_then(|at| parse_located_date(file, at, diagnostics));
-        valid_until = window
-            .value
-            .until
-            .as_ref()
-            .and_then(|at| parse_located_date(file, at, diagnostics));
-        if let (Some(from), Some(until)) = (valid_from, valid_until) {
-            if until < from {
-                diagnostics.error(
-                    file,
-                    window,
-                    format!("rule `{id}` can never match: it is valid until {until}, before it starts on {from}"),
-                );
-            }
+        valid_from = window.value.from.as_ref().and_then(|at| parse_located_date(file, at, diagnostics));
+        valid_until = window.value.until.as_ref().and_then(|at| parse_located_date(file, at, diagnostics));
+        if let (Some(from), Some(until)) = (valid_from, valid_until)
+            && until < from
+        {
+            diagnostics.error(
+                file,
+                window,
+                format!("rule `{id}` can never match: it is valid until {until}, before it starts on {from}"),
+            );
         }
     }
 
@@ -811,15 +764,15 @@ fn compile_rule(
         ) {
             diagnostics.error(file, entry, format!("rule `{id}`: `acknowledge_within` must be more than zero"));
         }
-        if let Some(class) = &given.retention_class {
-            if !registry.retention_classes.contains(&class.value) {
-                let known: Vec<String> = registry.retention_classes.iter().cloned().collect();
-                diagnostics.error(
-                    file,
-                    class,
-                    format!("unknown retention class `{}`{}", class.value, suggestion(&class.value, &known)),
-                );
-            }
+        if let Some(class) = &given.retention_class
+            && !registry.retention_classes.contains(&class.value)
+        {
+            let known: Vec<String> = registry.retention_classes.iter().cloned().collect();
+            diagnostics.error(
+                file,
+                class,
+                format!("unknown retention class `{}`{}", class.value, suggestion(&class.value, &known)),
+            );
         }
         if let Some(target) = &given.escalate_to {
             if !registry.agency_index.contains_key(&target.value) {
@@ -843,10 +796,7 @@ fn compile_rule(
         obligations.escalate_to = given.escalate_to.as_ref().map(|target| target.value.clone());
     }
 
-    if diagnostics.list[errors_before..]
-        .iter()
-        .any(|diagnostic| diagnostic.severity == Severity::Error)
-    {
+    if diagnostics.list[errors_before..].iter().any(|diagnostic| diagnostic.severity == Severity::Error) {
         return None;
     }
     let mut purposes: Vec<String> = rule.purposes.iter().map(|purpose| purpose.value.clone()).collect();
@@ -884,7 +834,9 @@ fn compile_rule(
 /// The deadline a policy file's `acknowledge_within` means.
 pub fn deadline_of(within: AcknowledgeWithin) -> Deadline {
     match within {
-        AcknowledgeWithin::Minutes(minutes) => Deadline::Within(std::time::Duration::from_secs(u64::from(minutes) * 60)),
+        AcknowledgeWithin::Minutes(minutes) => {
+            Deadline::Within(std::time::Duration::from_secs(u64::from(minutes) * 60))
+        }
         AcknowledgeWithin::Hours(hours) => Deadline::Within(std::time::Duration::from_secs(u64::from(hours) * 3600)),
         AcknowledgeWithin::WorkingDays(days) => Deadline::WorkingDays(days),
         AcknowledgeWithin::SchoolDays(days) => Deadline::SchoolDays(days),
@@ -910,6 +862,9 @@ fn path_is_within(inner: &[FieldDescriptor], outer: &[FieldDescriptor]) -> bool 
 fn path_text(path: &[FieldDescriptor]) -> String {
     path.iter().map(|field| field.name()).collect::<Vec<_>>().join(".")
 }
+
+/// A route mask and its field paths, shared by every route with the same permit and the same withholders.
+type CachedMask = (Arc<MaskNode>, Arc<[String]>);
 
 fn build_routes(
     rules: &[CompiledRule],
@@ -952,7 +907,7 @@ fn build_routes(
         })
         .collect();
     let base_paths: Vec<Arc<[String]>> = base.iter().map(|mask| Arc::from(mask.paths())).collect();
-    let mut cache: HashMap<(usize, Vec<usize>), (Arc<MaskNode>, Arc<[String]>)> = HashMap::new();
+    let mut cache: HashMap<(usize, Vec<usize>), CachedMask> = HashMap::new();
     let mut reported: BTreeSet<(usize, usize, String)> = BTreeSet::new();
     let mut overlap_reported: BTreeSet<(usize, usize)> = BTreeSet::new();
     let mut keys: Vec<u64> = routes.keys().copied().collect();
@@ -1052,8 +1007,7 @@ fn build_routes(
                     };
                     let found = entry.forbids.iter().find(|forbid| {
                         let forbid = &rules[**forbid];
-                        forbid.is_unconditional()
-                            && rule.purposes.iter().all(|purpose| forbid.covers_purpose(purpose))
+                        forbid.is_unconditional() && rule.purposes.iter().all(|purpose| forbid.covers_purpose(purpose))
                     });
                     match found {
                         Some(forbid) => blocker = Some(*forbid),
@@ -1065,16 +1019,14 @@ fn build_routes(
                 }
             }
         }
-        if every_route_blocked {
-            if let Some(forbid) = blocker {
-                diagnostics.error_at(
-                    &rule.place,
-                    format!(
-                        "rule `{}` can never match: forbid `{}` refuses every route and purpose it covers",
-                        rules[index].id, rules[forbid].id
-                    ),
-                );
-            }
+        if every_route_blocked && let Some(forbid) = blocker {
+            diagnostics.error_at(
+                &rule.place,
+                format!(
+                    "rule `{}` can never match: forbid `{}` refuses every route and purpose it covers",
+                    rules[index].id, rules[forbid].id
+                ),
+            );
         }
     }
     routes
@@ -1092,13 +1044,7 @@ fn min_until(left: Option<Date>, right: Option<Date>) -> Option<Date> {
 fn route_names(key: u64, registry: &Registry) -> (String, String) {
     let sender = usize::try_from(key >> 32).unwrap_or(usize::MAX);
     let recipient = usize::try_from((key >> 8) & 0xffff).unwrap_or(usize::MAX);
-    let name = |index: usize| {
-        registry
-            .agencies
-            .get(index)
-            .map(|agency| agency.id.clone())
-            .unwrap_or_default()
-    };
+    let name = |index: usize| registry.agencies.get(index).map(|agency| agency.id.clone()).unwrap_or_default();
     (name(sender), name(recipient))
 }
 
@@ -1133,8 +1079,7 @@ fn canonical_hash(sources: &[SourceFile]) -> String {
         set.groups.extend(file.groups.iter().map(|entry| &entry.value));
         set.purposes.extend(file.purposes.iter().map(|entry| &entry.value));
         set.roles.extend(file.roles.iter().map(|entry| &entry.value));
-        set.retention_classes
-            .extend(file.retention_classes.iter().map(|entry| &entry.value));
+        set.retention_classes.extend(file.retention_classes.iter().map(|entry| &entry.value));
         set.rules.extend(file.rules.iter().map(|entry| canonical_rule(&entry.value)));
         if set.calendar.is_none() {
             set.calendar = file.calendar.as_ref().map(|entry| &entry.value);
@@ -1144,8 +1089,7 @@ fn canonical_hash(sources: &[SourceFile]) -> String {
     set.groups.sort_by(|left, right| left.id.value.cmp(&right.id.value));
     set.purposes.sort_by(|left, right| left.id.value.cmp(&right.id.value));
     set.roles.sort_by(|left, right| left.id.value.cmp(&right.id.value));
-    set.retention_classes
-        .sort_by(|left, right| left.id.value.cmp(&right.id.value));
+    set.retention_classes.sort_by(|left, right| left.id.value.cmp(&right.id.value));
     set.rules.sort_by(|left, right| left.id.value.cmp(&right.id.value));
     let bytes = serde_json::to_vec(&set).unwrap_or_default();
     hex::encode(Sha256::digest(&bytes))
@@ -1157,9 +1101,9 @@ fn canonical_rule(rule: &RuleEntry) -> RuleEntry {
     rule.from.sort_by(by_value);
     rule.to.sort_by(by_value);
     rule.except_to.sort_by(by_value);
-    rule.kinds.sort_by(|left, right| left.value.cmp(&right.value));
+    rule.kinds.sort_by_key(|left| left.value);
     rule.purposes.sort_by(by_value);
-    rule.lawful_basis.sort_by(|left, right| left.value.cmp(&right.value));
+    rule.lawful_basis.sort_by_key(|left| left.value);
     rule.share.sort_by(by_value);
     rule.withhold.sort_by(by_value);
     rule

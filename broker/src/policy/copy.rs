@@ -1,9 +1,16 @@
 //! Building a recipient's copy from the allowed fields only (DESIGN.md invariant 3).
 //!
-//! The sender's envelope is read into a prost-reflect `DynamicMessage`; the copy starts as an empty
-//! `DynamicMessage` and receives, field by field and recursively, only what the decision's mask holds. A field held
-//! whole is still copied field by field through its descriptor, so fields the descriptors do not know (which
-//! protobuf keeps as unknown fields) are never carried over, and nothing is ever copied and then cleared.
+//! Two builders with the same semantics, both driven by the prost-reflect descriptors of `proto::descriptor_pool()`:
+//!
+//! - [`build_copy`] (used by `PolicySet::build_copy`) walks the sender's encoded envelope and writes into an empty
+//!   buffer only the fields the decision's mask holds, recursing into every message field, so a field held whole is
+//!   still written field by field through its descriptor. It is about five times faster than the dynamic builder
+//!   (see the benchmark), which is what keeps a 16 KiB referral within the 20 us budget.
+//! - [`build_copy_dynamic`] reads the envelope into a `DynamicMessage` and fills an empty `DynamicMessage` field by
+//!   field. It is the reference implementation; a test checks both give the same copy.
+//!
+//! In both, fields the descriptors do not know (which protobuf keeps as unknown fields) are never carried over, and
+//! nothing is ever copied and then cleared.
 
 use prost::Message;
 use prost_reflect::{DynamicMessage, FieldDescriptor, MessageDescriptor, ReflectMessage, Value};
@@ -23,6 +30,23 @@ pub enum CopyError {
 }
 
 pub fn build_copy(
+    descriptor: &MessageDescriptor,
+    envelope: &proto::pb::Envelope,
+    decision: &Decision,
+) -> Result<proto::pb::Envelope, CopyError> {
+    let mask = match (&decision.mask, decision.permitted) {
+        (Some(mask), true) => mask,
+        _ => return Err(CopyError::NotPermitted),
+    };
+    let bytes = envelope.encode_to_vec();
+    let mut encoded = Vec::with_capacity(bytes.len());
+    super::fields::copy_wire(&bytes, descriptor, Some(mask), &mut encoded)
+        .map_err(|_| CopyError::Decode("the encoded message is malformed".to_owned()))?;
+    proto::pb::Envelope::decode(encoded.as_slice()).map_err(|error| CopyError::Encode(error.to_string()))
+}
+
+/// The reference builder over `DynamicMessage`s; same result as [`build_copy`].
+pub fn build_copy_dynamic(
     descriptor: &MessageDescriptor,
     envelope: &proto::pb::Envelope,
     decision: &Decision,
@@ -78,12 +102,9 @@ fn copy_value(value: &Value, mask: &FieldMask) -> Value {
     match value {
         Value::Message(message) => Value::Message(copy_message(message, mask)),
         Value::List(items) => Value::List(items.iter().map(|item| copy_value(item, mask)).collect()),
-        Value::Map(entries) => Value::Map(
-            entries
-                .iter()
-                .map(|(key, item)| (key.clone(), copy_value(item, &FieldMask::Whole)))
-                .collect(),
-        ),
+        Value::Map(entries) => {
+            Value::Map(entries.iter().map(|(key, item)| (key.clone(), copy_value(item, &FieldMask::Whole))).collect())
+        }
         scalar => scalar.clone(),
     }
 }

@@ -65,11 +65,8 @@ pub fn age_on(envelope: &proto::pb::Envelope, on: Date) -> Result<u32, RuleFailu
         detail: "the rule depends on the child's age, but the message gives no `subject.date_of_birth`".to_owned(),
         missing_fact: Some("subject.date_of_birth"),
     };
-    let date_of_birth = envelope
-        .subject
-        .as_ref()
-        .and_then(|subject| subject.date_of_birth.as_ref())
-        .ok_or_else(missing)?;
+    let date_of_birth =
+        envelope.subject.as_ref().and_then(|subject| subject.date_of_birth.as_ref()).ok_or_else(missing)?;
     if date_of_birth.year == 0 && date_of_birth.month == 0 && date_of_birth.day == 0 {
         return Err(missing());
     }
@@ -119,11 +116,7 @@ pub fn check_rule(
         fail!(RuleFailure {
             stage: 0,
             code: ReasonCode::NoMatchingRule,
-            detail: format!(
-                "the rule covers purposes `{}`, not `{}`",
-                rule.purposes.join("`, `"),
-                envelope.purpose
-            ),
+            detail: format!("the rule covers purposes `{}`, not `{}`", rule.purposes.join("`, `"), envelope.purpose),
             missing_fact: None,
         });
     }
@@ -145,10 +138,7 @@ pub fn check_rule(
     let conditions = &rule.conditions;
     if !conditions.sender_roles.is_empty() {
         let acting_ok = if envelope.sender_role.is_empty() {
-            request
-                .sender_roles
-                .iter()
-                .any(|role| conditions.sender_roles.contains(role))
+            request.sender_roles.iter().any(|role| conditions.sender_roles.contains(role))
         } else {
             conditions.sender_roles.contains(&envelope.sender_role)
         };
@@ -242,11 +232,7 @@ pub fn check_rule(
             Err(failure) => fail!(failure),
         }
     }
-    if failures.is_empty() {
-        Ok(override_used)
-    } else {
-        Err(failures)
-    }
+    if failures.is_empty() { Ok(override_used) } else { Err(failures) }
 }
 
 fn describe_age_range(min: Option<u32>, max: Option<u32>) -> String {
@@ -263,16 +249,9 @@ fn check_agreement(
     request: &DecisionRequest<'_>,
 ) -> Result<Option<OverrideUsed>, RuleFailure> {
     use proto::pb::AgreementState;
-    let failure = |code: ReasonCode, detail: String| RuleFailure {
-        stage: 6,
-        code,
-        detail,
-        missing_fact: None,
-    };
+    let failure = |code: ReasonCode, detail: String| RuleFailure { stage: 6, code, detail, missing_fact: None };
     let given = request.envelope.agreement.as_ref();
-    let state = given
-        .map(|agreement| agreement.state)
-        .unwrap_or(AgreementState::Unspecified as i32);
+    let state = given.map(|agreement| agreement.state).unwrap_or(AgreementState::Unspecified as i32);
     if state == AgreementState::Agreed as i32 {
         return Ok(None);
     }
@@ -289,11 +268,7 @@ fn check_agreement(
             format!("the rule requires the family's agreement ({overridable}), and the message records none"),
         ));
     };
-    let state_name = if state == AgreementState::NotSought as i32 {
-        "not-sought"
-    } else {
-        "refused-overridden"
-    };
+    let state_name = if state == AgreementState::NotSought as i32 { "not-sought" } else { "refused-overridden" };
     let Some(reason) = OverrideReasonName::from_proto(given.override_reason) else {
         return Err(failure(
             ReasonCode::OverrideIncomplete,
@@ -304,7 +279,10 @@ fn check_agreement(
         return Err(failure(
             ReasonCode::OverrideNotAllowed,
             if allowed.is_empty() {
-                format!("the rule allows no override of the family's agreement, and the message gives `{}`", reason.as_str())
+                format!(
+                    "the rule allows no override of the family's agreement, and the message gives `{}`",
+                    reason.as_str()
+                )
             } else {
                 format!(
                     "the rule allows overriding the family's agreement only for `{}`, not `{}`",
@@ -321,10 +299,7 @@ fn check_agreement(
         ));
     }
     if !agreement.override_roles.is_empty()
-        && !request
-            .sender_roles
-            .iter()
-            .any(|role| agreement.override_roles.contains(role))
+        && !request.sender_roles.iter().any(|role| agreement.override_roles.contains(role))
     {
         return Err(failure(
             ReasonCode::OverrideNotAuthorised,
@@ -395,17 +370,10 @@ pub fn precheck(set: &PolicySet, request: &DecisionRequest<'_>) -> Prechecked {
     if !envelope.sender_role.is_empty() && !request.sender_roles.contains(&envelope.sender_role) {
         return Prechecked::Refused(
             ReasonCode::RoleNotAllowed,
-            format!(
-                "the message says the sender acts as `{}`, a role their token does not give",
-                envelope.sender_role
-            ),
+            format!("the message says the sender acts as `{}`, a role their token does not give", envelope.sender_role),
         );
     }
-    Prechecked::Route {
-        sender,
-        recipient,
-        kind,
-    }
+    Prechecked::Route { sender, recipient, kind }
 }
 
 pub fn decide(set: &PolicySet, request: &DecisionRequest<'_>) -> Decision {
@@ -414,28 +382,16 @@ pub fn decide(set: &PolicySet, request: &DecisionRequest<'_>) -> Decision {
     };
     let (sender, recipient, kind) = match precheck(set, request) {
         Prechecked::Refused(code, explanation) => return refuse(code, explanation, Vec::new()),
-        Prechecked::Route {
-            sender,
-            recipient,
-            kind,
-        } => (sender, recipient, kind),
+        Prechecked::Route { sender, recipient, kind } => (sender, recipient, kind),
     };
     let Some(entry) = set.routes.get(&route_key(sender, recipient, kind)) else {
         return refuse(
             ReasonCode::NoMatchingRule,
-            format!(
-                "no rule lets `{}` send `{}` messages to `{}`",
-                request.sender,
-                kind.as_str(),
-                request.recipient
-            ),
+            format!("no rule lets `{}` send `{}` messages to `{}`", request.sender, kind.as_str(), request.recipient),
             Vec::new(),
         );
     };
-    let facts = Facts {
-        request,
-        local_date: calendar::uk_local(request.now).date(),
-    };
+    let facts = Facts { request, local_date: calendar::uk_local(request.now).date() };
     let envelope = request.envelope;
 
     let mut forbidding: Vec<String> = Vec::new();
@@ -462,14 +418,12 @@ pub fn decide(set: &PolicySet, request: &DecisionRequest<'_>) -> Decision {
         }
     }
     if !forbidding.is_empty() {
-        let first = &set.rules[entry.forbids[0]];
         let explanation = forbidding
             .iter()
             .filter_map(|id| set.rules.iter().find(|rule| &rule.id == id))
             .map(|rule| format!("forbidden by rule `{}`: {}", rule.id, rule.explanation))
             .collect::<Vec<_>>()
             .join("; ");
-        let _ = first;
         return refuse(ReasonCode::Forbidden, explanation, forbidding);
     }
 
@@ -530,11 +484,8 @@ pub fn decide(set: &PolicySet, request: &DecisionRequest<'_>) -> Decision {
     };
     let mut rule_ids = Vec::with_capacity(applying.len());
     let mut lawful_basis: Vec<String> = Vec::new();
-    let mut explanation = String::new();
-    let mut obligations = Obligations {
-        onward_disclosure: true,
-        ..Obligations::default()
-    };
+    let mut explanation = String::with_capacity(256);
+    let mut obligations = Obligations { onward_disclosure: true, ..Obligations::default() };
     let mut earliest: Option<OffsetDateTime> = None;
     let mut override_used = None;
     for (position, used) in applying {
@@ -574,7 +525,7 @@ pub fn decide(set: &PolicySet, request: &DecisionRequest<'_>) -> Decision {
     if override_used.is_some() {
         explanation.push_str(" (the family's agreement was overridden; the override is recorded)");
     }
-    let mut fields_withheld = Vec::new();
+    let mut fields_withheld = Vec::with_capacity(16);
     fields::withheld_paths(&envelope.encode_to_vec(), &mask, &mut fields_withheld);
     fields_withheld.sort();
     Decision {

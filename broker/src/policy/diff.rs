@@ -55,9 +55,8 @@ impl Point {
         if let Some(urgency) = UrgencyName::from_proto(self.urgency) {
             parts.push(format!("urgency `{}`", urgency.as_str()));
         }
-        match self.age {
-            Some(age) => parts.push(format!("child aged {age}")),
-            None => {}
+        if let Some(age) = self.age {
+            parts.push(format!("child aged {age}"))
         }
         parts.push(format!("on {}", self.date));
         parts.push(match self.agreement {
@@ -86,11 +85,7 @@ impl Point {
             let year = self.date.year() - i32::try_from(age).unwrap_or(0);
             let day = self.date.day().min(28);
             envelope.subject = Some(pb::Child {
-                date_of_birth: Some(pb::Date {
-                    year,
-                    month: i32::from(self.date.month() as u8),
-                    day: i32::from(day),
-                }),
+                date_of_birth: Some(pb::Date { year, month: i32::from(self.date.month() as u8), day: i32::from(day) }),
                 ..Default::default()
             });
         }
@@ -103,14 +98,12 @@ impl Point {
         };
         envelope.agreement = match self.agreement {
             AgreementPoint::NotRecorded => None,
-            AgreementPoint::Agreed => Some(pb::FamilyAgreement {
-                state: pb::AgreementState::Agreed as i32,
-                ..Default::default()
-            }),
-            AgreementPoint::InformedNotAsked => Some(pb::FamilyAgreement {
-                state: pb::AgreementState::InformedNotAsked as i32,
-                ..Default::default()
-            }),
+            AgreementPoint::Agreed => {
+                Some(pb::FamilyAgreement { state: pb::AgreementState::Agreed as i32, ..Default::default() })
+            }
+            AgreementPoint::InformedNotAsked => {
+                Some(pb::FamilyAgreement { state: pb::AgreementState::InformedNotAsked as i32, ..Default::default() })
+            }
             AgreementPoint::NotSought(reason) => Some(override_of(pb::AgreementState::NotSought, reason)),
             AgreementPoint::RefusedOverridden(reason) => {
                 Some(override_of(pb::AgreementState::RefusedOverridden, reason))
@@ -155,17 +148,11 @@ pub(crate) fn permitted_routes(set: &PolicySet) -> BTreeSet<Route> {
         }
         let sender = usize::try_from(key >> 32).unwrap_or(usize::MAX);
         let recipient = usize::try_from((key >> 8) & 0xffff).unwrap_or(usize::MAX);
-        let kind = KindName::ALL
-            .into_iter()
-            .find(|kind| *kind as u64 == key & 0xff);
+        let kind = KindName::ALL.into_iter().find(|kind| *kind as u64 == key & 0xff);
         if let (Some(sender), Some(recipient), Some(kind)) =
             (set.agencies.get(sender), set.agencies.get(recipient), kind)
         {
-            routes.insert(Route {
-                sender: sender.id.clone(),
-                recipient: recipient.id.clone(),
-                kind,
-            });
+            routes.insert(Route { sender: sender.id.clone(), recipient: recipient.id.clone(), kind });
         }
     }
     routes
@@ -326,12 +313,9 @@ pub struct DiffReport {
 impl DiffReport {
     /// Whether the new set grants anything the old did not (a route allowed or a field made visible).
     pub fn grants_new_access(&self) -> bool {
-        self.changes.iter().any(|change| {
-            matches!(
-                change.kind,
-                ChangeKind::NewlyAllowed | ChangeKind::FieldsNewlyVisible(_)
-            )
-        })
+        self.changes
+            .iter()
+            .any(|change| matches!(change.kind, ChangeKind::NewlyAllowed | ChangeKind::FieldsNewlyVisible(_)))
     }
 
     pub fn to_text(&self) -> String {
@@ -423,9 +407,7 @@ pub fn diff(old: &PolicySet, new: &PolicySet) -> DiffReport {
                     let (old_obligations, new_obligations) =
                         (describe_obligations(&before), describe_obligations(&after));
                     if old_obligations != new_obligations {
-                        kinds.push(ChangeKind::ObligationsChanged(format!(
-                            "{old_obligations} -> {new_obligations}"
-                        )));
+                        kinds.push(ChangeKind::ObligationsChanged(format!("{old_obligations} -> {new_obligations}")));
                     }
                     if before.lawful_basis != after.lawful_basis {
                         kinds.push(ChangeKind::LawfulBasisChanged(format!(
@@ -450,13 +432,7 @@ pub fn diff(old: &PolicySet, new: &PolicySet) -> DiffReport {
         points_compared,
         changes: grouped
             .into_iter()
-            .map(|((route, purpose, kind), (points, example))| Change {
-                route,
-                purpose,
-                kind,
-                points,
-                example,
-            })
+            .map(|((route, purpose, kind), (points, example))| Change { route, purpose, kind, points, example })
             .collect(),
     }
 }

@@ -50,10 +50,7 @@ impl PolicySet {
     /// Decides `request` and explains the decision.
     pub fn explain(&self, request: &DecisionRequest<'_>) -> Explanation {
         let decision = self.decide(request);
-        let facts = Facts {
-            request,
-            local_date: calendar::uk_local(request.now).date(),
-        };
+        let facts = Facts { request, local_date: calendar::uk_local(request.now).date() };
         let mut rules = Vec::new();
         let report = |rule: &CompiledRule, on_route: bool| {
             let (applies, failures) = match rule.effect {
@@ -76,11 +73,7 @@ impl PolicySet {
             }
         };
         let route = match precheck(self, request) {
-            Prechecked::Route {
-                sender,
-                recipient,
-                kind,
-            } => Some((sender, recipient, kind)),
+            Prechecked::Route { sender, recipient, kind } => Some((sender, recipient, kind)),
             Prechecked::Refused(..) => None,
         };
         let on_route: Vec<usize> = route
@@ -126,16 +119,8 @@ impl PolicySet {
             .collect();
         missing_facts.sort();
         missing_facts.dedup();
-        let deadline = decision
-            .obligations
-            .acknowledge_within
-            .map(|deadline| self.deadline_at(&deadline, request.now));
-        Explanation {
-            decision,
-            rules,
-            missing_facts,
-            deadline,
-        }
+        let deadline = decision.obligations.acknowledge_within.map(|deadline| self.deadline_at(&deadline, request.now));
+        Explanation { decision, rules, missing_facts, deadline }
     }
 }
 

@@ -33,9 +33,7 @@ pub struct PathError {
 /// Resolves a dotted path against `root`, returning the field descriptors along it.
 pub fn resolve_path(root: &MessageDescriptor, path: &str) -> Result<Vec<FieldDescriptor>, PathError> {
     if path.is_empty() {
-        return Err(PathError {
-            message: "empty field path".to_owned(),
-        });
+        return Err(PathError { message: "empty field path".to_owned() });
     }
     let mut message = root.clone();
     let mut fields = Vec::new();
@@ -43,14 +41,10 @@ pub fn resolve_path(root: &MessageDescriptor, path: &str) -> Result<Vec<FieldDes
     for (position, segment) in segments.iter().enumerate() {
         let Some(field) = message.get_field_by_name(segment) else {
             let known: Vec<String> = message.fields().map(|field| field.name().to_owned()).collect();
-            let parent = if position == 0 {
-                "the envelope".to_owned()
-            } else {
-                format!("`{}`", segments[..position].join("."))
-            };
-            let suggestion = nearest_name(segment, &known)
-                .map(|name| format!("; did you mean `{name}`?"))
-                .unwrap_or_default();
+            let parent =
+                if position == 0 { "the envelope".to_owned() } else { format!("`{}`", segments[..position].join(".")) };
+            let suggestion =
+                nearest_name(segment, &known).map(|name| format!("; did you mean `{name}`?")).unwrap_or_default();
             return Err(PathError {
                 message: format!("`{segment}` is not a field of {parent} in field path `{path}`{suggestion}"),
             });
@@ -115,15 +109,15 @@ pub enum FieldMask {
 pub struct MaskNode {
     pub message: MessageDescriptor,
     pub fields: Vec<(FieldDescriptor, FieldMask)>,
+    /// The field numbers of `fields`, in the same order: looked up on every decision, so kept apart from the
+    /// descriptors (whose `number()` goes through the descriptor pool).
+    numbers: Vec<u32>,
 }
 
 impl MaskNode {
     /// A mask holding nothing of `message`.
     pub fn empty(message: MessageDescriptor) -> MaskNode {
-        MaskNode {
-            message,
-            fields: Vec::new(),
-        }
+        MaskNode { message, fields: Vec::new(), numbers: Vec::new() }
     }
 
     /// A mask holding every known field of `message`.
@@ -131,17 +125,19 @@ impl MaskNode {
         MaskNode {
             message: message.clone(),
             fields: message.fields().map(|field| (field, FieldMask::Whole)).collect(),
+            numbers: Vec::new(),
         }
         .sorted()
     }
 
     fn sorted(mut self) -> MaskNode {
         self.fields.sort_by_key(|(field, _)| field.number());
+        self.numbers = self.fields.iter().map(|(field, _)| field.number()).collect();
         self
     }
 
     fn position(&self, number: u32) -> Result<usize, usize> {
-        self.fields.binary_search_by_key(&number, |(field, _)| field.number())
+        self.numbers.binary_search(&number)
     }
 
     /// The mask of the field numbered `number`, if the mask holds any of it.
@@ -166,6 +162,7 @@ impl MaskNode {
                     }
                 };
                 self.fields.insert(index, (first.clone(), initial));
+                self.numbers.insert(index, first.number());
                 index
             }
         };
@@ -188,6 +185,7 @@ impl MaskNode {
         };
         if rest.is_empty() {
             self.fields.remove(index);
+            self.numbers.remove(index);
             return;
         }
         let entry = &mut self.fields[index].1;
@@ -206,6 +204,7 @@ impl MaskNode {
         };
         if now_empty {
             self.fields.remove(index);
+            self.numbers.remove(index);
         }
     }
 
@@ -213,7 +212,10 @@ impl MaskNode {
     pub fn union_with(&mut self, other: &MaskNode) {
         for (field, other_mask) in &other.fields {
             match self.position(field.number()) {
-                Err(index) => self.fields.insert(index, (field.clone(), other_mask.clone())),
+                Err(index) => {
+                    self.fields.insert(index, (field.clone(), other_mask.clone()));
+                    self.numbers.insert(index, field.number());
+                }
                 Ok(index) => {
                     let mine = &mut self.fields[index].1;
                     match (mine, other_mask) {
@@ -277,7 +279,8 @@ impl MaskNode {
 /// does not hold. Fields the descriptors do not know are listed as `#<number>` under their parent path. Paths under
 /// repeated fields are listed once.
 pub fn withheld_paths(bytes: &[u8], node: &MaskNode, out: &mut Vec<String>) {
-    scan(bytes, &node.message, Some(node), "", out);
+    let mut reported = 0u128;
+    scan(bytes, &node.message, Some(node), "", &mut reported, out);
 }
 
 fn push_unique(out: &mut Vec<String>, path: String) {
@@ -286,8 +289,19 @@ fn push_unique(out: &mut Vec<String>, path: String) {
     }
 }
 
-fn scan(bytes: &[u8], message: &MessageDescriptor, node: Option<&MaskNode>, prefix: &str, out: &mut Vec<String>) {
+/// Scans one encoded message. `reported` has bit `n` set once field `n` of this message (at this path) has been
+/// listed, so the elements of a repeated field after the first cost a bit test per field.
+fn scan(
+    bytes: &[u8],
+    message: &MessageDescriptor,
+    node: Option<&MaskNode>,
+    prefix: &str,
+    reported: &mut u128,
+    out: &mut Vec<String>,
+) {
     let mut reader = WireReader { bytes, position: 0 };
+    // Elements of a repeated field arrive one after another: their prefix and reported set are built once.
+    let mut child: Option<(u32, String, u128)> = None;
     while reader.position < reader.bytes.len() {
         let Some(tag) = reader.varint() else {
             push_unique(out, format!("{prefix}#malformed"));
@@ -305,17 +319,30 @@ fn scan(bytes: &[u8], message: &MessageDescriptor, node: Option<&MaskNode>, pref
             push_unique(out, format!("{prefix}#malformed"));
             return;
         };
-        let Some(field) = message.get_field(number) else {
-            push_unique(out, format!("{prefix}#{number}"));
-            continue;
-        };
+        let bit = if number < 128 { 1u128 << number } else { 0 };
         match node.and_then(|node| node.get(number)) {
-            None => push_unique(out, format!("{prefix}{}", field.name())),
             Some(FieldMask::Whole) => {}
-            Some(FieldMask::Partial(child)) => {
+            None => {
+                if *reported & bit != 0 {
+                    continue;
+                }
+                *reported |= bit;
+                match message.get_field(number) {
+                    Some(field) => push_unique(out, format!("{prefix}{}", field.name())),
+                    None => push_unique(out, format!("{prefix}#{number}")),
+                }
+            }
+            Some(FieldMask::Partial(child_node)) => {
+                let Some(field) = message.get_field(number) else {
+                    continue;
+                };
                 if let (Kind::Message(child_message), Some(payload)) = (field.kind(), payload) {
-                    let child_prefix = format!("{prefix}{}.", field.name());
-                    scan(payload, &child_message, Some(child), &child_prefix, out);
+                    if child.as_ref().is_none_or(|(cached, _, _)| *cached != number) {
+                        child = Some((number, format!("{prefix}{}.", field.name()), 0));
+                    }
+                    if let Some((_, child_path, child_reported)) = &mut child {
+                        scan(payload, &child_message, Some(child_node), child_path, child_reported, out);
+                    }
                 }
             }
         }
@@ -356,4 +383,91 @@ impl<'a> WireReader<'a> {
         self.skip(length)?;
         self.bytes.get(start..start + length)
     }
+}
+
+/// Why an encoded message could not be copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MalformedMessage;
+
+/// Writes to `out` the fields of the encoded message `bytes` (of type `message`) that `node` holds (`None`: every
+/// known field), recursing into message fields so that only fields the descriptors know are ever written. Fields are
+/// copied, never removed: what is not held, and every unknown field, is simply not written.
+pub fn copy_wire(
+    bytes: &[u8],
+    message: &MessageDescriptor,
+    node: Option<&MaskNode>,
+    out: &mut Vec<u8>,
+) -> Result<(), MalformedMessage> {
+    let mut reader = WireReader { bytes, position: 0 };
+    while reader.position < reader.bytes.len() {
+        let field_start = reader.position;
+        let tag = reader.varint().ok_or(MalformedMessage)?;
+        let number = u32::try_from(tag >> 3).map_err(|_| MalformedMessage)?;
+        let wire_type = tag & 7;
+        let payload = match wire_type {
+            0 => reader.varint().map(|_| None),
+            1 => reader.skip(8).map(|()| None),
+            2 => reader.length_delimited().map(Some),
+            5 => reader.skip(4).map(|()| None),
+            _ => None,
+        }
+        .ok_or(MalformedMessage)?;
+        let Some(field) = message.get_field(number) else {
+            continue;
+        };
+        let mask = match node {
+            None => Some(&FieldMask::Whole),
+            Some(node) => node.get(number),
+        };
+        let Some(mask) = mask else {
+            continue;
+        };
+        match (field.kind(), payload) {
+            (Kind::Message(child_message), Some(payload)) => {
+                let child_node = match mask {
+                    FieldMask::Whole => None,
+                    FieldMask::Partial(child) => Some(child),
+                };
+                // Write the child in place after room for its length; the copy is never longer than the original,
+                // so the room is enough, and if the length needs fewer bytes the child is moved back.
+                write_varint(out, tag);
+                let mut room = [0u8; 10];
+                let room_len = varint_into(payload.len() as u64, &mut room);
+                let length_at = out.len();
+                out.extend_from_slice(&room[..room_len]);
+                let child_at = out.len();
+                copy_wire(payload, &child_message, child_node, out)?;
+                let child_len = out.len() - child_at;
+                let mut length = [0u8; 10];
+                let length_len = varint_into(child_len as u64, &mut length);
+                out[length_at..length_at + length_len].copy_from_slice(&length[..length_len]);
+                if length_len < room_len {
+                    out.copy_within(child_at.., length_at + length_len);
+                    out.truncate(length_at + length_len + child_len);
+                }
+            }
+            // A message field must be length-delimited; anything else is not a value of this field.
+            (Kind::Message(_), None) => {}
+            (_, _) => out.extend_from_slice(&reader.bytes[field_start..reader.position]),
+        }
+    }
+    Ok(())
+}
+
+fn write_varint(out: &mut Vec<u8>, value: u64) {
+    let mut bytes = [0u8; 10];
+    let length = varint_into(value, &mut bytes);
+    out.extend_from_slice(&bytes[..length]);
+}
+
+/// Encodes `value` as a varint into `bytes`, returning how many bytes it took (at most 10).
+fn varint_into(mut value: u64, bytes: &mut [u8; 10]) -> usize {
+    let mut length = 0;
+    while value >= 0x80 && length < 9 {
+        bytes[length] = (value as u8) | 0x80;
+        value >>= 7;
+        length += 1;
+    }
+    bytes[length] = value as u8;
+    length + 1
 }

@@ -46,10 +46,7 @@ fn collect_yaml_files(dir: &Path, out: &mut Vec<PathBuf>, diagnostics: &mut Vec<
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        let hidden = path
-            .file_name()
-            .and_then(|name| name.to_str())
-            .is_some_and(|name| name.starts_with('.'));
+        let hidden = path.file_name().and_then(|name| name.to_str()).is_some_and(|name| name.starts_with('.'));
         if hidden {
             continue;
         }
@@ -62,13 +59,7 @@ fn collect_yaml_files(dir: &Path, out: &mut Vec<PathBuf>, diagnostics: &mut Vec<
 }
 
 fn error_at(file: &Path, line: u64, column: u64, message: String) -> Diagnostic {
-    Diagnostic {
-        file: file.to_path_buf(),
-        line,
-        column,
-        severity: Severity::Error,
-        message,
-    }
+    Diagnostic { file: file.to_path_buf(), line, column, severity: Severity::Error, message }
 }
 
 /// Parses one file's text.
@@ -77,10 +68,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<PolicyFile, Diagnostic> {
         duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::Error,
     };
     serde_saphyr::from_str_with_options::<PolicyFile>(text, options).map_err(|error| {
-        let (line, column) = error
-            .location()
-            .map(|location| (location.line(), location.column()))
-            .unwrap_or((0, 0));
+        let (line, column) = error.location().map(|location| (location.line(), location.column())).unwrap_or((0, 0));
         error_at(path, line, column, clean_parse_message(&error.without_snippet().to_string()))
     })
 }
@@ -106,10 +94,7 @@ pub fn load_files(files: &[(PathBuf, String)], base_dir: &Path) -> Result<Policy
     let mut sources = Vec::new();
     for (path, text) in files {
         match parse_file(path, text) {
-            Ok(file) => sources.push(SourceFile {
-                path: path.clone(),
-                file,
-            }),
+            Ok(file) => sources.push(SourceFile { path: path.clone(), file }),
             Err(diagnostic) => diagnostics.push(diagnostic),
         }
     }

@@ -60,10 +60,7 @@ pub fn cell(set: &PolicySet, route: &Route) -> Cell {
 }
 
 fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
 /// Renders the matrix as an HTML page.
@@ -91,18 +88,10 @@ pub fn render_html(set: &PolicySet) -> String {
         }
         html.push_str("</tr>\n");
         for sender in &agencies {
-            let _ = write!(
-                html,
-                "<tr><th class=\"row\" title=\"{}\">{}</th>",
-                escape(&sender.name),
-                escape(&sender.id)
-            );
+            let _ =
+                write!(html, "<tr><th class=\"row\" title=\"{}\">{}</th>", escape(&sender.name), escape(&sender.id));
             for recipient in &agencies {
-                let route = Route {
-                    sender: sender.id.clone(),
-                    recipient: recipient.id.clone(),
-                    kind,
-                };
+                let route = Route { sender: sender.id.clone(), recipient: recipient.id.clone(), kind };
                 if !routes.contains(&route) {
                     html.push_str("<td class=\"never\"></td>");
                     continue;

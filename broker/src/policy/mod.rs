@@ -296,14 +296,7 @@ impl fmt::Display for Diagnostic {
             Severity::Error => "",
             Severity::Warning => "warning: ",
         };
-        write!(
-            formatter,
-            "{}:{}:{}: {severity}{}",
-            self.file.display(),
-            self.line,
-            self.column,
-            self.message
-        )
+        write!(formatter, "{}:{}:{}: {severity}{}", self.file.display(), self.line, self.column, self.message)
     }
 }
 
@@ -324,11 +317,7 @@ impl PolicyErrors {
 impl fmt::Display for PolicyErrors {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         let count = self.errors().count();
-        writeln!(
-            formatter,
-            "the policy set has {count} error{}",
-            if count == 1 { "" } else { "s" }
-        )?;
+        writeln!(formatter, "the policy set has {count} error{}", if count == 1 { "" } else { "s" })?;
         for diagnostic in &self.diagnostics {
             writeln!(formatter, "{diagnostic}")?;
         }
@@ -361,9 +350,7 @@ impl PolicySet {
     }
 
     pub fn agency(&self, id: &str) -> Option<&Agency> {
-        self.agency_index
-            .get(id)
-            .and_then(|index| self.agencies.get(usize::from(*index)))
+        self.agency_index.get(id).and_then(|index| self.agencies.get(usize::from(*index)))
     }
 
     pub fn groups(&self) -> impl Iterator<Item = &Group> {
@@ -414,14 +401,24 @@ impl PolicySet {
         decide::decide(self, request)
     }
 
-    /// Builds the recipient's copy from the allowed field paths of `decision` only, recursively, over prost-reflect
-    /// `DynamicMessage`s: fields not allowed, and fields the descriptors do not know, can never reach it.
+    /// Builds the recipient's copy from the allowed field paths of `decision` only, recursively, driven by the
+    /// prost-reflect descriptors: fields not allowed, and fields the descriptors do not know, can never reach it.
+    /// Nothing is copied and then cleared: the copy starts empty and only allowed fields are written.
     pub fn build_copy(
         &self,
         envelope: &proto::pb::Envelope,
         decision: &Decision,
     ) -> Result<proto::pb::Envelope, CopyError> {
         copy::build_copy(&self.envelope, envelope, decision)
+    }
+
+    /// The same copy built over prost-reflect `DynamicMessage`s (the reference implementation; slower).
+    pub fn build_copy_dynamic(
+        &self,
+        envelope: &proto::pb::Envelope,
+        decision: &Decision,
+    ) -> Result<proto::pb::Envelope, CopyError> {
+        copy::build_copy_dynamic(&self.envelope, envelope, decision)
     }
 
     /// When an acknowledgement deadline expires, given the delivery time.

@@ -22,22 +22,14 @@ pub struct Located<T> {
 impl<T> Located<T> {
     /// Wraps a value that did not come from a file (line and column 0).
     pub fn unplaced(value: T) -> Self {
-        Located {
-            value,
-            line: 0,
-            column: 0,
-        }
+        Located { value, line: 0, column: 0 }
     }
 }
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Located<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let spanned = serde_saphyr::Spanned::<T>::deserialize(deserializer)?;
-        Ok(Located {
-            value: spanned.value,
-            line: spanned.referenced.line(),
-            column: spanned.referenced.column(),
-        })
+        Ok(Located { value: spanned.value, line: spanned.referenced.line(), column: spanned.referenced.column() })
     }
 }
 

@@ -120,13 +120,7 @@ pub fn prepare_tests(
 }
 
 fn problem<T>(file: &Path, at: &Located<T>, message: String) -> Diagnostic {
-    Diagnostic {
-        file: file.to_path_buf(),
-        line: at.line,
-        column: at.column,
-        severity: Severity::Error,
-        message,
-    }
+    Diagnostic { file: file.to_path_buf(), line: at.line, column: at.column, severity: Severity::Error, message }
 }
 
 fn prepare_test(
@@ -222,21 +216,19 @@ fn prepare_test(
         }
     }
     let expect = &test.expect.value;
-    if let Some(reason) = &expect.reason {
-        if ReasonCode::parse(reason).is_none() {
-            let known: Vec<String> = ReasonCode::ALL.iter().map(|code| code.as_str().to_owned()).collect();
-            let hint = fields::nearest_name(reason, &known)
-                .map(|name| format!("; did you mean `{name}`?"))
-                .unwrap_or_default();
-            problems.push(problem(file, &test.expect, format!("unknown reason code `{reason}`{hint}")));
-        }
+    if let Some(reason) = &expect.reason
+        && ReasonCode::parse(reason).is_none()
+    {
+        let known: Vec<String> = ReasonCode::ALL.iter().map(|code| code.as_str().to_owned()).collect();
+        let hint =
+            fields::nearest_name(reason, &known).map(|name| format!("; did you mean `{name}`?")).unwrap_or_default();
+        problems.push(problem(file, &test.expect, format!("unknown reason code `{reason}`{hint}")));
     }
     for rule in expect.rules.iter().flatten() {
         if !rule_ids.contains(rule) {
             let known: Vec<String> = rule_ids.iter().cloned().collect();
-            let hint = fields::nearest_name(rule, &known)
-                .map(|name| format!("; did you mean `{name}`?"))
-                .unwrap_or_default();
+            let hint =
+                fields::nearest_name(rule, &known).map(|name| format!("; did you mean `{name}`?")).unwrap_or_default();
             problems.push(problem(
                 file,
                 &test.expect,
@@ -244,24 +236,15 @@ fn prepare_test(
             ));
         }
     }
-    for path in expect
-        .visible
-        .iter()
-        .chain(&expect.hidden)
-        .chain(expect.fields_shared.iter().flatten())
-    {
+    for path in expect.visible.iter().chain(&expect.hidden).chain(expect.fields_shared.iter().flatten()) {
         if let Err(error) = fields::resolve_path(descriptor, path) {
             problems.push(problem(file, &test.expect, error.message));
         }
     }
-    if let Some(deadline) = &expect.deadline {
-        if OffsetDateTime::parse(deadline, &Rfc3339).is_err() {
-            problems.push(problem(
-                file,
-                &test.expect,
-                format!("expected deadline `{deadline}` is not an RFC 3339 time"),
-            ));
-        }
+    if let Some(deadline) = &expect.deadline
+        && OffsetDateTime::parse(deadline, &Rfc3339).is_err()
+    {
+        problems.push(problem(file, &test.expect, format!("expected deadline `{deadline}` is not an RFC 3339 time")));
     }
     let now = match now {
         Ok(now) => now,
@@ -311,23 +294,11 @@ impl PolicySet {
             // Withhold rules never decide, but they were in force on this route: count them as exercised.
             exercised.extend(self.withholders_for(&request).into_iter().map(str::to_owned));
             let failures = check_expectation(self, test, &decision);
-            results.push(TestResult {
-                name: test.name.clone(),
-                file: test.file.clone(),
-                line: test.line,
-                failures,
-            });
+            results.push(TestResult { name: test.name.clone(), file: test.file.clone(), line: test.line, failures });
         }
-        let unexercised_rules = self
-            .rules
-            .iter()
-            .filter(|rule| !exercised.contains(&rule.id))
-            .map(|rule| rule.id.clone())
-            .collect();
-        TestReport {
-            results,
-            unexercised_rules,
-        }
+        let unexercised_rules =
+            self.rules.iter().filter(|rule| !exercised.contains(&rule.id)).map(|rule| rule.id.clone()).collect();
+        TestReport { results, unexercised_rules }
     }
 }
 
@@ -351,23 +322,16 @@ fn check_expectation(set: &PolicySet, test: &LoadedTest, decision: &super::Decis
             decision.explanation
         ));
     }
-    if let Some(reason) = &expect.reason {
-        if decision.reason_code.as_str() != reason {
-            failures.push(format!(
-                "expected reason `{reason}`, got `{}` ({})",
-                decision.reason_code, decision.explanation
-            ));
-        }
+    if let Some(reason) = &expect.reason
+        && decision.reason_code.as_str() != reason
+    {
+        failures.push(format!("expected reason `{reason}`, got `{}` ({})", decision.reason_code, decision.explanation));
     }
     if let Some(rules) = &expect.rules {
         let wanted = sorted(rules.iter().cloned());
         let got = sorted(decision.rule_ids.iter().cloned());
         if wanted != got {
-            failures.push(format!(
-                "expected deciding rules [{}], got [{}]",
-                wanted.join(", "),
-                got.join(", ")
-            ));
+            failures.push(format!("expected deciding rules [{}], got [{}]", wanted.join(", "), got.join(", ")));
         }
     }
     if let Some(shared) = &expect.fields_shared {
@@ -401,11 +365,7 @@ fn check_expectation(set: &PolicySet, test: &LoadedTest, decision: &super::Decis
         let wanted = sorted(bases.iter().map(|basis| basis.as_str().to_owned()));
         let got = sorted(decision.lawful_basis.iter().cloned());
         if wanted != got {
-            failures.push(format!(
-                "expected lawful basis [{}], got [{}]",
-                wanted.join(", "),
-                got.join(", ")
-            ));
+            failures.push(format!("expected lawful basis [{}], got [{}]", wanted.join(", "), got.join(", ")));
         }
     }
     if let Some(wanted) = &expect.obligations {
@@ -415,59 +375,50 @@ fn check_expectation(set: &PolicySet, test: &LoadedTest, decision: &super::Decis
             if got.acknowledge_within != Some(expected) {
                 failures.push(format!(
                     "expected acknowledgement {expected}, got {}",
-                    got.acknowledge_within
-                        .map(|deadline| deadline.to_string())
-                        .unwrap_or_else(|| "none".to_owned())
+                    got.acknowledge_within.map(|deadline| deadline.to_string()).unwrap_or_else(|| "none".to_owned())
                 ));
             }
         }
-        if let Some(class) = &wanted.retention_class {
-            if got.retention_class.as_ref() != Some(class) {
-                failures.push(format!(
-                    "expected retention class `{class}`, got `{}`",
-                    got.retention_class.clone().unwrap_or_default()
-                ));
-            }
+        if let Some(class) = &wanted.retention_class
+            && got.retention_class.as_ref() != Some(class)
+        {
+            failures.push(format!(
+                "expected retention class `{class}`, got `{}`",
+                got.retention_class.clone().unwrap_or_default()
+            ));
         }
-        if let Some(onward) = wanted.onward_disclosure {
-            if got.onward_disclosure != onward {
-                failures.push(format!(
-                    "expected onward disclosure {onward}, got {}",
-                    got.onward_disclosure
-                ));
-            }
+        if let Some(onward) = wanted.onward_disclosure
+            && got.onward_disclosure != onward
+        {
+            failures.push(format!("expected onward disclosure {onward}, got {}", got.onward_disclosure));
         }
-        if let Some(target) = &wanted.escalate_to {
-            if got.escalate_to.as_ref() != Some(target) {
-                failures.push(format!(
-                    "expected escalation to `{target}`, got `{}`",
-                    got.escalate_to.clone().unwrap_or_default()
-                ));
-            }
+        if let Some(target) = &wanted.escalate_to
+            && got.escalate_to.as_ref() != Some(target)
+        {
+            failures.push(format!(
+                "expected escalation to `{target}`, got `{}`",
+                got.escalate_to.clone().unwrap_or_default()
+            ));
         }
     }
     if let Some(deadline) = &expect.deadline {
         let wanted = OffsetDateTime::parse(deadline, &Rfc3339).ok();
-        let got = decision
-            .obligations
-            .acknowledge_within
-            .map(|within| set.deadline_at(&within, test.now));
+        let got = decision.obligations.acknowledge_within.map(|within| set.deadline_at(&within, test.now));
         if wanted != got {
             failures.push(format!(
                 "expected deadline {deadline}, got {}",
-                got.and_then(|at| at.format(&Rfc3339).ok())
-                    .unwrap_or_else(|| "none".to_owned())
+                got.and_then(|at| at.format(&Rfc3339).ok()).unwrap_or_else(|| "none".to_owned())
             ));
         }
     }
-    if let Some(expected) = expect.override_used {
-        if decision.override_used.is_some() != expected {
-            failures.push(format!(
-                "expected an override {}, and there was {}",
-                if expected { "to be used" } else { "not to be used" },
-                if decision.override_used.is_some() { "one" } else { "none" }
-            ));
-        }
+    if let Some(expected) = expect.override_used
+        && decision.override_used.is_some() != expected
+    {
+        failures.push(format!(
+            "expected an override {}, and there was {}",
+            if expected { "to be used" } else { "not to be used" },
+            if decision.override_used.is_some() { "one" } else { "none" }
+        ));
     }
     failures
 }

@@ -1,6 +1,8 @@
 //! Unit tests of the policy module: loading and validation, the decision semantics, the recipient copy, and the
 //! sample Luton policy set in `policies/` with its own YAML test cases.
 
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 
 use prost::Message;
@@ -9,22 +11,12 @@ use time::macros::datetime;
 
 use super::*;
 
-fn sample_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../main/policies")
-}
-
 fn policies_dir() -> PathBuf {
-    // The module is built both inside the broker crate (broker/) and through the scratch crate; find `policies/`.
-    let candidates = [
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies"),
-        sample_dir(),
-        PathBuf::from("/work/main/policies"),
-    ];
-    candidates
-        .iter()
-        .find(|dir| dir.join("registry.yaml").exists())
-        .cloned()
-        .unwrap_or_else(|| candidates[0].clone())
+    // The module is built inside the broker crate (`broker/`, beside `policies/`) and, during development, through a
+    // scratch crate two levels below the repository's parent; find `policies/` relative to either.
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let candidates = [manifest.join("../policies"), manifest.join("../../main/policies")];
+    candidates.iter().find(|dir| dir.join("registry.yaml").exists()).cloned().unwrap_or_else(|| candidates[0].clone())
 }
 
 fn sample() -> PolicySet {
@@ -86,11 +78,7 @@ fn referral_envelope(recipient: &str) -> pb::Envelope {
             nhs_number: "9434765919".to_owned(),
             given_name: "Amira".to_owned(),
             family_name: "Example".to_owned(),
-            date_of_birth: Some(pb::Date {
-                year: 2015,
-                month: 6,
-                day: 1,
-            }),
+            date_of_birth: Some(pb::Date { year: 2015, month: 6, day: 1 }),
             address: "1 Example Road".to_owned(),
             ..Default::default()
         }),
@@ -186,10 +174,7 @@ fn a_forbid_beats_a_permit_and_rule_order_does_not_matter() {
     // The same rules within one file, in the other order, also give the same hash.
     let together_a = format!("{PERMIT_REFER}{}", FORBID_SCHOOL_B.replace("rules:\n", ""));
     let together_b = format!("{FORBID_SCHOOL_B}{}", PERMIT_REFER.replace("rules:\n", ""));
-    assert_eq!(
-        must_load(&[("a.yaml", &together_a)]).hash(),
-        must_load(&[("a.yaml", &together_b)]).hash()
-    );
+    assert_eq!(must_load(&[("a.yaml", &together_a)]).hash(), must_load(&[("a.yaml", &together_b)]).hash());
 }
 
 #[test]
@@ -222,9 +207,7 @@ fn the_copy_holds_only_shared_fields_and_routing_facts() {
     let subject = copy.subject.clone().unwrap_or_default();
     assert_eq!(subject.given_name, "Amira");
     assert!(subject.family_name.is_empty() && subject.nhs_number.is_empty() && subject.date_of_birth.is_none());
-    let Some(pb::envelope::Body::Referral(referral)) = copy.body else {
-        panic!("the copy lost its body")
-    };
+    let Some(pb::envelope::Body::Referral(referral)) = copy.body else { panic!("the copy lost its body") };
     assert!(referral.referrer.is_none());
     assert!(!referral.immediate_risk);
     let concern = referral.concern.unwrap_or_default();
@@ -256,9 +239,7 @@ fn an_unknown_field_in_the_message_never_reaches_the_copy() {
     let roles = vec!["dsl".to_owned()];
     let envelope = referral_envelope("la-a");
     let decision = set.decide(&request("school-a", &roles, "la-a", &envelope));
-    let Some(mask) = decision.mask.clone() else {
-        panic!("permitted decision without a mask")
-    };
+    let Some(mask) = decision.mask.clone() else { panic!("permitted decision without a mask") };
     // Append unknown fields at the top level and inside the shared concern (field 99, a string "LEAK").
     let mut bytes = envelope.encode_to_vec();
     bytes.extend_from_slice(&[0x9a, 0x06, 4, b'L', b'E', b'A', b'K']);
@@ -282,14 +263,10 @@ fn an_unknown_field_nested_in_a_whole_shared_message_never_reaches_the_copy() {
     let whole = PERMIT_REFER.replace("referral.concern.facts", "referral.concern");
     let set = must_load(&[("permit.yaml", &whole)]);
     let roles = vec!["dsl".to_owned()];
-    let envelope = pb::Envelope {
-        body: Some(pb::envelope::Body::Referral(pb::Referral::default())),
-        ..referral_envelope("la-a")
-    };
+    let envelope =
+        pb::Envelope { body: Some(pb::envelope::Body::Referral(pb::Referral::default())), ..referral_envelope("la-a") };
     let decision = set.decide(&request("school-a", &roles, "la-a", &envelope));
-    let Some(mask) = decision.mask.clone() else {
-        panic!("permitted decision without a mask")
-    };
+    let Some(mask) = decision.mask.clone() else { panic!("permitted decision without a mask") };
     // Envelope field 20 (referral) holding field 2 (concern) holding facts "ok" and unknown field 99 "LEAK".
     let concern: Vec<u8> = [vec![0x0a, 2, b'o', b'k'], vec![0x9a, 0x06, 4, b'L', b'E', b'A', b'K']].concat();
     let referral: Vec<u8> = [vec![0x12, u8::try_from(concern.len()).unwrap_or(0)], concern].concat();
@@ -335,9 +312,7 @@ rules:
     assert!(decision.is_visible("referral.concern.facts"));
     assert!(decision.fields_withheld.contains(&"referral.referrer".to_owned()));
     let copy = set.build_copy(&envelope, &decision).unwrap_or_default();
-    let Some(pb::envelope::Body::Referral(referral)) = copy.body else {
-        panic!("the copy lost its body")
-    };
+    let Some(pb::envelope::Body::Referral(referral)) = copy.body else { panic!("the copy lost its body") };
     assert!(referral.referrer.is_none());
     assert!(referral.immediate_risk);
     let concern = referral.concern.unwrap_or_default();
@@ -386,10 +361,7 @@ rules:
       - referral.concern.facts.text
 "#;
     let errors = errors_of(&[("rules.yaml", misspelt)]);
-    assert!(
-        errors.contains("rules.yaml:11:9: `given_nam` is not a field of `subject`"),
-        "{errors}"
-    );
+    assert!(errors.contains("rules.yaml:11:9: `given_nam` is not a field of `subject`"), "{errors}");
     assert!(errors.contains("did you mean `given_name`?"), "{errors}");
     assert!(errors.contains("rules.yaml:12:9:"), "{errors}");
     assert!(errors.contains("has no fields inside it"), "{errors}");
@@ -435,7 +407,8 @@ rules:
 
 #[test]
 fn duplicate_keys_and_unknown_fields_are_rejected_with_positions() {
-    let duplicate = "rules:\n  - id: a\n    id: b\n    explanation: x\n    from: [any]\n    to: [any]\n    kinds: [referral]\n";
+    let duplicate =
+        "rules:\n  - id: a\n    id: b\n    explanation: x\n    from: [any]\n    to: [any]\n    kinds: [referral]\n";
     let errors = errors_of(&[("dup.yaml", duplicate)]);
     assert!(errors.contains("dup.yaml:3:"), "{errors}");
     let unknown = "rules:\n  - id: a\n    explanaton: x\n";
@@ -483,10 +456,7 @@ rules:
 "#;
     let errors = errors_of(&[("rules.yaml", versions)]);
     assert!(errors.contains("overlaps that of rule `refer-v1`"), "{errors}");
-    assert!(
-        errors.contains("rule `charity-permit` can never match: forbid `charity-forbid`"),
-        "{errors}"
-    );
+    assert!(errors.contains("rule `charity-permit` can never match: forbid `charity-forbid`"), "{errors}");
 }
 
 #[test]
@@ -535,11 +505,7 @@ fn a_missing_date_of_birth_when_a_rule_needs_the_age_means_deny() {
 
     // A date of birth that is not a date is an evaluation error: deny.
     if let Some(subject) = envelope.subject.as_mut() {
-        subject.date_of_birth = Some(pb::Date {
-            year: 2015,
-            month: 2,
-            day: 30,
-        });
+        subject.date_of_birth = Some(pb::Date { year: 2015, month: 2, day: 30 });
     }
     let decision = set.decide(&request("school-a", &roles, "la-a", &envelope));
     assert_eq!(decision.reason_code, ReasonCode::InvalidFact);
@@ -551,11 +517,7 @@ fn the_age_is_computed_at_now_and_split_exactly_at_the_birthday() {
     let roles = vec!["dsl".to_owned()];
     let mut envelope = referral_envelope("la-a");
     if let Some(subject) = envelope.subject.as_mut() {
-        subject.date_of_birth = Some(pb::Date {
-            year: 2010,
-            month: 3,
-            day: 5,
-        });
+        subject.date_of_birth = Some(pb::Date { year: 2010, month: 3, day: 5 });
     }
     let mut day_before = request("school-a", &roles, "la-a", &envelope);
     day_before.now = datetime!(2026-03-04 23:00 UTC);
@@ -577,10 +539,8 @@ fn agreement_required_without_agreement_or_override_means_deny() {
     assert!(!decision.permitted);
     assert_eq!(decision.reason_code, ReasonCode::AgreementRequired);
     assert_eq!(decision.rule_ids, vec!["refer-under-16".to_owned()]);
-    envelope.agreement = Some(pb::FamilyAgreement {
-        state: pb::AgreementState::InformedNotAsked as i32,
-        ..Default::default()
-    });
+    envelope.agreement =
+        Some(pb::FamilyAgreement { state: pb::AgreementState::InformedNotAsked as i32, ..Default::default() });
     let decision = set.decide(&request("school-a", &roles, "la-a", &envelope));
     assert_eq!(decision.reason_code, ReasonCode::AgreementRequired);
 }
@@ -703,14 +663,8 @@ rules:
     assert!(decision.permitted);
     assert_eq!(decision.rule_ids, vec!["permit-a".to_owned(), "permit-b".to_owned()]);
     assert!(decision.is_visible("subject.given_name") && decision.is_visible("subject.family_name"));
-    assert_eq!(
-        decision.lawful_basis,
-        vec!["dpa-2018-sch1-pt2-para18", "uk-gdpr-6-1-e", "uk-gdpr-9-2-g"]
-    );
-    assert_eq!(
-        decision.obligations.acknowledge_within,
-        Some(Deadline::Within(std::time::Duration::from_secs(7200)))
-    );
+    assert_eq!(decision.lawful_basis, vec!["dpa-2018-sch1-pt2-para18", "uk-gdpr-6-1-e", "uk-gdpr-9-2-g"]);
+    assert_eq!(decision.obligations.acknowledge_within, Some(Deadline::Within(std::time::Duration::from_secs(7200))));
     assert_eq!(decision.obligations.escalate_to.as_deref(), Some("police-a"));
     assert!(!decision.obligations.onward_disclosure);
 }
@@ -727,14 +681,12 @@ fn the_sample_policy_set_loads_and_its_own_tests_pass() {
         .results
         .iter()
         .filter(|result| !result.passed())
-        .map(|result| format!("{}:{}: {}: {}", result.file.display(), result.line, result.name, result.failures.join("; ")))
+        .map(|result| {
+            format!("{}:{}: {}: {}", result.file.display(), result.line, result.name, result.failures.join("; "))
+        })
         .collect();
     assert!(failures.is_empty(), "failing policy tests:\n{}", failures.join("\n"));
-    assert!(
-        report.unexercised_rules.is_empty(),
-        "sample rules no test exercises: {:?}",
-        report.unexercised_rules
-    );
+    assert!(report.unexercised_rules.is_empty(), "sample rules no test exercises: {:?}", report.unexercised_rules);
 }
 
 #[test]
@@ -755,9 +707,7 @@ fn the_sample_f1_copy_holds_the_encompass_minimum_only() {
     assert!(decision.permitted, "{}", decision.explanation);
     assert_eq!(decision.policy_set_hash, set.hash());
     let copy = set.build_copy(&test.envelope, &decision).unwrap_or_default();
-    let Some(pb::envelope::Body::DomesticAbuseIncident(incident)) = copy.body else {
-        panic!("the copy lost its body")
-    };
+    let Some(pb::envelope::Body::DomesticAbuseIncident(incident)) = copy.body else { panic!("the copy lost its body") };
     assert!(incident.crime_report.is_empty());
     assert!(incident.criminal_history.is_empty());
     assert!(incident.victim_health.is_empty());
@@ -770,9 +720,7 @@ fn the_sample_f1_copy_holds_the_encompass_minimum_only() {
     assert!(subject.address.is_empty());
     assert_eq!(subject.school_urn, "109876");
     assert!(decision.fields_withheld.contains(&"domestic_abuse_incident.crime_report".to_owned()));
-    assert!(decision
-        .fields_withheld
-        .contains(&"domestic_abuse_incident.involved_adults.address".to_owned()));
+    assert!(decision.fields_withheld.contains(&"domestic_abuse_incident.involved_adults.address".to_owned()));
 }
 
 #[test]
@@ -797,7 +745,8 @@ fn every_sample_file_points_at_the_schema() {
             } else if path.extension().is_some_and(|ext| ext == "yaml") {
                 let text = std::fs::read_to_string(&path).unwrap_or_default();
                 assert!(
-                    text.starts_with("# yaml-language-server: $schema=") && text.lines().next().is_some_and(|line| line.ends_with("policy.schema.json")),
+                    text.starts_with("# yaml-language-server: $schema=")
+                        && text.lines().next().is_some_and(|line| line.ends_with("policy.schema.json")),
                     "{} does not point at the schema",
                     path.display()
                 );
@@ -835,7 +784,10 @@ fn diff_reports_new_access_hidden_fields_and_refusals_exactly() {
     let f1 = scratch.path().join("rules/f01-operation-encompass.yaml");
     let text = std::fs::read_to_string(&f1).unwrap_or_default();
     let changed = text
-        .replace("      - domestic_abuse_incident.spoc\n", "      - domestic_abuse_incident.spoc\n      - subject.nhs_number\n")
+        .replace(
+            "      - domestic_abuse_incident.spoc\n",
+            "      - domestic_abuse_incident.spoc\n      - subject.nhs_number\n",
+        )
         .replace("      - subject.school_urn\n", "")
         .replace("child_age: { min: 2, max: 18 }", "child_age: { min: 2, max: 16 }");
     assert_ne!(text, changed);
@@ -847,26 +799,18 @@ fn diff_reports_new_access_hidden_fields_and_refusals_exactly() {
     };
     let report = diff::diff(&old, &new);
     assert!(report.grants_new_access());
-    let oakwood: Vec<&diff::Change> = report
-        .changes
-        .iter()
-        .filter(|change| change.route.recipient == "luton-oakwood-primary")
-        .collect();
+    let oakwood: Vec<&diff::Change> =
+        report.changes.iter().filter(|change| change.route.recipient == "luton-oakwood-primary").collect();
     let kinds: Vec<&diff::ChangeKind> = oakwood.iter().map(|change| &change.kind).collect();
     assert!(kinds.contains(&&diff::ChangeKind::NewlyRefused), "{}", report.to_text());
     assert!(kinds.contains(&&diff::ChangeKind::FieldsNewlyVisible(vec!["subject.nhs_number".to_owned()])));
     assert!(kinds.contains(&&diff::ChangeKind::FieldsNewlyHidden(vec!["subject.school_urn".to_owned()])));
     // Ages 17 and 18 are newly refused: exactly two points on the split either side of the old and new maxima.
-    let refused = oakwood
-        .iter()
-        .find(|change| change.kind == diff::ChangeKind::NewlyRefused)
-        .map(|change| change.points);
+    let refused =
+        oakwood.iter().find(|change| change.kind == diff::ChangeKind::NewlyRefused).map(|change| change.points);
     assert_eq!(refused, Some(2));
     // Nothing else changed anywhere.
-    assert!(report
-        .changes
-        .iter()
-        .all(|change| change.route.kind == KindName::DomesticAbuseNotification));
+    assert!(report.changes.iter().all(|change| change.route.kind == KindName::DomesticAbuseNotification));
     // The same set against itself: no changes.
     assert!(diff::diff(&old, &old).changes.is_empty());
 }
@@ -925,25 +869,20 @@ fn the_cli_validates_tests_explains_and_writes_the_schema_and_matrix() {
     let (code, out) = run_cli(cli::PolicyCommand::Validate { dir: dir.clone() });
     assert_eq!(code, 0, "{out}");
     assert!(out.starts_with("ok: "), "{out}");
-    let (code, out) = run_cli(cli::PolicyCommand::Test {
-        dir: dir.clone(),
-        require_coverage: true,
-    });
+    let (code, out) = run_cli(cli::PolicyCommand::Test { dir: dir.clone(), require_coverage: true });
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(" passed, 0 failed"), "{out}");
 
     let scratch = tempfile::tempdir().unwrap_or_else(|error| panic!("{error}"));
     let broken = scratch.path().join("broken.yaml");
     std::fs::write(&broken, format!("{REGISTRY}\nrules:\n  - id: x\n    explanation: x\n    from: [nobody]\n    to: [la-a]\n    kinds: [referral]\n    purposes: [refer]\n    lawful_basis: [uk-gdpr-6-1-e]\n    share: [subject.nhs]\n")).unwrap_or_default();
-    let (code, out) = run_cli(cli::PolicyCommand::Validate {
-        dir: scratch.path().to_path_buf(),
-    });
+    let (code, out) = run_cli(cli::PolicyCommand::Validate { dir: scratch.path().to_path_buf() });
     assert_eq!(code, 1);
     assert!(out.contains("the policy set has 2 errors"), "{out}");
     assert!(out.contains("broken.yaml:24:12: unknown agency, group or agency kind `nobody`"), "{out}");
     assert!(out.contains("broken.yaml:29:13: `nhs` is not a field of `subject`"), "{out}");
 
-    let (code, out) = run_cli(cli::PolicyCommand::Explain(cli::ExplainArgs {
+    let (code, out) = run_cli(cli::PolicyCommand::Explain(Box::new(cli::ExplainArgs {
         dir: dir.clone(),
         from: "luton-oakwood-primary".to_owned(),
         to: "luton-csc".to_owned(),
@@ -960,15 +899,13 @@ fn the_cli_validates_tests_explains_and_writes_the_schema_and_matrix() {
         authorised_by: None,
         at: Some("2026-03-04T10:00:00Z".to_owned()),
         envelope: None,
-    }));
+    })));
     assert_eq!(code, 0, "{out}");
     assert!(out.starts_with("PERMIT (permitted)"), "{out}");
     assert!(out.contains("acknowledge: within 1 working days (due 2026-03-05T10:00:00Z"), "{out}");
 
     let schema = scratch.path().join("schema.json");
-    let (code, _) = run_cli(cli::PolicyCommand::Schema {
-        out: Some(schema.clone()),
-    });
+    let (code, _) = run_cli(cli::PolicyCommand::Schema { out: Some(schema.clone()) });
     assert_eq!(code, 0);
     assert_eq!(std::fs::read_to_string(&schema).unwrap_or_default(), model::policy_file_schema_json());
 
@@ -976,4 +913,105 @@ fn the_cli_validates_tests_explains_and_writes_the_schema_and_matrix() {
     let (code, _) = run_cli(cli::PolicyCommand::Matrix { dir, out: html.clone() });
     assert_eq!(code, 0);
     assert!(std::fs::read_to_string(&html).unwrap_or_default().contains("<table>"));
+}
+
+#[test]
+fn the_wire_builder_and_the_dynamic_builder_make_the_same_copy() {
+    let set = sample();
+    let mut compared = 0;
+    for test in set.tests() {
+        let decision = set.decide(&DecisionRequest {
+            sender: &test.sender,
+            sender_practitioner: &test.practitioner,
+            sender_roles: &test.roles,
+            recipient: &test.recipient,
+            envelope: &test.envelope,
+            now: test.now,
+        });
+        if !decision.permitted {
+            continue;
+        }
+        let fast = set.build_copy(&test.envelope, &decision);
+        let reference = set.build_copy_dynamic(&test.envelope, &decision);
+        assert_eq!(fast, reference, "{}", test.name);
+        compared += 1;
+    }
+    assert!(compared >= 20, "only {compared} permitted sample cases");
+}
+
+#[test]
+fn the_wire_builder_never_writes_unknown_fields_even_inside_whole_shared_messages() {
+    let whole = PERMIT_REFER.replace("referral.concern.facts", "referral.concern");
+    let set = must_load(&[("permit.yaml", &whole)]);
+    let roles = vec!["dsl".to_owned()];
+    let envelope = referral_envelope("la-a");
+    let decision = set.decide(&request("school-a", &roles, "la-a", &envelope));
+    let Some(mask) = decision.mask.clone() else { panic!("permitted decision without a mask") };
+    let concern: Vec<u8> = [vec![0x0a, 2, b'o', b'k'], vec![0x9a, 0x06, 4, b'L', b'E', b'A', b'K']].concat();
+    let referral: Vec<u8> = [vec![0x12, u8::try_from(concern.len()).unwrap_or(0)], concern].concat();
+    let mut bytes = vec![0x9a, 0x06, 4, b'L', b'E', b'A', b'K'];
+    bytes.extend_from_slice(&envelope.encode_to_vec());
+    bytes.extend_from_slice(&[0xa2, 0x01, u8::try_from(referral.len()).unwrap_or(0)]);
+    bytes.extend_from_slice(&referral);
+    let mut out = Vec::new();
+    assert!(fields::copy_wire(&bytes, &set.envelope, Some(&mask), &mut out).is_ok());
+    assert!(out.windows(2).any(|window| window == b"ok"));
+    assert!(!out.windows(4).any(|window| window == b"LEAK"));
+    // Truncated input is refused rather than half-copied.
+    let mut out = Vec::new();
+    assert!(fields::copy_wire(&bytes[..bytes.len() - 2], &set.envelope, Some(&mask), &mut out).is_err());
+}
+
+#[test]
+fn a_policy_set_and_its_decisions_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<PolicySet>();
+    assert_send_sync::<Decision>();
+    let set = std::sync::Arc::new(sample());
+    let worker = {
+        let set = set.clone();
+        std::thread::spawn(move || set.hash().to_owned())
+    };
+    assert_eq!(worker.join().unwrap_or_default(), set.hash());
+}
+
+#[test]
+fn load_dir_reports_problems_in_several_files_at_once() {
+    let scratch = tempfile::tempdir().unwrap_or_else(|error| panic!("{error}"));
+    std::fs::write(scratch.path().join("registry.yaml"), REGISTRY).unwrap_or_default();
+    std::fs::write(scratch.path().join("a.yaml"), "rules:\n  - id: a\n    effect: permitt\n").unwrap_or_default();
+    std::fs::create_dir_all(scratch.path().join("more")).unwrap_or_default();
+    std::fs::write(
+        scratch.path().join("more/b.yaml"),
+        PERMIT_REFER.replace("[schools]", "[school-z]").replace("permit-refer", "permit-b"),
+    )
+    .unwrap_or_default();
+    let errors = match PolicySet::load_dir(scratch.path()) {
+        Ok(_) => panic!("loaded a broken directory"),
+        Err(errors) => errors,
+    };
+    let text = errors.to_string();
+    assert_eq!(errors.errors().count(), 2, "{text}");
+    assert!(text.contains("a.yaml:3:13: unknown variant `permitt`"), "{text}");
+    assert!(text.contains("b.yaml:5:12: unknown agency, group or agency kind `school-z`"), "{text}");
+}
+
+#[test]
+fn the_wire_builder_handles_sub_messages_that_shrink_below_a_length_boundary() {
+    let set = must_load(&[("permit.yaml", PERMIT_REFER)]);
+    let roles = vec!["dsl".to_owned()];
+    for opinion_length in [0, 100, 127, 128, 300, 20_000] {
+        let mut envelope = referral_envelope("la-a");
+        if let Some(pb::envelope::Body::Referral(referral)) = envelope.body.as_mut()
+            && let Some(concern) = referral.concern.as_mut()
+        {
+            concern.opinion = "o".repeat(opinion_length);
+        }
+        let decision = set.decide(&request("school-a", &roles, "la-a", &envelope));
+        let fast = set.build_copy(&envelope, &decision);
+        assert_eq!(fast, set.build_copy_dynamic(&envelope, &decision), "opinion of {opinion_length} bytes");
+        let Ok(copy) = fast else { panic!("no copy") };
+        let Some(pb::envelope::Body::Referral(referral)) = copy.body else { panic!("the copy lost its body") };
+        assert_eq!(referral.concern.unwrap_or_default().facts, "facts");
+    }
 }
