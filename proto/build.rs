@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "safeguarding/v1/bodies.proto",
         "safeguarding/v1/envelope.proto",
         "safeguarding/v1/broker.proto",
+        "safeguarding/v1/audit.proto",
     ];
     for file in &files {
         println!("cargo:rerun-if-changed={file}");

@@ -20,7 +20,12 @@ use sha2::Sha256;
 use crate::store::log::{AppendLog, LogError};
 
 pub mod checkpoint;
+pub mod checkpoints;
+pub mod cli;
+pub mod index;
 pub mod merkle;
+pub mod query;
+pub mod verify;
 
 use merkle::MerkleTree;
 
@@ -40,6 +45,8 @@ pub enum AuditError {
     OutOfSequence { position: u64, found: u64 },
     #[error("could not read or write the key file `{path}`: {reason}")]
     Key { path: PathBuf, reason: String },
+    #[error("checkpoints: {0}")]
+    Checkpoints(String),
 }
 
 /// What happened.
@@ -222,7 +229,13 @@ impl AuditLog {
     }
 
     /// Assigns sequence numbers, appends and makes the entries durable; returns their sequence numbers.
-    pub fn append(&mut self, mut entries: Vec<AuditEntry>) -> Result<Vec<u64>, AuditError> {
+    pub fn append(&mut self, entries: Vec<AuditEntry>) -> Result<Vec<u64>, AuditError> {
+        Ok(self.append_located(entries)?.into_iter().map(|(sequence, _)| sequence).collect())
+    }
+
+    /// As [`AuditLog::append`], returning each entry's sequence number and byte offset in `entries.log` (what the
+    /// query indexes point at).
+    pub fn append_located(&mut self, mut entries: Vec<AuditEntry>) -> Result<Vec<(u64, u64)>, AuditError> {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
@@ -232,7 +245,7 @@ impl AuditLog {
             entry.sequence = first + index as u64;
             encoded.push(entry.encode()?);
         }
-        self.log.append(encoded.iter().map(Vec::as_slice))?;
+        let offsets = self.log.append(encoded.iter().map(Vec::as_slice))?;
         self.log.sync()?;
         // The entries are durable: now they join the tree that checkpoints and proofs are made from.
         let mut tree = match self.tree.write() {
@@ -244,7 +257,7 @@ impl AuditLog {
         }
         drop(tree);
         self.next_sequence += entries.len() as u64;
-        Ok((first..self.next_sequence).collect())
+        Ok((first..self.next_sequence).zip(offsets).collect())
     }
 }
 

@@ -4,6 +4,7 @@
 //! refused during the handshake. Each handler then reads the agency from the certificate ([`crate::auth`]) and checks
 //! the policy set knows it, before doing anything else.
 
+pub mod audit_service;
 pub mod service;
 pub mod status;
 

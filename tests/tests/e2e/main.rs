@@ -1,5 +1,7 @@
 //! End-to-end tests: one binary, one module per area of behaviour.
 
+mod audit;
+mod agent;
 mod backbone;
 mod identity;
 mod operations;

@@ -1,0 +1,354 @@
+//! The broker's signed checkpoints: the signing key, the durable file of every checkpoint signed, and the task that
+//! signs a new one at least every second while the log grows.
+//!
+//! - The Ed25519 signing key lives in `keys/checkpoint.ed25519` (hex of the 32-byte seed, mode 0600), created on
+//!   first run. Beside it, `keys/checkpoint.vkey` holds the verifier key in the format of Go's
+//!   `golang.org/x/mod/sumdb/note` (`<origin>+<key id>+<base64 key>`), which is all an auditor needs.
+//! - `audit/checkpoints.log` is an [`AppendLog`] whose records are whole signed notes (C2SP `signed-note` around a
+//!   C2SP `tlog-checkpoint` body). Every checkpoint ever signed is kept; sizes never decrease.
+//! - [`Checkpointer`] signs the current tree when it has grown since the last checkpoint, appends the note and
+//!   fsyncs before anyone sees it. Signing is serialised by a mutex so that the file's order is the signing order.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use ed25519_dalek::SigningKey;
+
+use super::{
+    AuditError, SharedTree,
+    checkpoint::{Checkpoint, CheckpointError, NoteSigner, NoteVerifier},
+    merkle::Hash,
+};
+use crate::store::log::{AppendLog, LogError, read_all};
+
+/// The origin line (and signing key name) of the broker's checkpoints unless configured otherwise.
+pub const DEFAULT_ORIGIN: &str = "safeguarding-broker/audit";
+
+/// File name of the signing key under the keys directory.
+pub const SIGNING_KEY_FILE: &str = "checkpoint.ed25519";
+
+/// File name of the published verifier key under the keys directory.
+pub const VERIFIER_KEY_FILE: &str = "checkpoint.vkey";
+
+/// File name of the checkpoint log under the audit directory.
+pub const CHECKPOINTS_FILE: &str = "checkpoints.log";
+
+/// How often the broker looks for growth to sign.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointsError {
+    #[error("{0}")]
+    Log(#[from] LogError),
+    #[error("{0}")]
+    Checkpoint(#[from] CheckpointError),
+    #[error("could not read or write the key file `{path}`: {reason}")]
+    Key { path: PathBuf, reason: String },
+    #[error("checkpoint {index} in `{path}` is not a valid signed checkpoint: {reason}")]
+    Stored { path: PathBuf, index: u64, reason: String },
+    #[error("the audit tree is unavailable: {0}")]
+    Tree(String),
+}
+
+impl From<CheckpointsError> for AuditError {
+    fn from(error: CheckpointsError) -> Self {
+        AuditError::Checkpoints(error.to_string())
+    }
+}
+
+/// A checkpoint and its signed note.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignedCheckpoint {
+    pub checkpoint: Checkpoint,
+    /// The whole signed note, as stored and served.
+    pub note: String,
+}
+
+impl SignedCheckpoint {
+    pub fn size(&self) -> u64 {
+        self.checkpoint.size
+    }
+
+    pub fn root(&self) -> Hash {
+        self.checkpoint.root
+    }
+}
+
+pub fn signing_key_path(keys_dir: &Path) -> PathBuf {
+    keys_dir.join(SIGNING_KEY_FILE)
+}
+
+pub fn verifier_key_path(keys_dir: &Path) -> PathBuf {
+    keys_dir.join(VERIFIER_KEY_FILE)
+}
+
+pub fn checkpoints_path(audit_dir: &Path) -> PathBuf {
+    audit_dir.join(CHECKPOINTS_FILE)
+}
+
+/// Loads the checkpoint signing key from `keys_dir`, creating it on first run, and (re)writes the verifier key
+/// beside it.
+pub fn load_or_create_signer(keys_dir: &Path, origin: &str) -> Result<NoteSigner, CheckpointsError> {
+    let path = signing_key_path(keys_dir);
+    let key_error = |reason: String| CheckpointsError::Key { path: path.clone(), reason };
+    let seed: [u8; 32] = match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let bytes = hex::decode(text.trim()).map_err(|error| key_error(error.to_string()))?;
+            <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| key_error("expected 32 bytes of hex".to_owned()))?
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let seed: [u8; 32] = rand::random();
+            write_private(&path, &hex::encode(seed)).map_err(|error| key_error(error.to_string()))?;
+            seed
+        }
+        Err(error) => return Err(key_error(error.to_string())),
+    };
+    let signer = NoteSigner::new(origin, SigningKey::from_bytes(&seed))?;
+    let vkey_path = verifier_key_path(keys_dir);
+    let published = std::fs::read_to_string(&vkey_path).unwrap_or_default();
+    if published.trim() != signer.verifier_key() {
+        crate::pki::write_file(&vkey_path, &format!("{}\n", signer.verifier_key()))
+            .map_err(|error| CheckpointsError::Key { path: vkey_path.clone(), reason: error.to_string() })?;
+    }
+    Ok(signer)
+}
+
+/// Writes a secret file readable only by its owner, durably.
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()
+}
+
+/// Reads the published verifier key from `keys_dir`.
+pub fn read_verifier_key(keys_dir: &Path) -> Result<String, CheckpointsError> {
+    let path = verifier_key_path(keys_dir);
+    std::fs::read_to_string(&path)
+        .map(|text| text.trim().to_owned())
+        .map_err(|error| CheckpointsError::Key { path, reason: error.to_string() })
+}
+
+/// Parses a stored note without checking its signature (the caller checks it with a [`NoteVerifier`]).
+pub fn parse_note(note: &str) -> Result<Checkpoint, CheckpointError> {
+    let Some(split) = note.rfind("\n\n") else {
+        return Err(CheckpointError::MalformedNote("no blank line before the signatures"));
+    };
+    Checkpoint::parse_body(&note[..split + 1])
+}
+
+/// Opens a signed note with `verifier` and parses its checkpoint.
+pub fn open_note(verifier: &NoteVerifier, note: &str) -> Result<Checkpoint, CheckpointError> {
+    Checkpoint::parse_body(verifier.open(note)?)
+}
+
+/// Reads every stored signed note, in order, without changing the file. A missing file holds none.
+pub fn read_notes(audit_dir: &Path) -> Result<Vec<String>, CheckpointsError> {
+    let path = checkpoints_path(audit_dir);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let mut notes = Vec::new();
+    read_all(&path, |offset, bytes| {
+        let note = std::str::from_utf8(bytes).map_err(|_| LogError::Corrupt {
+            path: path.clone(),
+            offset,
+            reason: "a checkpoint is not UTF-8 text".to_owned(),
+        })?;
+        notes.push(note.to_owned());
+        Ok(())
+    })?;
+    Ok(notes)
+}
+
+/// The latest stored checkpoint, if any, parsed (not signature-checked).
+pub fn latest_note(audit_dir: &Path) -> Result<Option<SignedCheckpoint>, CheckpointsError> {
+    let notes = read_notes(audit_dir)?;
+    let index = notes.len().saturating_sub(1) as u64;
+    match notes.into_iter().last() {
+        Some(note) => {
+            let checkpoint = parse_note(&note).map_err(|error| CheckpointsError::Stored {
+                path: checkpoints_path(audit_dir),
+                index,
+                reason: error.to_string(),
+            })?;
+            Ok(Some(SignedCheckpoint { checkpoint, note }))
+        }
+        None => Ok(None),
+    }
+}
+
+struct Signed {
+    log: AppendLog,
+    latest: Option<SignedCheckpoint>,
+}
+
+/// Signs and keeps checkpoints of the audit tree. Cheap to share (`Arc`).
+pub struct Checkpointer {
+    signer: NoteSigner,
+    tree: SharedTree,
+    signed: Mutex<Signed>,
+}
+
+impl std::fmt::Debug for Checkpointer {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Checkpointer").field("signer", &self.signer).finish_non_exhaustive()
+    }
+}
+
+impl Checkpointer {
+    /// Opens `audit_dir/checkpoints.log` (cutting a torn tail left by a crash), checks the latest stored checkpoint
+    /// is signed by `signer`, and is ready to sign `tree`.
+    pub fn open(audit_dir: &Path, signer: NoteSigner, tree: SharedTree) -> Result<Self, CheckpointsError> {
+        let path = checkpoints_path(audit_dir);
+        let mut last = None;
+        let mut count = 0u64;
+        let (log, _recovery) = AppendLog::open(&path, 0, |_, bytes| {
+            last = Some(bytes.to_vec());
+            count += 1;
+            Ok(())
+        })?;
+        let verifier = NoteVerifier::from_verifier_key(&signer.verifier_key())?;
+        let latest = match last {
+            Some(bytes) => {
+                let stored = |reason: String| CheckpointsError::Stored { path: path.clone(), index: count - 1, reason };
+                let note = String::from_utf8(bytes).map_err(|_| stored("not UTF-8 text".to_owned()))?;
+                let checkpoint = open_note(&verifier, &note).map_err(|error| stored(error.to_string()))?;
+                Some(SignedCheckpoint { checkpoint, note })
+            }
+            None => None,
+        };
+        Ok(Self { signer, tree, signed: Mutex::new(Signed { log, latest }) })
+    }
+
+    /// Loads (or creates) the signing key under `data_dir/keys` and opens `data_dir/audit/checkpoints.log`: what
+    /// `broker::run` calls at start.
+    pub fn open_in(data_dir: &Path, tree: SharedTree, origin: &str) -> Result<Arc<Self>, CheckpointsError> {
+        let signer = load_or_create_signer(&data_dir.join("keys"), origin)?;
+        Ok(Arc::new(Self::open(&data_dir.join("audit"), signer, tree)?))
+    }
+
+    /// The tree this signer checkpoints.
+    pub fn tree(&self) -> SharedTree {
+        self.tree.clone()
+    }
+
+    /// The verifier key auditors use.
+    pub fn verifier_key(&self) -> String {
+        self.signer.verifier_key()
+    }
+
+    pub fn origin(&self) -> &str {
+        self.signer.name()
+    }
+
+    /// The latest checkpoint signed, if any.
+    pub fn latest(&self) -> Option<SignedCheckpoint> {
+        match self.signed.lock() {
+            Ok(signed) => signed.latest.clone(),
+            Err(poisoned) => poisoned.into_inner().latest.clone(),
+        }
+    }
+
+    /// Signs and durably stores a checkpoint of the tree as it is now, unless the latest checkpoint already covers
+    /// it; returns the latest checkpoint (`None` only while the log is empty and nothing was ever signed).
+    pub fn checkpoint_now(&self) -> Result<Option<SignedCheckpoint>, CheckpointsError> {
+        let mut signed =
+            self.signed.lock().map_err(|_| CheckpointsError::Tree("checkpoint lock poisoned".to_owned()))?;
+        let (size, root) = {
+            let tree = self.tree.read().map_err(|_| CheckpointsError::Tree("tree lock poisoned".to_owned()))?;
+            (tree.size(), tree.root())
+        };
+        let latest_size = signed.latest.as_ref().map(SignedCheckpoint::size);
+        if size == 0 || latest_size.is_some_and(|latest| latest >= size) {
+            return Ok(signed.latest.clone());
+        }
+        let checkpoint = Checkpoint { origin: self.signer.name().to_owned(), size, root, extensions: Vec::new() };
+        let note = self.signer.sign_checkpoint(&checkpoint)?;
+        signed.log.append([note.as_bytes()])?;
+        signed.log.sync()?;
+        let fresh = SignedCheckpoint { checkpoint, note };
+        signed.latest = Some(fresh.clone());
+        Ok(Some(fresh))
+    }
+
+    /// Signs a checkpoint whenever the tree has grown, checking every `interval`, until the task is aborted.
+    pub async fn run(self: Arc<Self>, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let checkpointer = self.clone();
+            match tokio::task::spawn_blocking(move || checkpointer.checkpoint_now()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => tracing::error!(error = %error, "could not sign or store a checkpoint"),
+                Err(error) => tracing::error!(error = %error, "the checkpoint task failed"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::merkle::MerkleTree;
+
+    #[test]
+    fn checkpoints_are_signed_kept_and_verify_with_the_published_key_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        let audit = dir.path().join("audit");
+        let tree: SharedTree = Arc::new(std::sync::RwLock::new(MerkleTree::new()));
+        let signer = load_or_create_signer(&keys, DEFAULT_ORIGIN).unwrap();
+        let checkpointer = Checkpointer::open(&audit, signer, tree.clone()).unwrap();
+        assert_eq!(checkpointer.checkpoint_now().unwrap(), None, "nothing to sign while empty");
+        tree.write().unwrap().push(b"one");
+        let first = checkpointer.checkpoint_now().unwrap().unwrap();
+        assert_eq!(first.size(), 1);
+        assert_eq!(checkpointer.checkpoint_now().unwrap().unwrap(), first, "no new checkpoint without growth");
+        tree.write().unwrap().push(b"two");
+        let second = checkpointer.checkpoint_now().unwrap().unwrap();
+        assert_eq!(second.size(), 2);
+        assert_eq!(second.root(), tree.read().unwrap().root());
+        drop(checkpointer);
+
+        let notes = read_notes(&audit).unwrap();
+        assert_eq!(notes, vec![first.note.clone(), second.note.clone()]);
+        let verifier = NoteVerifier::from_verifier_key(&read_verifier_key(&keys).unwrap()).unwrap();
+        assert_eq!(open_note(&verifier, &second.note).unwrap(), second.checkpoint);
+        assert!(second.note.starts_with("safeguarding-broker/audit\n2\n"));
+
+        // The same key on the next start, and the latest checkpoint is remembered.
+        let signer = load_or_create_signer(&keys, DEFAULT_ORIGIN).unwrap();
+        assert_eq!(signer.verifier_key(), verifier_key_from(&keys));
+        let reopened = Checkpointer::open(&audit, signer, tree).unwrap();
+        assert_eq!(reopened.latest(), Some(second));
+    }
+
+    fn verifier_key_from(keys: &Path) -> String {
+        read_verifier_key(keys).unwrap()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_signing_key_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        load_or_create_signer(dir.path(), DEFAULT_ORIGIN).unwrap();
+        let mode = std::fs::metadata(signing_key_path(dir.path())).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0);
+    }
+}

@@ -1,0 +1,320 @@
+//! Offline verification of a data directory's audit log (`broker audit verify`).
+//!
+//! Reads `audit/entries.log` and `audit/checkpoints.log` without changing them (so it can run beside a live broker),
+//! and checks, in one pass over the entries:
+//!
+//! 1. every record's frame and checksum, and that it decodes as an entry;
+//! 2. that sequence numbers run 0, 1, 2, ... without a gap or a repeat (a dropped or reordered entry fails here);
+//! 3. every stored checkpoint's signature against the verifier key, that its origin is the key's name, and that each
+//!    checkpoint's size is at least the previous one's (a log that shrank is not an extension);
+//! 4. that each checkpoint's root equals the RFC 6962 root recomputed from the entries at its size, which with (3)
+//!    means every checkpoint extends the one before it. An entry rewritten with a valid checksum and sequence number
+//!    is caught here: the failure names the range of entries between the last checkpoint that still matches and the
+//!    first that does not;
+//! 5. that no checkpoint is larger than the log (a log truncated at a record boundary fails here).
+//!
+//! The first problem found stops the check and is returned as a [`VerifyFailure`], whose
+//! [`VerifyFailure::first_bad_sequence`] names the first entry that cannot be trusted.
+
+use std::path::{Path, PathBuf};
+
+use super::{
+    AuditEntry, AuditLog,
+    checkpoint::{Checkpoint, NoteVerifier},
+    checkpoints::{self, read_verifier_key},
+    merkle::{EMPTY_ROOT, Hash, RootBuilder, leaf_hash},
+};
+use crate::store::log::{LogError, read_all};
+
+/// What a successful verification covered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub entries: u64,
+    /// The root of the whole log as recomputed.
+    pub root: Hash,
+    pub checkpoints: u64,
+    /// The latest checkpoint, if any.
+    pub latest_checkpoint: Option<Checkpoint>,
+}
+
+/// Why verification failed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VerifyFailure {
+    #[error("could not read `{path}`: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+    #[error("no verifier key: {0} (give one with --verifier-key)")]
+    NoVerifierKey(String),
+    #[error("the verifier key is not valid: {0}")]
+    BadVerifierKey(String),
+    #[error("entry {sequence} (byte offset {offset}) is damaged: {reason}")]
+    Damaged { sequence: u64, offset: u64, reason: String },
+    #[error("entry {sequence} does not decode: {reason}")]
+    Undecodable { sequence: u64, reason: String },
+    #[error("the entry at position {position} has sequence number {found}: entries were dropped or reordered")]
+    OutOfSequence { position: u64, found: u64 },
+    #[error("checkpoint {index} is not validly signed: {reason}")]
+    BadSignature { index: u64, reason: String },
+    #[error("checkpoint {index} has origin `{origin}`, not the verifier key's name `{expected}`")]
+    WrongOrigin { index: u64, origin: String, expected: String },
+    #[error("checkpoint {index} has size {size}, smaller than the previous checkpoint's {previous_size}")]
+    Shrank { index: u64, size: u64, previous_size: u64 },
+    #[error(
+        "checkpoint {index} (size {size}) does not match the log: an entry from {first_suspect} to {last_suspect} was \
+         altered"
+    )]
+    RootMismatch { index: u64, size: u64, first_suspect: u64, last_suspect: u64 },
+    #[error(
+        "checkpoint {index} covers {size} entries but the log has only {entries}: entries from {entries} on are missing"
+    )]
+    Truncated { index: u64, size: u64, entries: u64 },
+}
+
+impl VerifyFailure {
+    /// The first entry that cannot be trusted, when the failure is about entries.
+    pub fn first_bad_sequence(&self) -> Option<u64> {
+        match self {
+            VerifyFailure::Damaged { sequence, .. } | VerifyFailure::Undecodable { sequence, .. } => Some(*sequence),
+            VerifyFailure::OutOfSequence { position, .. } => Some(*position),
+            VerifyFailure::RootMismatch { first_suspect, .. } => Some(*first_suspect),
+            VerifyFailure::Truncated { entries, .. } => Some(*entries),
+            _ => None,
+        }
+    }
+}
+
+/// Verifies the audit log under `data_dir` (see the module documentation). `verifier_key` defaults to the one the
+/// broker published in `keys/checkpoint.vkey`. `progress` is called now and then with the bytes of `entries.log`
+/// read so far and the file's length.
+pub fn verify_data_dir(
+    data_dir: &Path,
+    verifier_key: Option<&str>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<VerifyReport, VerifyFailure> {
+    let audit_dir = data_dir.join("audit");
+    let verifier_key = match verifier_key {
+        Some(key) => key.trim().to_owned(),
+        None => read_verifier_key(&data_dir.join("keys"))
+            .map_err(|error| VerifyFailure::NoVerifierKey(error.to_string()))?,
+    };
+    let verifier = NoteVerifier::from_verifier_key(&verifier_key)
+        .map_err(|error| VerifyFailure::BadVerifierKey(error.to_string()))?;
+    let notes = checkpoints::read_notes(&audit_dir).map_err(|error| VerifyFailure::Unreadable {
+        path: checkpoints::checkpoints_path(&audit_dir),
+        reason: error.to_string(),
+    })?;
+    let checkpoints = check_signatures(&verifier, &notes)?;
+    verify_entries(&AuditLog::path(&audit_dir), &checkpoints, progress)
+}
+
+/// Opens every note and checks origins and that sizes never decrease.
+pub fn check_signatures(verifier: &NoteVerifier, notes: &[String]) -> Result<Vec<Checkpoint>, VerifyFailure> {
+    let mut checkpoints: Vec<Checkpoint> = Vec::with_capacity(notes.len());
+    for (index, note) in notes.iter().enumerate() {
+        let index = index as u64;
+        let checkpoint = checkpoints::open_note(verifier, note)
+            .map_err(|error| VerifyFailure::BadSignature { index, reason: error.to_string() })?;
+        if checkpoint.origin != verifier.name() {
+            return Err(VerifyFailure::WrongOrigin {
+                index,
+                origin: checkpoint.origin,
+                expected: verifier.name().to_owned(),
+            });
+        }
+        if let Some(previous) = checkpoints.last()
+            && checkpoint.size < previous.size
+        {
+            return Err(VerifyFailure::Shrank { index, size: checkpoint.size, previous_size: previous.size });
+        }
+        checkpoints.push(checkpoint);
+    }
+    Ok(checkpoints)
+}
+
+/// Replays `entries_path` against already signature-checked `checkpoints` (in signing order).
+pub fn verify_entries(
+    entries_path: &Path,
+    checkpoints: &[Checkpoint],
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<VerifyReport, VerifyFailure> {
+    let unreadable = |reason: String| VerifyFailure::Unreadable { path: entries_path.to_owned(), reason };
+    let total = match std::fs::metadata(entries_path) {
+        Ok(metadata) => metadata.len(),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(error) => return Err(unreadable(error.to_string())),
+    };
+    let mut builder = RootBuilder::new();
+    let mut next_checkpoint = 0usize;
+    // The size of the last checkpoint whose root matched: entries before it are vouched for.
+    let mut matched_size = 0u64;
+    let mut check_due = |builder: &RootBuilder, next_checkpoint: &mut usize| -> Result<(), VerifyFailure> {
+        while let Some(checkpoint) = checkpoints.get(*next_checkpoint)
+            && checkpoint.size == builder.size()
+        {
+            let root = if builder.size() == 0 { EMPTY_ROOT } else { builder.root() };
+            if checkpoint.root != root {
+                return Err(VerifyFailure::RootMismatch {
+                    index: *next_checkpoint as u64,
+                    size: checkpoint.size,
+                    first_suspect: matched_size,
+                    last_suspect: checkpoint.size.saturating_sub(1),
+                });
+            }
+            matched_size = checkpoint.size;
+            *next_checkpoint += 1;
+        }
+        Ok(())
+    };
+    check_due(&builder, &mut next_checkpoint)?;
+    let mut failure = None;
+    if total > 0 {
+        let result = read_all(entries_path, |offset, bytes| {
+            let sequence = builder.size();
+            let outcome = match AuditEntry::decode(bytes) {
+                Ok(entry) if entry.sequence == sequence => {
+                    builder.push_leaf_hash(leaf_hash(bytes));
+                    check_due(&builder, &mut next_checkpoint)
+                }
+                Ok(entry) => Err(VerifyFailure::OutOfSequence { position: sequence, found: entry.sequence }),
+                Err(reason) => Err(VerifyFailure::Undecodable { sequence, reason }),
+            };
+            if sequence.is_multiple_of(65_536) {
+                progress(offset, total);
+            }
+            outcome.map_err(|problem| {
+                failure = Some(problem);
+                // Stops the read; the failure above is what is reported.
+                LogError::Corrupt { path: PathBuf::new(), offset, reason: String::new() }
+            })
+        });
+        if let Some(problem) = failure {
+            return Err(problem);
+        }
+        match result {
+            Ok(_) => {}
+            Err(LogError::Corrupt { offset, reason, .. }) => {
+                return Err(VerifyFailure::Damaged { sequence: builder.size(), offset, reason });
+            }
+            Err(error) => return Err(unreadable(error.to_string())),
+        }
+    }
+    progress(total, total);
+    if let Some(checkpoint) = checkpoints.get(next_checkpoint) {
+        if checkpoint.size > builder.size() {
+            return Err(VerifyFailure::Truncated {
+                index: next_checkpoint as u64,
+                size: checkpoint.size,
+                entries: builder.size(),
+            });
+        }
+        // Sizes never decrease and every size up to the log's was checked on the way, so this cannot happen; it is
+        // reported rather than ignored.
+        return Err(VerifyFailure::RootMismatch {
+            index: next_checkpoint as u64,
+            size: checkpoint.size,
+            first_suspect: 0,
+            last_suspect: checkpoint.size.saturating_sub(1),
+        });
+    }
+    Ok(VerifyReport {
+        entries: builder.size(),
+        root: if builder.size() == 0 { EMPTY_ROOT } else { builder.root() },
+        checkpoints: checkpoints.len() as u64,
+        latest_checkpoint: checkpoints.last().cloned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{
+        EventType,
+        checkpoints::{Checkpointer, DEFAULT_ORIGIN, load_or_create_signer},
+    };
+
+    /// A data directory with `count` entries appended in batches of 10 and a checkpoint after each batch.
+    fn data_dir_with(count: u64) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = AuditLog::open(&dir.path().join("audit")).unwrap();
+        let signer = load_or_create_signer(&dir.path().join("keys"), DEFAULT_ORIGIN).unwrap();
+        let checkpointer = Checkpointer::open(&dir.path().join("audit"), signer, log.tree()).unwrap();
+        for batch in 0..count.div_ceil(10) {
+            let entries = (0..10.min(count - batch * 10))
+                .map(|index| AuditEntry {
+                    event: Some(EventType::Delivery),
+                    message_id: format!("m-{batch}-{index}"),
+                    ..AuditEntry::default()
+                })
+                .collect();
+            log.append(entries).unwrap();
+            checkpointer.checkpoint_now().unwrap();
+        }
+        dir
+    }
+
+    fn verify(dir: &Path) -> Result<VerifyReport, VerifyFailure> {
+        verify_data_dir(dir, None, &mut |_, _| {})
+    }
+
+    #[test]
+    fn an_intact_log_verifies() {
+        let dir = data_dir_with(35);
+        let report = verify(dir.path()).unwrap();
+        assert_eq!(report.entries, 35);
+        assert_eq!(report.checkpoints, 4);
+        assert_eq!(report.latest_checkpoint.unwrap().root, report.root);
+    }
+
+    #[test]
+    fn an_empty_data_dir_verifies_with_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        load_or_create_signer(&dir.path().join("keys"), DEFAULT_ORIGIN).unwrap();
+        assert_eq!(verify(dir.path()).unwrap().entries, 0);
+    }
+
+    #[test]
+    fn another_key_rejects_the_checkpoints() {
+        let dir = data_dir_with(5);
+        let other = tempfile::tempdir().unwrap();
+        let key = load_or_create_signer(other.path(), DEFAULT_ORIGIN).unwrap().verifier_key();
+        let failure = verify_data_dir(dir.path(), Some(&key), &mut |_, _| {}).unwrap_err();
+        assert!(matches!(failure, VerifyFailure::BadSignature { index: 0, .. }), "{failure}");
+    }
+
+    #[test]
+    fn checkpoints_that_shrink_are_rejected() {
+        let dir = data_dir_with(20);
+        let audit = dir.path().join("audit");
+        let notes = checkpoints::read_notes(&audit).unwrap();
+        let path = checkpoints::checkpoints_path(&audit);
+        std::fs::remove_file(&path).unwrap();
+        let (mut log, _) = crate::store::log::AppendLog::open(&path, 0, |_, _| Ok(())).unwrap();
+        log.append([notes[1].as_bytes(), notes[0].as_bytes()]).unwrap();
+        drop(log);
+        let failure = verify(dir.path()).unwrap_err();
+        assert_eq!(failure, VerifyFailure::Shrank { index: 1, size: 10, previous_size: 20 });
+    }
+
+    #[test]
+    fn a_log_cut_at_a_record_boundary_is_caught_by_its_checkpoint() {
+        let dir = data_dir_with(20);
+        let path = AuditLog::path(&dir.path().join("audit"));
+        let mut offsets = Vec::new();
+        read_all(&path, |offset, _| {
+            offsets.push(offset);
+            Ok(())
+        })
+        .unwrap();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(offsets[17]).unwrap();
+        let failure = verify(dir.path()).unwrap_err();
+        assert_eq!(failure, VerifyFailure::Truncated { index: 1, size: 20, entries: 17 });
+        assert_eq!(failure.first_bad_sequence(), Some(17));
+    }
+
+    #[test]
+    fn progress_reaches_the_end() {
+        let dir = data_dir_with(3);
+        let mut last = (0, 1);
+        verify_data_dir(dir.path(), None, &mut |done, total| last = (done, total)).unwrap();
+        assert_eq!(last.0, last.1);
+    }
+}
