@@ -182,6 +182,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     };
     let served = tonic::transport::Server::builder()
         .tls_config(tls)?
+        // One span per request, named by its gRPC method (never by anything in the message).
+        .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)
