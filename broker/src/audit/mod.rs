@@ -178,6 +178,8 @@ pub struct AuditLog {
     /// The RFC 6962 tree over every entry's encoding, rebuilt on open (see [`merkle`] for its memory cost). Shared
     /// so the checkpoint signer and proof requests can read it while the committer appends.
     tree: SharedTree,
+    /// The auditors' index, rebuilt on open like the tree (see [`index`]).
+    index: index::SharedIndex,
 }
 
 impl AuditLog {
@@ -190,11 +192,12 @@ impl AuditLog {
         let mut next_sequence = 0u64;
         let mut problem = None;
         let mut tree = MerkleTree::new();
-        let (log, _recovery) = AppendLog::open(&Self::path(dir), 0, |_, bytes| {
+        let mut memory_index = index::MemoryIndex::default();
+        let (log, _recovery) = AppendLog::open(&Self::path(dir), 0, |offset, bytes| {
             tree.push(bytes);
             if problem.is_none() {
                 match AuditEntry::decode(bytes) {
-                    Ok(entry) if entry.sequence == next_sequence => {}
+                    Ok(entry) if entry.sequence == next_sequence => memory_index.add(&entry, next_sequence, offset),
                     Ok(entry) => {
                         problem = Some(AuditError::OutOfSequence { position: next_sequence, found: entry.sequence })
                     }
@@ -207,7 +210,13 @@ impl AuditLog {
         if let Some(problem) = problem {
             return Err(problem);
         }
-        Ok(Self { log, next_sequence, dir: dir.to_owned(), tree: std::sync::Arc::new(std::sync::RwLock::new(tree)) })
+        Ok(Self {
+            log,
+            next_sequence,
+            dir: dir.to_owned(),
+            tree: std::sync::Arc::new(std::sync::RwLock::new(tree)),
+            index: std::sync::Arc::new(std::sync::RwLock::new(memory_index)),
+        })
     }
 
     /// Number of entries.
@@ -226,6 +235,11 @@ impl AuditLog {
     /// The Merkle tree over all entries.
     pub fn tree(&self) -> SharedTree {
         self.tree.clone()
+    }
+
+    /// The auditors' index over all entries.
+    pub fn index(&self) -> index::SharedIndex {
+        self.index.clone()
     }
 
     /// Assigns sequence numbers, appends and makes the entries durable; returns their sequence numbers.
@@ -256,6 +270,14 @@ impl AuditLog {
             tree.push(bytes);
         }
         drop(tree);
+        let mut index = match self.index.write() {
+            Ok(index) => index,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for ((entry, offset), sequence) in entries.iter().zip(&offsets).zip(first..) {
+            index.add(entry, sequence, *offset);
+        }
+        drop(index);
         self.next_sequence += entries.len() as u64;
         Ok((first..self.next_sequence).zip(offsets).collect())
     }

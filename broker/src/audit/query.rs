@@ -12,7 +12,7 @@ use std::{
 
 use super::{
     AuditEntry, AuditLog, EventType, Pseudonym,
-    index::{EntryReader, IndexKind, ReadEntryError, parse_index_item},
+    index::{EntryReader, IndexKind, ReadEntryError},
 };
 use crate::store::{Store, StoreError};
 
@@ -105,10 +105,7 @@ impl AuditFilter {
         if let Some(agency) = &self.agency {
             return Some(IndexKind::Agency(agency));
         }
-        match self.events.as_slice() {
-            [event] => Some(IndexKind::Event(*event)),
-            _ => None,
-        }
+        None
     }
 }
 
@@ -154,21 +151,23 @@ pub fn search(
     match filter.index() {
         Some(index) => {
             let reader = EntryReader::open(audit_dir)?;
-            for item in store.scan_prefix(&index.prefix()) {
-                let (key, value) = item?;
-                let Some((sequence, offset)) = parse_index_item(&key, &value) else { continue };
-                if sequence < first {
-                    continue;
-                }
-                if sequence >= size_bound {
-                    break;
-                }
+            // Read the postings in slices so the index lock is never held while reading the log.
+            let mut next = first;
+            'postings: loop {
+                let slice = match store.audit_index().read() {
+                    Ok(memory) => memory.lookup(&index.prefix(), next, size_bound, 1024),
+                    Err(poisoned) => poisoned.into_inner().lookup(&index.prefix(), next, size_bound, 1024),
+                };
+                let Some(last) = slice.last().map(|(sequence, _)| *sequence) else { break };
+                next = last + 1;
+                for (sequence, offset) in slice {
                 let (encoded, entry) = reader.read_at(offset)?;
                 if entry.sequence != sequence {
                     return Err(QueryError::IndexMismatch { expected: sequence, found: entry.sequence });
                 }
                 if filter.matches(&entry) && !accept(Found { encoded, entry }) {
-                    break;
+                    break 'postings;
+                }
                 }
             }
         }

@@ -99,6 +99,8 @@ pub struct Store {
 
 struct Inner {
     tree: sled::Db,
+    /// The audit log's in-memory index, for auditors' queries (the log itself belongs to the committer thread).
+    audit_index: crate::audit::index::SharedIndex,
     jobs: std::sync::Mutex<Option<mpsc::Sender<Job>>>,
     committer: std::sync::Mutex<Option<thread::JoinHandle<()>>>,
     data_dir: PathBuf,
@@ -147,6 +149,7 @@ impl Store {
             replayed += 1;
             Ok(())
         })?;
+        let audit_index = audit.index();
         let report = OpenReport {
             journal_records_replayed: replayed,
             journal_bytes_truncated: recovery.truncated_bytes,
@@ -160,6 +163,7 @@ impl Store {
             .map_err(|source| LogError::Io { path: data_dir.to_owned(), source })?;
         let inner = Inner {
             tree: db,
+            audit_index,
             jobs: std::sync::Mutex::new(Some(sender)),
             committer: std::sync::Mutex::new(Some(handle)),
             data_dir: data_dir.to_owned(),
@@ -193,6 +197,11 @@ impl Store {
             .tree
             .scan_prefix(prefix)
             .map(|item| item.map(|(key, value)| (key.to_vec(), value.to_vec())).map_err(StoreError::from))
+    }
+
+    /// The audit log's index (see [`crate::audit::index`]).
+    pub fn audit_index(&self) -> crate::audit::index::SharedIndex {
+        self.inner.audit_index.clone()
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -273,19 +282,8 @@ fn commit_group(
     for job in group.iter_mut() {
         entries.append(&mut job.commit.audit);
     }
-    // Each entry's auditor index keys (see `audit::index`) join its commit's writes, so the index is as durable as
-    // the rest of the state and journal replay rebuilds it.
-    let mut prefixes = entries.iter().map(crate::audit::index::entry_prefixes).collect::<Vec<_>>().into_iter();
-    let mut located = audit.append_located(entries)?.into_iter();
-    let mut per_job = Vec::with_capacity(group.len());
-    for (job, count) in group.iter_mut().zip(&counts) {
-        let mut sequences = Vec::with_capacity(*count);
-        for ((sequence, offset), keys) in located.by_ref().take(*count).zip(prefixes.by_ref()) {
-            job.commit.writes.extend(crate::audit::index::index_writes(keys, sequence, offset));
-            sequences.push(sequence);
-        }
-        per_job.push(sequences);
-    }
+    let mut sequences = audit.append(entries)?.into_iter();
+    let per_job: Vec<Vec<u64>> = counts.iter().map(|count| sequences.by_ref().take(*count).collect()).collect();
     // 2. State writes, durable second.
     let mut encoded = Vec::with_capacity(group.len());
     let mut batch = sled::Batch::default();
