@@ -287,7 +287,7 @@ fn commit_group(
     // 2. State writes, durable second.
     let mut encoded = Vec::with_capacity(group.len());
     let mut batch = sled::Batch::default();
-    for job in group.iter_mut() {
+    for job in group.iter_mut().filter(|job| !job.commit.writes.is_empty()) {
         let record = JournalRecord { writes: std::mem::take(&mut job.commit.writes) };
         encoded.push(postcard::to_stdvec(&record).map_err(|error| StoreError::Decode(error.to_string()))?);
         apply_to_batch(&mut batch, record.writes);
