@@ -164,6 +164,17 @@ impl AuditEntry {
         }
     }
 
+    /// Reads only the sequence number (the first field) of an encoded entry.
+    pub fn decode_sequence(bytes: &[u8]) -> Result<u64, String> {
+        match bytes.split_first() {
+            Some((&ENTRY_FORMAT_VERSION, rest)) => {
+                postcard::take_from_bytes::<u64>(rest).map(|(sequence, _)| sequence).map_err(|error| error.to_string())
+            }
+            Some((version, _)) => Err(format!("unknown entry format version {version}")),
+            None => Err("empty entry".to_owned()),
+        }
+    }
+
     pub fn now_micros() -> i64 {
         let now = time::OffsetDateTime::now_utc();
         (now.unix_timestamp_nanos() / 1000) as i64
