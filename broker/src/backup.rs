@@ -110,7 +110,9 @@ pub fn restore(backup_file: &Path, data_dir: &Path) -> Result<BackupReport, Back
         let mut entry = entry.map_err(io(backup_file))?;
         let name = entry.path().map_err(io(backup_file))?.to_string_lossy().into_owned();
         let allowed = LOG_FILES.contains(&name.as_str())
-            || name.strip_prefix("keys/").is_some_and(|rest| !rest.is_empty() && !rest.contains('/') && !rest.contains(".."));
+            || name
+                .strip_prefix("keys/")
+                .is_some_and(|rest| !rest.is_empty() && !rest.contains('/') && !rest.contains(".."));
         if !allowed {
             return Err(BackupError::UnexpectedEntry(name));
         }

@@ -122,9 +122,8 @@ impl Config {
     /// Reads, overrides from `environment` and checks a configuration file. Relative paths are taken from the
     /// file's folder.
     pub fn load(path: &Path, environment: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigErrors {
-            problems: vec![format!("`{}`: {error}", path.display())],
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| ConfigErrors { problems: vec![format!("`{}`: {error}", path.display())] })?;
         let file: ConfigFile = toml::from_str(&text).map_err(|error| ConfigErrors {
             problems: vec![format!("`{}`: {}", path.display(), error.to_string().trim_end())],
         })?;
@@ -192,7 +191,8 @@ impl Config {
             Some(text) => match text.parse() {
                 Ok(address) => Some(address),
                 Err(_) => {
-                    problems.push(format!("`metrics_listen`: `{text}` is not an address and port such as `0.0.0.0:9464`"));
+                    problems
+                        .push(format!("`metrics_listen`: `{text}` is not an address and port such as `0.0.0.0:9464`"));
                     None
                 }
             },
@@ -235,7 +235,8 @@ impl Config {
         let max_message_bytes = file.limits.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
         if file.tokens.issuers.is_empty() {
             problems.push(
-                "`tokens.issuers` is empty: list, per agency, the identity providers whose tokens the broker trusts".to_owned(),
+                "`tokens.issuers` is empty: list, per agency, the identity providers whose tokens the broker trusts"
+                    .to_owned(),
             );
         }
         if max_message_bytes < 1024 {
@@ -264,7 +265,8 @@ mod tests {
     use super::*;
 
     fn parse(text: &str, environment: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
-        let file: ConfigFile = toml::from_str(text).map_err(|error| ConfigErrors { problems: vec![error.to_string()] })?;
+        let file: ConfigFile =
+            toml::from_str(text).map_err(|error| ConfigErrors { problems: vec![error.to_string()] })?;
         Config::from_file(file, Path::new("/etc/broker"), |name| {
             environment.iter().find(|(key, _)| *key == name).map(|(_, value)| (*value).to_owned())
         })

@@ -82,9 +82,21 @@ pub struct Enqueued {
 
 enum Command {
     Enqueue(Enqueued),
-    Subscribe { stream: mpsc::Sender<StreamItem> },
-    Ack { delivery_id: String, actor: Actor, reply: oneshot::Sender<Result<(), DeliveryError>> },
-    Nack { delivery_id: String, actor: Actor, delay: Duration, reason: String, reply: oneshot::Sender<Result<bool, DeliveryError>> },
+    Subscribe {
+        stream: mpsc::Sender<StreamItem>,
+    },
+    Ack {
+        delivery_id: String,
+        actor: Actor,
+        reply: oneshot::Sender<Result<(), DeliveryError>>,
+    },
+    Nack {
+        delivery_id: String,
+        actor: Actor,
+        delay: Duration,
+        reason: String,
+        reply: oneshot::Sender<Result<bool, DeliveryError>>,
+    },
 }
 
 /// Handle to the delivery engine. Cheap to clone.
@@ -475,7 +487,11 @@ impl RecipientActor {
             Err(error) => {
                 let message = error.to_string();
                 for (_, _, reply) in done {
-                    let _ = reply.send(Err(StoreError::CommitFailed { message: message.clone(), disk_full: error.is_disk_full() }.into()));
+                    let _ = reply.send(Err(StoreError::CommitFailed {
+                        message: message.clone(),
+                        disk_full: error.is_disk_full(),
+                    }
+                    .into()));
                 }
             }
         }
@@ -529,7 +545,11 @@ impl RecipientActor {
             Err(error) => {
                 let message = error.to_string();
                 for (.., reply) in done {
-                    let _ = reply.send(Err(StoreError::CommitFailed { message: message.clone(), disk_full: error.is_disk_full() }.into()));
+                    let _ = reply.send(Err(StoreError::CommitFailed {
+                        message: message.clone(),
+                        disk_full: error.is_disk_full(),
+                    }
+                    .into()));
                 }
             }
         }
@@ -539,7 +559,13 @@ impl RecipientActor {
         metrics().dead_letters.inc();
         record.state = DeliveryState::DeadLettered;
         record.push_event(now, "dead-lettered", format!("after {} attempts", record.attempts));
-        commit.audit.push(entry_for(record, EventType::DeadLetter, broker_actor(), now, format!("attempts={}", record.attempts)));
+        commit.audit.push(entry_for(
+            record,
+            EventType::DeadLetter,
+            broker_actor(),
+            now,
+            format!("attempts={}", record.attempts),
+        ));
         push_final_writes(commit, record, seq);
     }
 
@@ -609,7 +635,8 @@ impl RecipientActor {
             Err(error) => {
                 tracing::error!(error = %error, recipient = %self.recipient, "could not record dead letters; will retry");
                 for (delivery_id, seq) in dead {
-                    self.in_flight.insert(delivery_id, InFlight { seq, deadline: Instant::now() + Duration::from_secs(1) });
+                    self.in_flight
+                        .insert(delivery_id, InFlight { seq, deadline: Instant::now() + Duration::from_secs(1) });
                 }
             }
         }
@@ -629,7 +656,13 @@ impl RecipientActor {
             }
             record.escalated = true;
             record.push_event(now, "escalated", "acknowledgement deadline passed");
-            commit.audit.push(entry_for(&record, EventType::Escalation, broker_actor(), now, "acknowledgement deadline passed".to_owned()));
+            commit.audit.push(entry_for(
+                &record,
+                EventType::Escalation,
+                broker_actor(),
+                now,
+                "acknowledgement deadline passed".to_owned(),
+            ));
             commit.writes.push(Write::Put(records::delivery_key(delivery_id), encode_or_empty(&record)));
             escalated.push(record);
         }
@@ -679,24 +712,28 @@ impl RecipientActor {
             let mut outgoing = Vec::new();
             for (seq, delivery_id) in &batch {
                 self.ready.remove(seq);
-                let (record, copy) = match (self.load(delivery_id), self.shared.store.get(&records::copy_key(delivery_id))) {
-                    (Ok(Some(record)), Ok(Some(copy))) => (record, copy),
-                    (Err(error), _) | (_, Err(error)) => {
-                        tracing::error!(error = %error, %delivery_id, "could not read a queued copy; will retry");
-                        self.add_delayed(Instant::now() + Duration::from_secs(1), *seq, delivery_id.clone());
-                        continue;
-                    }
-                    _ => {
-                        tracing::error!(%delivery_id, "a queued copy has no stored record: dropped from the queue");
-                        continue;
-                    }
-                };
+                let (record, copy) =
+                    match (self.load(delivery_id), self.shared.store.get(&records::copy_key(delivery_id))) {
+                        (Ok(Some(record)), Ok(Some(copy))) => (record, copy),
+                        (Err(error), _) | (_, Err(error)) => {
+                            tracing::error!(error = %error, %delivery_id, "could not read a queued copy; will retry");
+                            self.add_delayed(Instant::now() + Duration::from_secs(1), *seq, delivery_id.clone());
+                            continue;
+                        }
+                        _ => {
+                            tracing::error!(%delivery_id, "a queued copy has no stored record: dropped from the queue");
+                            continue;
+                        }
+                    };
                 let mut record = record;
                 record.attempts += 1;
                 record.state = DeliveryState::Delivered;
                 record.last_delivered_at_micros = Some(now);
-                let (event, name) =
-                    if record.attempts == 1 { (EventType::Delivery, "delivered") } else { (EventType::Redelivery, "redelivered") };
+                let (event, name) = if record.attempts == 1 {
+                    (EventType::Delivery, "delivered")
+                } else {
+                    (EventType::Redelivery, "redelivered")
+                };
                 record.push_event(now, name, "");
                 commit.audit.push(entry_for(&record, event, broker_actor(), now, String::new()));
                 commit.writes.push(Write::Put(records::delivery_key(delivery_id), encode_or_empty(&record)));

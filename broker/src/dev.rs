@@ -36,10 +36,8 @@ pub fn dev_issuer(root: &Path, agency: &str) -> Result<(DevIssuer, PathBuf), Pki
     let keys = root.join("tokens").join("keys");
     let private = keys.join(format!("{agency}.key"));
     let public = keys.join(format!("{agency}.pub.pem"));
-    let generate_error = |reason: String| PkiError::Io {
-        path: private.display().to_string(),
-        source: std::io::Error::other(reason),
-    };
+    let generate_error =
+        |reason: String| PkiError::Io { path: private.display().to_string(), source: std::io::Error::other(reason) };
     if private.exists() && public.exists() {
         let pem = std::fs::read_to_string(&private)
             .map_err(|source| PkiError::Io { path: private.display().to_string(), source })?;
@@ -70,7 +68,12 @@ impl DevLayout {
 }
 
 /// Makes whatever of the development tree is missing and returns the broker configuration that uses it.
-pub fn prepare(root: &Path, policy_dir: &Path, policy: &PolicySet, listen: std::net::SocketAddr) -> Result<(Config, Vec<String>), PkiError> {
+pub fn prepare(
+    root: &Path,
+    policy_dir: &Path,
+    policy: &PolicySet,
+    listen: std::net::SocketAddr,
+) -> Result<(Config, Vec<String>), PkiError> {
     let layout = DevLayout::new(root);
     let pki_dir = layout.pki();
     let ca_cert = pki_dir.join("ca.pem");

@@ -139,9 +139,19 @@ impl Exchange {
                 .as_ref()
                 .filter(|_| copy.is_some())
                 .map(|deadline| micros(policy.deadline_at(deadline, now)));
-            commit.audit.push(decision_entry(&actor, &subject, &message_id, recipient, &decision, &reason_code, copy.is_some(), now_micros));
+            commit.audit.push(decision_entry(
+                &actor,
+                &subject,
+                &message_id,
+                recipient,
+                &decision,
+                &reason_code,
+                copy.is_some(),
+                now_micros,
+            ));
             if decision.override_used.is_some() && copy.is_some() {
-                let mut entry = decision_entry(&actor, &subject, &message_id, recipient, &decision, &reason_code, true, now_micros);
+                let mut entry =
+                    decision_entry(&actor, &subject, &message_id, recipient, &decision, &reason_code, true, now_micros);
                 entry.event = Some(EventType::OverrideUsed);
                 entry.detail = override_detail(&envelope);
                 commit.audit.push(entry);
@@ -209,7 +219,9 @@ impl Exchange {
         };
         commit.writes.push(Write::Put(records::message_key(&message_id), records::encode(&record)?));
         if !key.is_empty() {
-            commit.writes.push(Write::Put(records::idempotency_key(&caller.agency, &key), message_id.clone().into_bytes()));
+            commit
+                .writes
+                .push(Write::Put(records::idempotency_key(&caller.agency, &key), message_id.clone().into_bytes()));
         }
         self.store.commit(commit).await?;
         for entry in enqueued {
@@ -472,9 +484,8 @@ fn override_detail(envelope: &pb::Envelope) -> String {
     let reason = pb::OverrideReason::try_from(agreement.override_reason)
         .map(|reason| reason.as_str_name().to_owned())
         .unwrap_or_default();
-    let state = pb::AgreementState::try_from(agreement.state)
-        .map(|state| state.as_str_name().to_owned())
-        .unwrap_or_default();
+    let state =
+        pb::AgreementState::try_from(agreement.state).map(|state| state.as_str_name().to_owned()).unwrap_or_default();
     format!("state={state} reason={reason} authorised_by={}", agreement.authorised_by)
 }
 
@@ -483,12 +494,8 @@ fn refusal_or(receipt: pb::SendResponse) -> Result<pb::SendResponse, ExchangeErr
     if any_accepted {
         return Ok(receipt);
     }
-    let summary = receipt
-        .recipients
-        .iter()
-        .map(|r| format!("{}: {}", r.recipient, r.reason_code))
-        .collect::<Vec<_>>()
-        .join("; ");
+    let summary =
+        receipt.recipients.iter().map(|r| format!("{}: {}", r.recipient, r.reason_code)).collect::<Vec<_>>().join("; ");
     Err(ExchangeError::Refused { receipt: Box::new(receipt), summary })
 }
 
@@ -551,7 +558,8 @@ pub fn validate(envelope: &pb::Envelope) -> Result<(), ExchangeError> {
     if kind == pb::MessageKind::EscalationNotice {
         return Err(invalid("envelope.kind", "escalation notices are written by the broker only"));
     }
-    let body = envelope.body.as_ref().ok_or_else(|| invalid("envelope.body", "is required: set the body for the kind"))?;
+    let body =
+        envelope.body.as_ref().ok_or_else(|| invalid("envelope.body", "is required: set the body for the kind"))?;
     if !kind_matches_body(kind, body) {
         return Err(invalid("envelope.body", &format!("does not match kind `{}`", kind.as_str_name())));
     }
@@ -576,9 +584,7 @@ pub fn validate(envelope: &pb::Envelope) -> Result<(), ExchangeError> {
             return Err(invalid("envelope.recipients", &format!("`{recipient}` is named twice")));
         }
     }
-    if envelope.idempotency_key.len() > 200
-        || envelope.idempotency_key.chars().any(|c| c.is_control())
-    {
+    if envelope.idempotency_key.len() > 200 || envelope.idempotency_key.chars().any(|c| c.is_control()) {
         return Err(invalid("envelope.idempotency_key", "must be at most 200 printable characters"));
     }
     if let Some(agreement) = &envelope.agreement {
@@ -614,7 +620,10 @@ pub fn timestamp(at: OffsetDateTime) -> prost_types::Timestamp {
 }
 
 pub fn timestamp_micros(micros: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: micros.div_euclid(1_000_000), nanos: (micros.rem_euclid(1_000_000) * 1000) as i32 }
+    prost_types::Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: (micros.rem_euclid(1_000_000) * 1000) as i32,
+    }
 }
 
 #[cfg(test)]

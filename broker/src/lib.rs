@@ -92,14 +92,20 @@ async fn reload_tokens_on_change(config: Config, current: transport::service::Cu
                 }
                 tracing::info!("token keys reloaded");
             }
-            Err(error) => tracing::error!(error = %error, "token keys changed but do not load: keeping the previous ones"),
+            Err(error) => {
+                tracing::error!(error = %error, "token keys changed but do not load: keeping the previous ones")
+            }
         }
     }
 }
 
 /// Serves the broker on `listener` until `shutdown` resolves, then stops accepting, ends delivery streams, lets
 /// requests in flight finish and closes the store.
-pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), BrokerError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), BrokerError> {
     let policy = load_policy(&config)?;
     tracing::info!(policy_set_hash = %policy.hash(), "policy set loaded");
     metrics::metrics().policy_activated(policy.hash());
@@ -108,12 +114,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         None => None,
     };
     let audit = AuditLog::open(&config.data_dir.join("audit"))?;
-    let checkpointer = audit::checkpoints::Checkpointer::open_in(
-        &config.data_dir,
-        audit.tree(),
-        audit::checkpoints::DEFAULT_ORIGIN,
-    )
-    .map_err(audit::AuditError::from)?;
+    let checkpointer =
+        audit::checkpoints::Checkpointer::open_in(&config.data_dir, audit.tree(), audit::checkpoints::DEFAULT_ORIGIN)
+            .map_err(audit::AuditError::from)?;
     let (store, report) = Store::open(&config.data_dir, audit, config.index_cache_bytes)?;
     tracing::info!(
         journal_records_replayed = report.journal_records_replayed,
@@ -127,8 +130,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let deliveries = Deliveries::start(store.clone(), config.delivery.clone(), streams_stopping)?;
     reload::audit_policy_event(&store, audit::EventType::PolicyActivated, policy.hash(), "at start".to_owned()).await;
     let current_policy = Arc::new(RwLock::new(Arc::new(policy)));
-    let policy_watcher =
-        tokio::spawn(reload::watch(config.policy_dir.clone(), current_policy.clone(), store.clone()));
+    let policy_watcher = tokio::spawn(reload::watch(config.policy_dir.clone(), current_policy.clone(), store.clone()));
     let exchange = Exchange::new(store.clone(), deliveries.clone(), current_policy, pseudonymiser);
     {
         let exchange = exchange.clone();
@@ -156,8 +158,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         current_tokens,
         store.clone(),
     ))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes.saturating_mul(2));
+    .max_decoding_message_size(config.max_message_bytes)
+    .max_encoding_message_size(config.max_message_bytes.saturating_mul(2));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<proto::pb::broker_server::BrokerServer<BrokerService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -188,7 +190,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         .add_service(reflection)
         .add_service(service)
         .add_service(audit_service)
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), signal)
+        .serve_with_incoming_shutdown(
+            // TCP_NODELAY, as tonic's own `serve` sets it: without it Nagle's algorithm and delayed ACKs add ~40 ms
+            // stalls to small responses (measured by the load generator, PERFORMANCE.md).
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            signal,
+        )
         .await;
     reloader.abort();
     policy_watcher.abort();

@@ -118,7 +118,11 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from),
         Command::Restore { backup, data_dir } => broker::backup::restore(&backup, &data_dir)
             .map(|report| {
-                println!("restored {} files into {}; the index is rebuilt at the next start", report.files.len(), data_dir.display());
+                println!(
+                    "restored {} files into {}; the index is rebuilt at the next start",
+                    report.files.len(),
+                    data_dir.display()
+                );
                 ExitCode::SUCCESS
             })
             .map_err(anyhow::Error::from),
@@ -151,8 +155,9 @@ fn init_logging(json: bool) {
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     init_logging(args.log_json);
     let config = if args.dev {
-        let policy = broker::policy::PolicySet::load_dir(&args.policy_dir)
-            .map_err(|errors| anyhow::anyhow!("the policy set in `{}` is not valid:\n{errors}", args.policy_dir.display()))?;
+        let policy = broker::policy::PolicySet::load_dir(&args.policy_dir).map_err(|errors| {
+            anyhow::anyhow!("the policy set in `{}` is not valid:\n{errors}", args.policy_dir.display())
+        })?;
         let (mut config, agencies) = broker::dev::prepare(&args.dev_dir, &args.policy_dir, &policy, args.listen)
             .context("could not prepare the development folder")?;
         config.metrics_listen = Some(args.metrics_listen);
@@ -179,7 +184,11 @@ fn dev_token(args: TokenArgs) -> anyhow::Result<ExitCode> {
     }
     let key = args.dev_dir.join("tokens").join("keys").join(format!("{}.key", args.agency));
     let pem = std::fs::read_to_string(&key).with_context(|| {
-        format!("no development signing key for `{}` at `{}`: run `broker serve --dev` first", args.agency, key.display())
+        format!(
+            "no development signing key for `{}` at `{}`: run `broker serve --dev` first",
+            args.agency,
+            key.display()
+        )
     })?;
     let issuer = broker::auth::token::DevIssuer::from_private_pem(&args.agency, &pem).map_err(anyhow::Error::msg)?;
     let token = issuer

@@ -70,14 +70,19 @@ impl Metrics {
         registry.register("dead_letters", "Copies given up after the maximum number of attempts", dead_letters.clone());
         let escalations = Counter::default();
         registry.register("escalations", "Acknowledgement deadlines that passed", escalations.clone());
-        let acknowledgement_seconds = Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0]);
+        let acknowledgement_seconds =
+            Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0]);
         registry.register(
             "acknowledgement_seconds",
             "Time from delivery to acknowledgement",
             acknowledgement_seconds.clone(),
         );
         let commit_seconds = Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0]);
-        registry.register("commit_seconds", "Time of one durable group commit (audit append included)", commit_seconds.clone());
+        registry.register(
+            "commit_seconds",
+            "Time of one durable group commit (audit append included)",
+            commit_seconds.clone(),
+        );
         let commit_group_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0]);
         registry.register("commit_group_size", "Commits sharing one fsync", commit_group_size.clone());
         let audit_entries = Gauge::default();
@@ -89,7 +94,11 @@ impl Metrics {
         let connected_agents = Gauge::default();
         registry.register("connected_agents", "Open delivery streams", connected_agents.clone());
         let queue_depth = Family::<Labels, Gauge>::default();
-        registry.register("queue_depth", "Copies waiting for acknowledgement per recipient agency", queue_depth.clone());
+        registry.register(
+            "queue_depth",
+            "Copies waiting for acknowledgement per recipient agency",
+            queue_depth.clone(),
+        );
         let queue_oldest_age_seconds = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "queue_oldest_age_seconds",
@@ -118,7 +127,9 @@ impl Metrics {
 
     pub fn message(&self, kind: &str, accepted: bool, reason_code: &str) {
         let outcome = if accepted { "accepted" } else { "refused" };
-        self.messages.get_or_create(&vec![("kind".to_owned(), kind.to_owned()), ("outcome".to_owned(), outcome.to_owned())]).inc();
+        self.messages
+            .get_or_create(&vec![("kind".to_owned(), kind.to_owned()), ("outcome".to_owned(), outcome.to_owned())])
+            .inc();
         if !accepted {
             self.refusals.get_or_create(&label("reason_code", reason_code)).inc();
         }

@@ -128,7 +128,12 @@ pub struct DeliveryRecord {
 
 impl DeliveryRecord {
     pub fn push_event(&mut self, at_micros: i64, event: &str, detail: impl Into<String>) {
-        self.events.push(TrackEvent { at_micros, event: event.to_owned(), attempt: self.attempts, detail: detail.into() });
+        self.events.push(TrackEvent {
+            at_micros,
+            event: event.to_owned(),
+            attempt: self.attempts,
+            detail: detail.into(),
+        });
     }
 }
 

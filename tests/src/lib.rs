@@ -86,7 +86,14 @@ pub struct BrokerSettings {
 
 impl Default for BrokerSettings {
     fn default() -> Self {
-        Self { ack_wait_seconds: 30, max_attempts: 5, max_message_bytes: 4 * 1024 * 1024, default_retry_delay_millis: 200, metrics_listen: None, policy_dir: None }
+        Self {
+            ack_wait_seconds: 30,
+            max_attempts: 5,
+            max_message_bytes: 4 * 1024 * 1024,
+            default_retry_delay_millis: 200,
+            metrics_listen: None,
+            policy_dir: None,
+        }
     }
 }
 
@@ -147,7 +154,8 @@ impl Area {
     /// Writes `broker.toml` for `listen` and returns its path.
     pub fn write_broker_config(&self, listen: SocketAddr) -> Result<PathBuf> {
         let settings = &self.settings;
-        let metrics = settings.metrics_listen.map(|address| format!("metrics_listen = \"{address}\"\n")).unwrap_or_default();
+        let metrics =
+            settings.metrics_listen.map(|address| format!("metrics_listen = \"{address}\"\n")).unwrap_or_default();
         let text = format!(
             r#"listen = "{listen}"
 {metrics}data_dir = "data"

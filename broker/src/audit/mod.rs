@@ -150,10 +150,8 @@ impl AuditEntry {
     /// The deterministic encoding hashed into the Merkle tree.
     pub fn encode(&self) -> Result<Vec<u8>, AuditError> {
         let bytes = vec![ENTRY_FORMAT_VERSION];
-        postcard::to_extend(self, bytes).map_err(|error| AuditError::Malformed {
-            sequence: self.sequence,
-            reason: error.to_string(),
-        })
+        postcard::to_extend(self, bytes)
+            .map_err(|error| AuditError::Malformed { sequence: self.sequence, reason: error.to_string() })
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {

@@ -161,13 +161,13 @@ pub fn search(
                 let Some(last) = slice.last().map(|(sequence, _)| *sequence) else { break };
                 next = last + 1;
                 for (sequence, offset) in slice {
-                let (encoded, entry) = reader.read_at(offset)?;
-                if entry.sequence != sequence {
-                    return Err(QueryError::IndexMismatch { expected: sequence, found: entry.sequence });
-                }
-                if filter.matches(&entry) && !accept(Found { encoded, entry }) {
-                    break 'postings;
-                }
+                    let (encoded, entry) = reader.read_at(offset)?;
+                    if entry.sequence != sequence {
+                        return Err(QueryError::IndexMismatch { expected: sequence, found: entry.sequence });
+                    }
+                    if filter.matches(&entry) && !accept(Found { encoded, entry }) {
+                        break 'postings;
+                    }
                 }
             }
         }

@@ -29,10 +29,8 @@ pub enum AuthError {
 pub fn agency_from_certificate(der: &[u8]) -> Result<String, AuthError> {
     let (_, certificate) = X509Certificate::from_der(der).map_err(|_| AuthError::BadCertificate)?;
     let names = certificate.subject_alternative_name().map_err(|_| AuthError::BadCertificate)?;
-    let mut agencies = names
-        .iter()
-        .flat_map(|extension| extension.value.general_names.iter())
-        .filter_map(|name| match name {
+    let mut agencies =
+        names.iter().flat_map(|extension| extension.value.general_names.iter()).filter_map(|name| match name {
             GeneralName::URI(uri) => uri.strip_prefix(AGENCY_URI_PREFIX),
             _ => None,
         });

@@ -252,7 +252,9 @@ impl TokenVerifier {
             return Err(TokenError::AlgorithmNotAllowed(format!("{:?}", header.alg)));
         }
         let candidates: Vec<&DecodingKey> = match &header.kid {
-            Some(kid) => issuer.keys.iter().filter(|(id, _)| id.as_deref() == Some(kid.as_str())).map(|(_, key)| key).collect(),
+            Some(kid) => {
+                issuer.keys.iter().filter(|(id, _)| id.as_deref() == Some(kid.as_str())).map(|(_, key)| key).collect()
+            }
             None => issuer.keys.iter().map(|(_, key)| key).collect(),
         };
         if candidates.is_empty() {
@@ -463,7 +465,10 @@ mod tests {
         assert_eq!(verifier.verify("beds-police", &police.mint_claims(&future).unwrap()), Err(TokenError::NotYetValid));
         let mut audience = claims(&police);
         audience.aud = "another-service".to_owned();
-        assert_eq!(verifier.verify("beds-police", &police.mint_claims(&audience).unwrap()), Err(TokenError::WrongAudience));
+        assert_eq!(
+            verifier.verify("beds-police", &police.mint_claims(&audience).unwrap()),
+            Err(TokenError::WrongAudience)
+        );
         let token = police.mint_claims(&claims(&police)).unwrap();
         let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
         let mut tampered = claims(&police);

@@ -197,7 +197,11 @@ pub fn read_all(path: &Path, mut visit: impl FnMut(u64, &[u8]) -> Result<(), Log
                 });
             }
             Frame::BadChecksum { .. } => {
-                return Err(LogError::Corrupt { path: path.to_owned(), offset, reason: "checksum mismatch".to_owned() });
+                return Err(LogError::Corrupt {
+                    path: path.to_owned(),
+                    offset,
+                    reason: "checksum mismatch".to_owned(),
+                });
             }
         }
     }

@@ -118,8 +118,7 @@ impl Store {
     /// Opens the data directory: sled under `index/`, the journal `journal.log`, and the audit log, replaying the
     /// journal into sled.
     pub fn open(data_dir: &Path, audit: AuditLog, sled_cache_bytes: u64) -> Result<(Self, OpenReport), StoreError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|source| LogError::Io { path: data_dir.to_owned(), source })?;
+        std::fs::create_dir_all(data_dir).map_err(|source| LogError::Io { path: data_dir.to_owned(), source })?;
         let db = sled::Config::new()
             .path(data_dir.join("index"))
             .cache_capacity(sled_cache_bytes)
@@ -131,12 +130,11 @@ impl Store {
         };
         let mut replayed = 0;
         let (journal, recovery) = AppendLog::open(&data_dir.join("journal.log"), applied, |offset, payload| {
-            let record: JournalRecord = postcard::from_bytes(payload)
-                .map_err(|error| LogError::Corrupt {
-                    path: data_dir.join("journal.log"),
-                    offset,
-                    reason: format!("undecodable journal record: {error}"),
-                })?;
+            let record: JournalRecord = postcard::from_bytes(payload).map_err(|error| LogError::Corrupt {
+                path: data_dir.join("journal.log"),
+                offset,
+                reason: format!("undecodable journal record: {error}"),
+            })?;
             let end = offset + 8 + payload.len() as u64;
             let mut batch = sled::Batch::default();
             apply_to_batch(&mut batch, record.writes);

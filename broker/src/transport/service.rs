@@ -81,9 +81,7 @@ impl Authenticator {
             _ => Err(TokenError::Missing),
         };
         match verified {
-            Ok(practitioner) => {
-                Ok(Caller { agency, practitioner: practitioner.subject, roles: practitioner.roles })
-            }
+            Ok(practitioner) => Ok(Caller { agency, practitioner: practitioner.subject, roles: practitioner.roles }),
             Err(error) => {
                 tracing::warn!(%agency, reason = error.reason(), operation, "refused a request's token");
                 self.audit_refusal(&agency, operation, error.reason()).await?;
@@ -144,10 +142,10 @@ pub fn actor_of(caller: &Caller) -> Actor {
 impl Broker for BrokerService {
     async fn send(&self, request: Request<pb::SendRequest>) -> Result<Response<pb::SendResponse>, Status> {
         let caller = self.caller(&request, "send").await?;
-        let envelope = request.into_inner().envelope.ok_or(ExchangeError::InvalidArgument {
-            field: "envelope",
-            description: "is required".to_owned(),
-        })?;
+        let envelope = request
+            .into_inner()
+            .envelope
+            .ok_or(ExchangeError::InvalidArgument { field: "envelope", description: "is required".to_owned() })?;
         let receipt = self.exchange.send(&caller, envelope).await?;
         Ok(Response::new(receipt))
     }
@@ -172,7 +170,9 @@ impl Broker for BrokerService {
         let caller = self.caller(&request, "acknowledge").await?;
         let delivery_id = request.into_inner().delivery_id;
         if delivery_id.is_empty() {
-            return Err(ExchangeError::InvalidArgument { field: "delivery_id", description: "is required".to_owned() }.into());
+            return Err(
+                ExchangeError::InvalidArgument { field: "delivery_id", description: "is required".to_owned() }.into()
+            );
         }
         self.deliveries.acknowledge(&caller.agency, &delivery_id, actor_of(&caller)).await?;
         Ok(Response::new(pb::AcknowledgeResponse {}))
@@ -185,7 +185,9 @@ impl Broker for BrokerService {
         let caller = self.caller(&request, "negative-acknowledge").await?;
         let request = request.into_inner();
         if request.delivery_id.is_empty() {
-            return Err(ExchangeError::InvalidArgument { field: "delivery_id", description: "is required".to_owned() }.into());
+            return Err(
+                ExchangeError::InvalidArgument { field: "delivery_id", description: "is required".to_owned() }.into()
+            );
         }
         if request.retry_after_millis < 0 {
             return Err(ExchangeError::InvalidArgument {

@@ -9,7 +9,12 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{auth::{AuthError, token::TokenError}, delivery::DeliveryError, exchange::ExchangeError, store::StoreError};
+use crate::{
+    auth::{AuthError, token::TokenError},
+    delivery::DeliveryError,
+    exchange::ExchangeError,
+    store::StoreError,
+};
 
 pub const ERROR_DOMAIN: &str = "safeguarding.v1";
 
@@ -22,7 +27,11 @@ impl From<ExchangeError> for Status {
         match error {
             ExchangeError::InvalidArgument { field, description } => {
                 let mut details = ErrorDetails::with_bad_request_violation(field, description.clone());
-                details.set_error_info("invalid-argument", ERROR_DOMAIN, HashMap::from([("field".to_owned(), field.to_owned())]));
+                details.set_error_info(
+                    "invalid-argument",
+                    ERROR_DOMAIN,
+                    HashMap::from([("field".to_owned(), field.to_owned())]),
+                );
                 Status::with_error_details(Code::InvalidArgument, format!("`{field}`: {description}"), details)
             }
             ExchangeError::Refused { receipt, summary } => {
@@ -93,8 +102,18 @@ impl From<TokenError> for Status {
 pub fn store_status(error: &StoreError) -> Status {
     tracing::error!(error = %error, "storage failure");
     if error.is_disk_full() {
-        status(Code::ResourceExhausted, "disk-full", "the broker's disk is full: nothing was stored, retry later", HashMap::new())
+        status(
+            Code::ResourceExhausted,
+            "disk-full",
+            "the broker's disk is full: nothing was stored, retry later",
+            HashMap::new(),
+        )
     } else {
-        status(Code::Unavailable, "storage-unavailable", "the broker could not store this durably: nothing was stored, retry", HashMap::new())
+        status(
+            Code::Unavailable,
+            "storage-unavailable",
+            "the broker could not store this durably: nothing was stored, retry",
+            HashMap::new(),
+        )
     }
 }

@@ -21,7 +21,9 @@ fn json_files(folder: &std::path::Path) -> Vec<std::path::PathBuf> {
     files
 }
 
-fn start(config: agent::AgentConfig) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), agent::AgentError>>) {
+fn start(
+    config: agent::AgentConfig,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), agent::AgentError>>) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(agent::run(config, async move {
         let _ = stopped.await;

@@ -202,7 +202,8 @@ async fn messages_for_an_offline_agent_wait_until_it_connects_in_order() -> Resu
     let mut sent = Vec::new();
     for index in 0..5 {
         let receipt =
-            send(&mut police, with_key(example("operation-encompass-notification.json")?, &format!("offline-{index}"))).await?;
+            send(&mut police, with_key(example("operation-encompass-notification.json")?, &format!("offline-{index}")))
+                .await?;
         sent.push(receipt.message_id);
     }
     let mut school = area.client(SCHOOL, broker.address).await?;
@@ -279,10 +280,7 @@ async fn oversized_and_malformed_messages_are_refused_and_nothing_is_stored() ->
         incident.location = "x".repeat(100 * 1024);
     }
     let status = send(&mut police, oversized).await.unwrap_err();
-    assert!(
-        matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted),
-        "oversized: {status:?}"
-    );
+    assert!(matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted), "oversized: {status:?}");
 
     let mut mismatched = with_key(example("operation-encompass-notification.json")?, "mismatch");
     mismatched.kind = pb::MessageKind::Referral as i32;

@@ -60,20 +60,40 @@ async fn every_bad_token_is_refused_audited_and_stores_nothing() -> Result<()> {
         jsonwebtoken::encode(&header, &police_claims(&police), &jsonwebtoken::EncodingKey::from_secret(&public))?;
     cases.push(("hmac confusion", Some(confused), tonic::Code::Unauthenticated, "algorithm-not-allowed"));
     // A genuine school token over the police certificate.
-    cases.push(("other agency's token", Some(area.default_token(SCHOOL)?), tonic::Code::Unauthenticated, "unknown-issuer"));
+    cases.push((
+        "other agency's token",
+        Some(area.default_token(SCHOOL)?),
+        tonic::Code::Unauthenticated,
+        "unknown-issuer",
+    ));
     let mut expired = police_claims(&police);
     expired.exp = now() - 3600;
     cases.push(("expired", Some(police.mint_claims(&expired).unwrap()), tonic::Code::Unauthenticated, "token-expired"));
     let mut early = police_claims(&police);
     early.nbf = Some(now() + 3600);
-    cases.push(("not yet valid", Some(police.mint_claims(&early).unwrap()), tonic::Code::Unauthenticated, "token-not-yet-valid"));
+    cases.push((
+        "not yet valid",
+        Some(police.mint_claims(&early).unwrap()),
+        tonic::Code::Unauthenticated,
+        "token-not-yet-valid",
+    ));
     let mut audience = police_claims(&police);
     audience.aud = "some-other-service".to_owned();
-    cases.push(("wrong audience", Some(police.mint_claims(&audience).unwrap()), tonic::Code::Unauthenticated, "wrong-audience"));
+    cases.push((
+        "wrong audience",
+        Some(police.mint_claims(&audience).unwrap()),
+        tonic::Code::Unauthenticated,
+        "wrong-audience",
+    ));
     let (stranger, _, _) = DevIssuer::generate(POLICE).unwrap();
     let mut foreign = police_claims(&stranger);
     foreign.iss = "https://idp.elsewhere.invalid/".to_owned();
-    cases.push(("unknown issuer", Some(stranger.mint_claims(&foreign).unwrap()), tonic::Code::Unauthenticated, "unknown-issuer"));
+    cases.push((
+        "unknown issuer",
+        Some(stranger.mint_claims(&foreign).unwrap()),
+        tonic::Code::Unauthenticated,
+        "unknown-issuer",
+    ));
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
     header.kid = Some("not-a-key-id".to_owned());
     let private = std::fs::read(area.path().join(format!("tokens/keys/{POLICE}.key")))?;
@@ -89,7 +109,12 @@ async fn every_bad_token_is_refused_audited_and_stores_nothing() -> Result<()> {
     // Signed by the police's own key but claiming another agency.
     let mut claims = police_claims(&police);
     claims.agency = SCHOOL.to_owned();
-    cases.push(("agency claim mismatch", Some(police.mint_claims(&claims).unwrap()), tonic::Code::PermissionDenied, "agency-mismatch"));
+    cases.push((
+        "agency claim mismatch",
+        Some(police.mint_claims(&claims).unwrap()),
+        tonic::Code::PermissionDenied,
+        "agency-mismatch",
+    ));
 
     for (name, token, code, reason) in &cases {
         let status = try_send(&area, &broker, token.as_deref()).await;

@@ -1,7 +1,7 @@
 //! End-to-end tests: one binary, one module per area of behaviour.
 
-mod audit;
 mod agent;
+mod audit;
 mod backbone;
 mod identity;
 mod operations;

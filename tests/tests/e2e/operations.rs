@@ -39,10 +39,8 @@ async fn health_and_reflection_answer_standard_clients() -> Result<()> {
     let channel = area.channel(POLICE, broker.address).await?;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     for service in ["", "safeguarding.v1.Broker"] {
-        let answer = health
-            .check(tonic_health::pb::HealthCheckRequest { service: service.to_owned() })
-            .await?
-            .into_inner();
+        let answer =
+            health.check(tonic_health::pb::HealthCheckRequest { service: service.to_owned() }).await?.into_inner();
         assert_eq!(answer.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{service}");
     }
     use tonic_reflection::pb::v1::{
@@ -50,10 +48,15 @@ async fn health_and_reflection_answer_standard_clients() -> Result<()> {
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
     let mut reflection = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut responses = reflection.server_reflection_info(tokio_stream::iter(vec![request])).await?.into_inner();
     let response = tokio_stream::StreamExt::next(&mut responses).await.unwrap()?;
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else { panic!("no service list") };
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("no service list")
+    };
     let names: BTreeSet<String> = list.service.into_iter().map(|service| service.name).collect();
     assert!(names.contains("safeguarding.v1.Broker"), "{names:?}");
     broker.stop().await
@@ -62,7 +65,8 @@ async fn health_and_reflection_answer_standard_clients() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_traffic_without_personal_data() -> Result<()> {
     let metrics_address = free_port();
-    let area = Area::with_settings(BrokerSettings { metrics_listen: Some(metrics_address), ..BrokerSettings::default() })?;
+    let area =
+        Area::with_settings(BrokerSettings { metrics_listen: Some(metrics_address), ..BrokerSettings::default() })?;
     let broker = InProcessBroker::start(&area).await?;
     let mut police = area.client(POLICE, broker.address).await?;
     send_f1(&mut police, "metrics-1").await?;
@@ -155,7 +159,8 @@ async fn a_backup_taken_while_running_restores_queue_and_audit_log() -> Result<(
     let broker = InProcessBroker::start_on(&area, address).await?;
     let mut school = area.client(SCHOOL, address).await?;
     let mut stream = school.deliveries(pb::DeliveriesRequest {}).await?.into_inner();
-    let delivery = tokio::time::timeout(Duration::from_secs(5), tokio_stream::StreamExt::next(&mut stream)).await?.unwrap()?;
+    let delivery =
+        tokio::time::timeout(Duration::from_secs(5), tokio_stream::StreamExt::next(&mut stream)).await?.unwrap()?;
     assert_eq!(delivery.message_id, receipt.message_id, "the queued copy survived backup and restore");
     let mut police = area.client(POLICE, address).await?;
     let again = send_f1(&mut police, "backup").await?;
@@ -200,13 +205,27 @@ async fn a_debug_log_of_real_traffic_holds_no_personal_data() -> Result<()> {
     let mut stream = school_client.deliveries(pb::DeliveriesRequest {}).await?.into_inner();
     let delivery = tokio_stream::StreamExt::next(&mut stream).await.unwrap()?;
     school_client.acknowledge(pb::AcknowledgeRequest { delivery_id: delivery.delivery_id }).await?;
-    let _ = area.client_with_token(POLICE, broker.address, Some("garbage")).await?.send(pb::SendRequest { envelope: None }).await;
+    let _ = area
+        .client_with_token(POLICE, broker.address, Some("garbage"))
+        .await?
+        .send(pb::SendRequest { envelope: None })
+        .await;
     drop(stream);
     tokio::task::spawn_blocking(move || broker.terminate()).await??;
 
     let text = std::fs::read_to_string(&log)?;
     assert!(text.contains("message decided"), "the log has the run's events: {text}");
-    for personal in ["Maisie", "Exampleton", "Tyler", "Fakename", "9434765919", "943 476 5919", "Fictional Close", "Imaginary Road", "scared by the shouting"] {
+    for personal in [
+        "Maisie",
+        "Exampleton",
+        "Tyler",
+        "Fakename",
+        "9434765919",
+        "943 476 5919",
+        "Fictional Close",
+        "Imaginary Road",
+        "scared by the shouting",
+    ] {
         assert!(!text.contains(personal), "the log must not carry `{personal}`");
     }
     Ok(())

@@ -112,7 +112,8 @@ async fn a_refusal_is_permission_denied_with_reason_and_rules() -> Result<()> {
 async fn hot_reload_swaps_a_valid_set_and_keeps_the_last_good_one_otherwise() -> Result<()> {
     let policies = tempfile::tempdir()?;
     tests::copy_sample_policies(policies.path())?;
-    let area = Area::with_settings(BrokerSettings { policy_dir: Some(policies.path().to_owned()), ..Default::default() })?;
+    let area =
+        Area::with_settings(BrokerSettings { policy_dir: Some(policies.path().to_owned()), ..Default::default() })?;
     let broker = InProcessBroker::start(&area).await?;
     let mut police = area.client(POLICE, broker.address).await?;
     let to_charity = |key: &str| -> Result<pb::SendRequest> {
@@ -165,7 +166,10 @@ async fn hot_reload_swaps_a_valid_set_and_keeps_the_last_good_one_otherwise() ->
     let mut events = Vec::new();
     broker::store::log::read_all(&broker::audit::AuditLog::path(&area.data_dir().join("audit")), |_, bytes| {
         let entry = broker::audit::AuditEntry::decode(bytes).unwrap();
-        if matches!(entry.event, Some(broker::audit::EventType::PolicyActivated | broker::audit::EventType::PolicyRejected)) {
+        if matches!(
+            entry.event,
+            Some(broker::audit::EventType::PolicyActivated | broker::audit::EventType::PolicyRejected)
+        ) {
             events.push(entry.event.unwrap().as_str());
         }
         Ok(())

@@ -45,7 +45,11 @@ async fn queued_messages_survive_kill_9_and_are_all_delivered_after_restart() ->
     }));
     let inbox = area.inbox(SCHOOL);
     let arrived = eventually(Duration::from_secs(20), || inbox_message_ids(&inbox) == acknowledged).await;
-    assert!(arrived, "missing after restart: {:?}", acknowledged.difference(&inbox_message_ids(&inbox)).collect::<Vec<_>>());
+    assert!(
+        arrived,
+        "missing after restart: {:?}",
+        acknowledged.difference(&inbox_message_ids(&inbox)).collect::<Vec<_>>()
+    );
 
     // Kill again while the agent is connected, then restart: nothing is written twice.
     broker.kill()?;
@@ -56,9 +60,8 @@ async fn queued_messages_survive_kill_9_and_are_all_delivered_after_restart() ->
     let receipt = police.send(pb::SendRequest { envelope: Some(envelope) }).await?.into_inner();
     acknowledged.insert(receipt.message_id);
     assert!(eventually(Duration::from_secs(20), || inbox_message_ids(&inbox) == acknowledged).await);
-    let files = std::fs::read_dir(&inbox)?.filter(|entry| {
-        entry.as_ref().is_ok_and(|entry| entry.path().extension().is_some_and(|ext| ext == "json"))
-    });
+    let files = std::fs::read_dir(&inbox)?
+        .filter(|entry| entry.as_ref().is_ok_and(|entry| entry.path().extension().is_some_and(|ext| ext == "json")));
     assert_eq!(files.count(), acknowledged.len(), "each message written once");
 
     let _ = stop.send(());
@@ -90,7 +93,8 @@ async fn a_graceful_restart_keeps_the_queue() -> Result<()> {
     assert!(again.duplicate);
     let mut school = area.client(SCHOOL, address).await?;
     let mut stream = school.deliveries(pb::DeliveriesRequest {}).await?.into_inner();
-    let delivery = tokio::time::timeout(Duration::from_secs(5), tokio_stream::StreamExt::next(&mut stream)).await?.unwrap()?;
+    let delivery =
+        tokio::time::timeout(Duration::from_secs(5), tokio_stream::StreamExt::next(&mut stream)).await?.unwrap()?;
     assert_eq!(delivery.message_id, receipt.message_id);
     broker.stop().await
 }
