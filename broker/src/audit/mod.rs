@@ -233,6 +233,11 @@ impl AuditLog {
         self.next_sequence
     }
 
+    /// Size of `entries.log` in bytes.
+    pub fn byte_len(&self) -> u64 {
+        self.log.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.next_sequence == 0
     }

@@ -249,6 +249,7 @@ fn run_committer(jobs: mpsc::Receiver<Job>, mut journal: AppendLog, mut audit: A
         metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
         metrics.commit_group_size.observe(group.len() as f64);
         metrics.audit_entries.set(audit.len() as i64);
+        metrics.audit_log_bytes.set(audit.byte_len() as i64);
         match result {
             Ok(sequences) => {
                 for (job, sequences) in group.into_iter().zip(sequences) {
