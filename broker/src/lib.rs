@@ -107,6 +107,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), BrokerError> {
     let policy = load_policy(&config)?;
+    // Everything that can fail is checked before any task starts, so a failed start leaves nothing running.
+    let tls = transport::server_tls(&config.tls)?;
     tracing::info!(policy_set_hash = %policy.hash(), "policy set loaded");
     metrics::metrics().policy_activated(policy.hash());
     let metrics_listener = match config.metrics_listen {
@@ -126,6 +128,10 @@ pub async fn run(
     );
     let pseudonymiser = Pseudonymiser::load_or_create(&config.data_dir.join("keys"))?;
     let tokens = load_tokens(&config)?;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|error| BrokerError::Reflection(error.to_string()))?;
     let (stop_streams, streams_stopping) = watch::channel(false);
     let deliveries = Deliveries::start(store.clone(), config.delivery.clone(), streams_stopping)?;
     reload::audit_policy_event(&store, audit::EventType::PolicyActivated, policy.hash(), "at start".to_owned()).await;
@@ -162,10 +168,6 @@ pub async fn run(
     .max_encoding_message_size(config.max_message_bytes.saturating_mul(2));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<proto::pb::broker_server::BrokerServer<BrokerService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|error| BrokerError::Reflection(error.to_string()))?;
     let (stop_metrics, metrics_stopping) = tokio::sync::oneshot::channel::<()>();
     let metrics_task = metrics_listener.map(|listener| {
         tracing::info!(address = ?listener.local_addr().ok(), "metrics at /metrics");
@@ -173,7 +175,6 @@ pub async fn run(
             let _ = metrics_stopping.await;
         }))
     });
-    let tls = transport::server_tls(&config.tls)?;
     let local = listener.local_addr().ok();
     tracing::info!(address = ?local, "broker listening (mutual TLS)");
     let signal = async move {
