@@ -6,6 +6,9 @@
 //! Run: `cargo bench -p broker --bench store`. The machine's raw fsync rate is the reference: the load generator
 //! (`cargo run --release -p tests --bin load`) measures it in the same filesystem.
 
+// A benchmark fails loudly: unwrap and panic are how it reports a broken setup.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::{
     hint::black_box,
     sync::Arc,
@@ -23,7 +26,11 @@ fn send_like_commit(index: u64) -> Commit {
     let entry = AuditEntry {
         time_micros: AuditEntry::now_micros(),
         event: Some(EventType::DecisionToShare),
-        actor: Actor { agency: "beds-police".to_owned(), practitioner: "bench-spoc".to_owned(), role: "spoc".to_owned() },
+        actor: Actor {
+            agency: "beds-police".to_owned(),
+            practitioner: "bench-spoc".to_owned(),
+            role: "spoc".to_owned(),
+        },
         message_id: message_id.clone(),
         recipient: "luton-oakwood-primary".to_owned(),
         rule_ids: vec!["f1-encompass-police-to-school-dsl".to_owned()],

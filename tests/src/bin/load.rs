@@ -33,11 +33,20 @@ use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 /// The scenarios, in the order they run when none is named.
-const ALL_SCENARIOS: &[&str] =
-    &["one-in-flight", "sixty-four-in-flight", "fan-out-5", "open-loop", "offline-drain", "connections-1000", "restart"];
+const ALL_SCENARIOS: &[&str] = &[
+    "one-in-flight",
+    "sixty-four-in-flight",
+    "fan-out-5",
+    "open-loop",
+    "offline-drain",
+    "connections-1000",
+    "restart",
+];
 
 #[derive(Parser, Debug, Clone)]
-#[command(about = "Load generator for the safeguarding broker: the whole path, with references measured in the same run")]
+#[command(
+    about = "Load generator for the safeguarding broker: the whole path, with references measured in the same run"
+)]
 struct Args {
     /// Scenarios to run (repeat the flag); all when none is given.
     #[arg(long = "scenario", value_parser = clap::builder::PossibleValuesParser::new(ALL_SCENARIOS))]
@@ -130,7 +139,11 @@ fn serve(config_path: Option<&String>, bare: bool) -> Result<()> {
             tonic::transport::Server::builder()
                 .tls_config(tls)?
                 .add_service(pb::broker_server::BrokerServer::new(BareBroker))
-                .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), signal)
+                .serve_with_incoming_shutdown(
+                    // TCP_NODELAY as tonic's own `serve` sets it (an incoming built from a listener leaves it off).
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    signal,
+                )
                 .await?;
             Ok(())
         } else {
@@ -166,7 +179,10 @@ impl Broker for BareBroker {
         Ok(Response::new(tokio_stream::empty()))
     }
 
-    async fn acknowledge(&self, _: Request<pb::AcknowledgeRequest>) -> Result<Response<pb::AcknowledgeResponse>, Status> {
+    async fn acknowledge(
+        &self,
+        _: Request<pb::AcknowledgeRequest>,
+    ) -> Result<Response<pb::AcknowledgeResponse>, Status> {
         Ok(Response::new(pb::AcknowledgeResponse {}))
     }
 
@@ -413,7 +429,11 @@ async fn measure_references(args: &Args, area: &Area, workload: &Workload) -> Re
         bare_one_latency: percentiles(one.latencies.clone()),
         bare_sixty_four_per_second: sixty_four.rate(),
     };
-    println!("bare tonic mTLS unary (same envelopes), 1 in flight: {:.0}/s; {}", one.rate(), describe("latency", &references.bare_one_latency));
+    println!(
+        "bare tonic mTLS unary (same envelopes), 1 in flight: {:.0}/s; {}",
+        one.rate(),
+        describe("latency", &references.bare_one_latency)
+    );
     println!(
         "bare tonic mTLS unary (same envelopes), 64 in flight: {:.0}/s; {}",
         sixty_four.rate(),
@@ -498,7 +518,11 @@ enum Credentials<'a> {
     DevDir(&'a Path),
 }
 
-async fn connect_client(credentials: &Credentials<'_>, agency: &str, address: SocketAddr) -> Result<agent::BrokerClient> {
+async fn connect_client(
+    credentials: &Credentials<'_>,
+    agency: &str,
+    address: SocketAddr,
+) -> Result<agent::BrokerClient> {
     let config = agent_config(credentials, agency, address)?;
     agent::connect(&config).await.map_err(|error| anyhow!("{error}"))
 }
@@ -526,7 +550,10 @@ struct Workload {
 
 impl Workload {
     fn new(templates: Vec<(String, pb::Envelope)>) -> Self {
-        let run = format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+        let run = format!(
+            "{:x}",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
+        );
         Self { templates, run }
     }
 
@@ -575,10 +602,16 @@ fn encompass_workload() -> Result<Workload> {
 /// F8 to five recipients: acute care, GP, health visiting and two schools.
 fn fan_out_workload() -> Result<Workload> {
     let mut envelope = example("child-protection-plan-notification.json")?;
-    envelope.recipients = ["ldh-hospital", "luton-bury-park-gp", "luton-health-visiting", "luton-oakwood-primary", "luton-lea-manor-high"]
-        .iter()
-        .map(|id| (*id).to_owned())
-        .collect();
+    envelope.recipients = [
+        "ldh-hospital",
+        "luton-bury-park-gp",
+        "luton-health-visiting",
+        "luton-oakwood-primary",
+        "luton-lea-manor-high",
+    ]
+    .iter()
+    .map(|id| (*id).to_owned())
+    .collect();
     Ok(Workload::new(vec![("luton-csc".to_owned(), envelope)]))
 }
 
@@ -675,7 +708,13 @@ impl SendResults {
     }
 }
 
-async fn closed_loop(senders: &Senders, workload: &Workload, messages: u64, in_flight: usize, timeout: u64) -> Result<SendResults> {
+async fn closed_loop(
+    senders: &Senders,
+    workload: &Workload,
+    messages: u64,
+    in_flight: usize,
+    timeout: u64,
+) -> Result<SendResults> {
     let next = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(timeout);
     let start = Instant::now();
@@ -711,7 +750,13 @@ async fn closed_loop(senders: &Senders, workload: &Workload, messages: u64, in_f
     Ok(total)
 }
 
-async fn open_loop(senders: &Senders, workload: &Workload, rate: u64, messages: u64, timeout: u64) -> Result<SendResults> {
+async fn open_loop(
+    senders: &Senders,
+    workload: &Workload,
+    rate: u64,
+    messages: u64,
+    timeout: u64,
+) -> Result<SendResults> {
     let results = Arc::new(Mutex::new(SendResults::default()));
     let outstanding = Arc::new(Semaphore::new(20_000));
     let start = Instant::now();
@@ -770,14 +815,7 @@ impl Receivers {
             let client = connect_client(credentials, agency, address).await?;
             let inbox = inbox_root.join(agency);
             std::fs::create_dir_all(&inbox)?;
-            tasks.push(tokio::spawn(receive(
-                client,
-                inbox,
-                concurrency,
-                written.clone(),
-                times.clone(),
-                stop.clone(),
-            )));
+            tasks.push(tokio::spawn(receive(client, inbox, concurrency, written.clone(), times.clone(), stop.clone())));
         }
         Ok(Self { written, times, stop, tasks })
     }
@@ -937,7 +975,11 @@ impl Subject {
             server.stop(graceful)?;
         }
         // The same port, so clients' addresses stay right.
-        let config_text = std::fs::read_to_string(&config)?.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"{}\"", self.address), 1);
+        let config_text = std::fs::read_to_string(&config)?.replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{}\"", self.address),
+            1,
+        );
         std::fs::write(&config, config_text)?;
         let started = Instant::now();
         let server = Server::spawn("serve-broker", &config, self.data_dir.clone())?;
@@ -978,21 +1020,37 @@ async fn throughput_scenario(
     pacing: Pacing,
 ) -> Result<()> {
     let args = context.args;
-    println!("== {name}: {messages} messages, {pacing:?}, {} templates, agent concurrency {}", workload.templates.len(), args.agent_concurrency);
+    println!(
+        "== {name}: {messages} messages, {pacing:?}, {} templates, agent concurrency {}",
+        workload.templates.len(),
+        args.agent_concurrency
+    );
     let (subject, _) = Subject::start(args, 0)?;
+    eprintln!("[{name}] broker started at {}", subject.address);
     let credentials = subject.credentials(args);
-    let receivers =
-        Receivers::start(&credentials, subject.address, &workload.recipients(), &subject.area.path().join("inbox"), args.agent_concurrency)
-            .await?;
+    let receivers = Receivers::start(
+        &credentials,
+        subject.address,
+        &workload.recipients(),
+        &subject.area.path().join("inbox"),
+        args.agent_concurrency,
+    )
+    .await?;
     let dev_dir = match credentials {
         Credentials::DevDir(dir) => Some(dir),
         Credentials::Area(_) => None,
     };
-    let senders = Senders::connect(&subject.area, subject.address, &workload, args.connections_per_sender, dev_dir).await?;
+    let senders =
+        Senders::connect(&subject.area, subject.address, &workload, args.connections_per_sender, dev_dir).await?;
+    eprintln!("[{name}] receivers and senders connected");
     // Warm up: connections, TLS sessions, the broker's actors.
-    let _ = closed_loop(&senders, &workload, 50, 4, 30).await?;
-    let warm_copies = 50 * workload.templates.iter().map(|(_, e)| e.recipients.len() as u64).sum::<u64>() / workload.templates.len() as u64;
+    let warm_workload = Workload { templates: workload.templates.clone(), run: format!("{}-warm", workload.run) };
+    let warm = closed_loop(&senders, &warm_workload, 50, 4, 30).await?;
+    eprintln!("[{name}] warm-up: {} sent, {} errors {:?}", warm.latencies.len(), warm.errors, warm.first_error);
+    let warm_copies = 50 * workload.templates.iter().map(|(_, e)| e.recipients.len() as u64).sum::<u64>()
+        / workload.templates.len() as u64;
     receivers.wait_for(warm_copies, Duration::from_secs(30)).await;
+    eprintln!("[{name}] warm-up deliveries written: {}", receivers.written());
     let base = receivers.written();
     let before = subject.stats();
     let start = Instant::now();
@@ -1000,7 +1058,8 @@ async fn throughput_scenario(
         Pacing::Closed(in_flight) => closed_loop(&senders, &workload, messages, in_flight, args.phase_timeout).await?,
         Pacing::Open(rate) => open_loop(&senders, &workload, rate, messages, args.phase_timeout).await?,
     };
-    let all_delivered = receivers.wait_for(base + results.accepted_copies, Duration::from_secs(args.phase_timeout)).await;
+    let all_delivered =
+        receivers.wait_for(base + results.accepted_copies, Duration::from_secs(args.phase_timeout)).await;
     let end_to_end_elapsed = start.elapsed();
     let delivered = receivers.written() - base;
     let written = receivers.stop();
@@ -1038,7 +1097,9 @@ async fn throughput_scenario(
             "ratios: sends/s = {:.3} x bare mTLS unary at 64 in flight ({:.0}/s); copies/s = {:.3} x disk group-commit records/s ({:.0}/s); sends/s = {:.2} x raw fsync rate ({:.0}/s)",
             results.rate() / references.bare_sixty_four_per_second.max(1e-9),
             references.bare_sixty_four_per_second,
-            results.accepted_copies as f64 / results.elapsed.as_secs_f64() / references.group_records_per_second.max(1e-9),
+            results.accepted_copies as f64
+                / results.elapsed.as_secs_f64()
+                / references.group_records_per_second.max(1e-9),
             references.group_records_per_second,
             results.rate() / references.fsyncs_per_second.max(1e-9),
             references.fsyncs_per_second,
@@ -1066,7 +1127,8 @@ async fn offline_drain(context: &RunContext<'_>) -> Result<()> {
         Credentials::DevDir(dir) => Some(dir),
         Credentials::Area(_) => None,
     };
-    let senders = Senders::connect(&subject.area, subject.address, &workload, args.connections_per_sender, dev_dir).await?;
+    let senders =
+        Senders::connect(&subject.area, subject.address, &workload, args.connections_per_sender, dev_dir).await?;
     let before = subject.stats();
     let results = closed_loop(&senders, &workload, queued, 64, args.phase_timeout).await?;
     println!(
@@ -1117,7 +1179,9 @@ async fn offline_drain(context: &RunContext<'_>) -> Result<()> {
 async fn connections(context: &RunContext<'_>) -> Result<()> {
     let args = context.args;
     let count = args.connections;
-    println!("== connections-1000: {count} agent connections each holding a delivery stream (one synthetic agency each)");
+    println!(
+        "== connections-1000: {count} agent connections each holding a delivery stream (one synthetic agency each)"
+    );
     if args.target.is_some() {
         println!("skipped: needs {count} agencies in the registry, which only a local broker gets");
         return Ok(());
@@ -1172,19 +1236,33 @@ async fn connections(context: &RunContext<'_>) -> Result<()> {
     let before = subject.stats();
     tokio::time::sleep(Duration::from_secs(2)).await;
     if let (Some(before), Some(after)) = (before, subject.stats()) {
-        println!("broker CPU holding {count} idle streams: {:.1}% of one core", 100.0 * (after.cpu_seconds - before.cpu_seconds) / 2.0);
+        println!(
+            "broker CPU holding {count} idle streams: {:.1}% of one core",
+            100.0 * (after.cpu_seconds - before.cpu_seconds) / 2.0
+        );
     }
     // One in flight through the full path while the streams are held.
     let workload = encompass_workload()?;
-    let receivers =
-        Receivers::start(&credentials, subject.address, &workload.recipients(), &subject.area.path().join("inbox"), args.agent_concurrency)
-            .await?;
+    let receivers = Receivers::start(
+        &credentials,
+        subject.address,
+        &workload.recipients(),
+        &subject.area.path().join("inbox"),
+        args.agent_concurrency,
+    )
+    .await?;
     let senders = Senders::connect(&subject.area, subject.address, &workload, 1, None).await?;
     let results = closed_loop(&senders, &workload, (args.messages / 10).max(100), 1, args.phase_timeout).await?;
     receivers.wait_for(results.accepted_copies, Duration::from_secs(60)).await;
     let written = receivers.stop();
-    println!("{}", describe("one in flight while holding them: send-acknowledged", &percentiles(results.latencies.clone())));
-    println!("{}", describe("one in flight while holding them: end-to-end", &percentiles(end_to_end(&results.sent_at, &written))));
+    println!(
+        "{}",
+        describe("one in flight while holding them: send-acknowledged", &percentiles(results.latencies.clone()))
+    );
+    println!(
+        "{}",
+        describe("one in flight while holding them: end-to-end", &percentiles(end_to_end(&results.sent_at, &written)))
+    );
     println!("streams still open at the end: {}", open.load(Ordering::Relaxed) - ended.load(Ordering::Relaxed));
     for holder in holders {
         holder.abort();
@@ -1203,9 +1281,16 @@ async fn restart(context: &RunContext<'_>) -> Result<()> {
     }
     let workload = encompass_workload()?;
     let (mut subject, _) = Subject::start(args, 0)?;
-    let senders = Senders::connect(&subject.area, subject.address, &workload, args.connections_per_sender, None).await?;
+    let senders =
+        Senders::connect(&subject.area, subject.address, &workload, args.connections_per_sender, None).await?;
     let results = closed_loop(&senders, &workload, stored, 64, args.phase_timeout).await?;
-    println!("stored: {} messages in {:.2} s ({:.0}/s), {} errors", results.latencies.len(), results.elapsed.as_secs_f64(), results.rate(), results.errors);
+    println!(
+        "stored: {} messages in {:.2} s ({:.0}/s), {} errors",
+        results.latencies.len(),
+        results.elapsed.as_secs_f64(),
+        results.rate(),
+        results.errors
+    );
     if let Some(bytes) = subject.disk() {
         println!("data dir: {:.1} MiB", bytes as f64 / 1048576.0);
     }
@@ -1218,7 +1303,8 @@ async fn restart(context: &RunContext<'_>) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(args.phase_timeout);
         let mut ready = None;
         while Instant::now() < deadline {
-            if let Ok(mut client) = connect_client(&Credentials::Area(&subject.area), "beds-police", subject.address).await
+            if let Ok(mut client) =
+                connect_client(&Credentials::Area(&subject.area), "beds-police", subject.address).await
                 && client.track(pb::TrackRequest { message_id: probe_id.clone() }).await.is_ok()
             {
                 ready = Some(started.elapsed());
@@ -1245,7 +1331,10 @@ async fn restart(context: &RunContext<'_>) -> Result<()> {
     .await?;
     let start = Instant::now();
     let first = receivers.wait_for(1, Duration::from_secs(60)).await;
-    println!("first stored delivery written {} after the agent connected", if first { millis(start.elapsed().as_micros() as u64) } else { "never".to_owned() });
+    println!(
+        "first stored delivery written {} after the agent connected",
+        if first { millis(start.elapsed().as_micros() as u64) } else { "never".to_owned() }
+    );
     let _ = receivers.stop();
     Ok(())
 }
@@ -1253,8 +1342,11 @@ async fn restart(context: &RunContext<'_>) -> Result<()> {
 fn run_load(args: Args) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let scenarios: Vec<String> =
-            if args.scenarios.is_empty() { ALL_SCENARIOS.iter().map(|name| (*name).to_owned()).collect() } else { args.scenarios.clone() };
+        let scenarios: Vec<String> = if args.scenarios.is_empty() {
+            ALL_SCENARIOS.iter().map(|name| (*name).to_owned()).collect()
+        } else {
+            args.scenarios.clone()
+        };
         if args.target.is_some() && args.dev_dir.is_none() {
             bail!("--target needs --dev-dir (the `.dev/` folder of `broker serve --dev`) for certificates and tokens");
         }
@@ -1270,17 +1362,39 @@ fn run_load(args: Args) -> Result<()> {
         for scenario in &scenarios {
             let outcome = match scenario.as_str() {
                 "one-in-flight" => {
-                    throughput_scenario(&context, scenario, encompass_workload()?, (args.messages / 5).max(100), Pacing::Closed(1)).await
+                    throughput_scenario(
+                        &context,
+                        scenario,
+                        encompass_workload()?,
+                        (args.messages / 5).max(100),
+                        Pacing::Closed(1),
+                    )
+                    .await
                 }
                 "sixty-four-in-flight" => {
-                    throughput_scenario(&context, scenario, mixed_workload()?, args.messages, Pacing::Closed(args.in_flight)).await
+                    throughput_scenario(
+                        &context,
+                        scenario,
+                        mixed_workload()?,
+                        args.messages,
+                        Pacing::Closed(args.in_flight),
+                    )
+                    .await
                 }
                 "fan-out-5" => {
-                    throughput_scenario(&context, scenario, fan_out_workload()?, args.messages / 2, Pacing::Closed(args.in_flight)).await
+                    throughput_scenario(
+                        &context,
+                        scenario,
+                        fan_out_workload()?,
+                        args.messages / 2,
+                        Pacing::Closed(args.in_flight),
+                    )
+                    .await
                 }
                 "open-loop" => {
                     let messages = args.rate * args.open_loop_seconds;
-                    throughput_scenario(&context, scenario, encompass_workload()?, messages, Pacing::Open(args.rate)).await
+                    throughput_scenario(&context, scenario, encompass_workload()?, messages, Pacing::Open(args.rate))
+                        .await
                 }
                 "offline-drain" => offline_drain(&context).await,
                 "connections-1000" => connections(&context).await,
@@ -1299,7 +1413,10 @@ fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|text| {
-            text.lines().find(|line| line.starts_with("model name")).and_then(|line| line.split(':').nth(1)).map(|model| model.trim().to_owned())
+            text.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split(':').nth(1))
+                .map(|model| model.trim().to_owned())
         })
         .unwrap_or_else(|| "unknown CPU".to_owned())
 }
