@@ -80,8 +80,24 @@ fn next_delay(delay: Duration, config: &AgentConfig) -> Duration {
     delay.saturating_mul(2).min(config.delivery.reconnect_max)
 }
 
-/// Keeps the delivery stream open, reconnecting with backoff, and handles each delivery until stop.
-async fn receive_deliveries(mut client: BrokerClient, config: &AgentConfig, mut stop: watch::Receiver<bool>) {
+/// Acknowledgements sent at once, at most: the next delivery is written while earlier ones are acknowledged, so a
+/// busy agent pays for its own durable write and the broker's commit side by side rather than one after the other.
+const MAX_PENDING_ACKNOWLEDGEMENTS: usize = 64;
+
+/// Keeps the delivery stream open, reconnecting with backoff, and handles each delivery until stop; then waits for
+/// the acknowledgements still under way.
+async fn receive_deliveries(client: BrokerClient, config: &AgentConfig, stop: watch::Receiver<bool>) {
+    let mut acknowledgements = tokio::task::JoinSet::new();
+    receive_until_stop(client, config, stop, &mut acknowledgements).await;
+    while acknowledgements.join_next().await.is_some() {}
+}
+
+async fn receive_until_stop(
+    mut client: BrokerClient,
+    config: &AgentConfig,
+    mut stop: watch::Receiver<bool>,
+    acknowledgements: &mut tokio::task::JoinSet<()>,
+) {
     let mut delay = config.delivery.reconnect_initial;
     loop {
         if *stop.borrow() {
@@ -102,7 +118,12 @@ async fn receive_deliveries(mut client: BrokerClient, config: &AgentConfig, mut 
                         () = stop_requested(&mut stop) => return,
                     };
                     match next {
-                        Ok(Some(delivery)) => handle_delivery(&mut client, config, delivery).await,
+                        Ok(Some(delivery)) => {
+                            while acknowledgements.len() >= MAX_PENDING_ACKNOWLEDGEMENTS {
+                                acknowledgements.join_next().await;
+                            }
+                            handle_delivery(&mut client, config, delivery, acknowledgements).await
+                        }
                         Ok(None) => {
                             tracing::warn!("delivery stream ended by the broker: reconnecting");
                             break;
@@ -145,8 +166,14 @@ async fn receive_deliveries(mut client: BrokerClient, config: &AgentConfig, mut 
     }
 }
 
-/// Writes one delivery durably, then acknowledges it; negatively acknowledges it when the write fails.
-async fn handle_delivery(client: &mut BrokerClient, config: &AgentConfig, delivery: pb::Delivery) {
+/// Writes one delivery durably, then acknowledges it (in the background); negatively acknowledges it when the write
+/// fails.
+async fn handle_delivery(
+    client: &mut BrokerClient,
+    config: &AgentConfig,
+    delivery: pb::Delivery,
+    acknowledgements: &mut tokio::task::JoinSet<()>,
+) {
     let delivery_id = delivery.delivery_id.clone();
     let expected_suffix = format!(".{}", config.agency);
     if !delivery_id.ends_with(&expected_suffix) {
@@ -165,13 +192,17 @@ async fn handle_delivery(client: &mut BrokerClient, config: &AgentConfig, delive
                     tracing::info!(delivery_id = %delivery_id, attempt, "delivery already in the inbox: acknowledging the redelivery");
                 }
             }
-            match client.acknowledge(pb::AcknowledgeRequest { delivery_id: delivery_id.clone() }).await {
-                Ok(_) => tracing::debug!(delivery_id = %delivery_id, "delivery acknowledged"),
-                Err(status) => {
-                    // The broker redelivers it; the inbox then recognises it and the agent acknowledges again.
-                    tracing::warn!(delivery_id = %delivery_id, code = code_name(status.code()), "acknowledgement failed");
+            // The write is durable: the acknowledgement may now go, while the next delivery is written.
+            let mut client = client.clone();
+            acknowledgements.spawn(async move {
+                match client.acknowledge(pb::AcknowledgeRequest { delivery_id: delivery_id.clone() }).await {
+                    Ok(_) => tracing::debug!(delivery_id = %delivery_id, "delivery acknowledged"),
+                    Err(status) => {
+                        // The broker redelivers it; the inbox then recognises it and the agent acknowledges again.
+                        tracing::warn!(delivery_id = %delivery_id, code = code_name(status.code()), "acknowledgement failed");
+                    }
                 }
-            }
+            });
             return;
         }
         Ok(Err(error)) if error.kind() == std::io::ErrorKind::InvalidInput => {

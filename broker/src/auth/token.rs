@@ -150,7 +150,21 @@ pub struct TokenVerifier {
     by_agency: HashMap<String, Vec<TrustedIssuer>>,
     /// Key files and when they last changed, so a change can be noticed and the keys reloaded.
     watched: Vec<(PathBuf, Option<SystemTime>)>,
+    /// Tokens already verified, by SHA-256 of the token: an agent sends the same token on every call, and checking
+    /// a signature costs tens of microseconds. An entry is used only for the same agency and only until the token's
+    /// own expiry; a key reload builds a new verifier, and so an empty cache.
+    verified: std::sync::Arc<std::sync::Mutex<HashMap<[u8; 32], CachedToken>>>,
 }
+
+#[derive(Clone)]
+struct CachedToken {
+    agency: String,
+    expires: u64,
+    practitioner: Practitioner,
+}
+
+/// Verified tokens remembered at most; the cache is emptied when full.
+const VERIFIED_CACHE_LIMIT: usize = 10_000;
 
 pub const DEFAULT_AUDIENCE: &str = "safeguarding-broker";
 const ALLOWED: [Algorithm; 3] = [Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA];
@@ -224,6 +238,7 @@ impl TokenVerifier {
             leeway_seconds: settings.leeway_seconds.unwrap_or(30),
             by_agency,
             watched,
+            verified: std::sync::Arc::default(),
         })
     }
 
@@ -238,6 +253,29 @@ impl TokenVerifier {
 
     /// Verifies `token` for a request whose certificate names `agency`.
     pub fn verify(&self, agency: &str, token: &str) -> Result<Practitioner, TokenError> {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Ok(cache) = self.verified.lock()
+            && let Some(cached) = cache.get(&digest)
+            && cached.agency == agency
+            && cached.expires > now
+        {
+            return Ok(cached.practitioner.clone());
+        }
+        let practitioner = self.verify_uncached(agency, token)?;
+        let expires = jsonwebtoken::dangerous::insecure_decode_claims::<Claims>(token).map(|claims| claims.exp);
+        if let (Ok(expires), Ok(mut cache)) = (expires, self.verified.lock()) {
+            if cache.len() >= VERIFIED_CACHE_LIMIT {
+                cache.clear();
+            }
+            cache
+                .insert(digest, CachedToken { agency: agency.to_owned(), expires, practitioner: practitioner.clone() });
+        }
+        Ok(practitioner)
+    }
+
+    fn verify_uncached(&self, agency: &str, token: &str) -> Result<Practitioner, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         if !ALLOWED.contains(&header.alg) {
             return Err(TokenError::AlgorithmNotAllowed(format!("{:?}", header.alg)));
@@ -496,6 +534,21 @@ mod tests {
             jsonwebtoken::encode(&header, &claims(&police), &jsonwebtoken::EncodingKey::from_secret(&public)).unwrap();
         assert!(matches!(verifier.verify("beds-police", &confused), Err(TokenError::AlgorithmNotAllowed(_))));
         assert_eq!(verifier.verify("beds-police", "not a token"), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn a_remembered_token_is_still_refused_for_another_agency_and_after_it_expires() {
+        let (_dir, police, _, verifier) = setup();
+        let mut soon = claims(&police);
+        soon.exp = jsonwebtoken::get_current_timestamp() + 1;
+        let token = police.mint_claims(&soon).unwrap();
+        assert!(verifier.verify("beds-police", &token).is_ok());
+        assert!(verifier.verify("beds-police", &token).is_ok(), "from the cache");
+        assert!(verifier.verify("luton-oakwood-primary", &token).is_err(), "the cache is per agency");
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        let mut strict = verifier.clone();
+        strict.leeway_seconds = 0;
+        assert_eq!(strict.verify("beds-police", &token), Err(TokenError::Expired), "the cache ends at expiry");
     }
 
     #[test]
