@@ -337,6 +337,19 @@ impl Drop for InProcessBroker {
     }
 }
 
+/// Reads the `LISTENING <address>` line a child broker prints on standard output once it has bound its port.
+pub fn listening_address(child: &mut Child, name: &str) -> Result<SocketAddr> {
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let address = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .ok_or_else(|| anyhow!("`{name}` said `{}` instead of its address", line.trim()))?
+        .parse()?;
+    Ok(address)
+}
+
 /// The broker as a child process, for kill -9.
 pub struct BrokerProcess {
     pub address: SocketAddr,
@@ -368,14 +381,7 @@ impl BrokerProcess {
             }
         }
         let mut child = command.spawn().context("could not start broker-under-test")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let address = line
-            .trim()
-            .strip_prefix("LISTENING ")
-            .ok_or_else(|| anyhow!("broker-under-test said `{}` instead of its address", line.trim()))?
-            .parse()?;
+        let address = listening_address(&mut child, "broker-under-test")?;
         Ok(Self { address, child })
     }
 

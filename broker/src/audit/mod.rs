@@ -77,6 +77,29 @@ pub enum EventType {
 }
 
 impl EventType {
+    /// Every event type, in a fixed order.
+    pub const ALL: [EventType; 14] = [
+        EventType::DecisionToShare,
+        EventType::DecisionNotToShare,
+        EventType::Delivery,
+        EventType::Redelivery,
+        EventType::Acknowledgement,
+        EventType::NegativeAcknowledgement,
+        EventType::DeadLetter,
+        EventType::Escalation,
+        EventType::OverrideUsed,
+        EventType::PolicyActivated,
+        EventType::PolicyRejected,
+        EventType::AuditorQuery,
+        EventType::KeyRotation,
+        EventType::RequestRefused,
+    ];
+
+    /// The event type named `name` (as [`EventType::as_str`] spells it).
+    pub fn parse(name: &str) -> Option<EventType> {
+        EventType::ALL.into_iter().find(|event| event.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             EventType::DecisionToShare => "decision-to-share",

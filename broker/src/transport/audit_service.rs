@@ -86,29 +86,6 @@ fn proof_status(error: ProofError) -> Status {
     status(Code::OutOfRange, "proof-out-of-range", error.to_string(), HashMap::new())
 }
 
-/// Event types by the names the log uses.
-pub fn parse_event_type(name: &str) -> Option<EventType> {
-    use EventType::*;
-    [
-        DecisionToShare,
-        DecisionNotToShare,
-        Delivery,
-        Redelivery,
-        Acknowledgement,
-        NegativeAcknowledgement,
-        DeadLetter,
-        Escalation,
-        OverrideUsed,
-        PolicyActivated,
-        PolicyRejected,
-        AuditorQuery,
-        KeyRotation,
-        RequestRefused,
-    ]
-    .into_iter()
-    .find(|event| event.as_str() == name)
-}
-
 pub fn micros_of(timestamp: &prost_types::Timestamp) -> i64 {
     timestamp.seconds.saturating_mul(1_000_000).saturating_add(i64::from(timestamp.nanos) / 1000)
 }
@@ -189,7 +166,7 @@ impl AuditService {
         let mut events = Vec::new();
         for name in &filter.event_types {
             events.push(
-                parse_event_type(name).ok_or_else(|| invalid("filter.event_types", "names an unknown event type"))?,
+                EventType::parse(name).ok_or_else(|| invalid("filter.event_types", "names an unknown event type"))?,
             );
         }
         let decision = match pb::AuditDecision::try_from(filter.decision) {

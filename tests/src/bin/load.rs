@@ -13,7 +13,7 @@
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader, Write as _},
+    io::Write as _,
     net::SocketAddr,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
@@ -216,14 +216,7 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("could not start `{mode}`"))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let address = line
-            .trim()
-            .strip_prefix("LISTENING ")
-            .ok_or_else(|| anyhow!("`{mode}` said `{}` instead of its address", line.trim()))?
-            .parse()?;
+        let address = tests::listening_address(&mut child, mode)?;
         let pid = Some(child.id());
         Ok(Self { address, child: Some(child), pid, data_dir })
     }
