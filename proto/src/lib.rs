@@ -21,12 +21,19 @@ pub const DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/safe
 /// Full name of the envelope message, the root of every policy field path.
 pub const ENVELOPE_MESSAGE: &str = "safeguarding.v1.Envelope";
 
-/// Decodes [`DESCRIPTOR_SET`] into a prost-reflect pool.
+/// The prost-reflect pool of [`DESCRIPTOR_SET`], decoded once per process (a `DescriptorPool` is a cheap handle to
+/// shared data, so callers may keep or drop their clone freely; decoding it cost ~100 µs per call, which the agent
+/// used to pay for every delivery it wrote as JSON).
 ///
 /// # Errors
 /// Fails only if the build embedded a corrupt descriptor set, which the crate's own tests would catch.
 pub fn descriptor_pool() -> Result<prost_reflect::DescriptorPool, prost_reflect::DescriptorError> {
-    prost_reflect::DescriptorPool::decode(DESCRIPTOR_SET)
+    static POOL: std::sync::OnceLock<prost_reflect::DescriptorPool> = std::sync::OnceLock::new();
+    if let Some(pool) = POOL.get() {
+        return Ok(pool.clone());
+    }
+    let pool = prost_reflect::DescriptorPool::decode(DESCRIPTOR_SET)?;
+    Ok(POOL.get_or_init(|| pool).clone())
 }
 
 #[cfg(test)]
