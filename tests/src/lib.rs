@@ -112,7 +112,13 @@ impl Area {
     }
 
     pub fn with_settings(settings: BrokerSettings) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
+        Self::with_settings_in(&std::env::temp_dir(), settings)
+    }
+
+    /// An area in a fresh folder under `parent`.
+    pub fn with_settings_in(parent: &Path, settings: BrokerSettings) -> Result<Self> {
+        std::fs::create_dir_all(parent)?;
+        let dir = tempfile::tempdir_in(parent)?;
         let ca = CertificateAuthority::generate("Test area")?;
         broker::pki::write_file(&dir.path().join("pki/ca.pem"), ca.cert_pem())?;
         let server = ca.issue_server(&["localhost", "127.0.0.1"])?;
