@@ -93,10 +93,11 @@ struct Args {
     /// Seconds any one phase may take before it is abandoned.
     #[arg(long = "phase-timeout", default_value_t = 600)]
     phase_timeout: u64,
-    /// Folder for the scenarios' data, inboxes and certificates (removed at the end of the run). Not the system's
-    /// temporary folder by default: on ext4 without a journal, creating a file in a folder whose inode group saw many
-    /// recent deletions scans the inode table (`find_inode_bit`/`recently_deleted`); in a busy /tmp that made each
-    /// agent inbox write cost ~0.6 ms of CPU instead of ~0.04 ms, and the load generator measured /tmp's history.
+    /// Folder for the scenarios' data, inboxes and certificates (the brokers' data is removed at the end of the run,
+    /// the inbox files are kept). Not the system's temporary folder by default: on ext4 without a journal, creating a
+    /// file in a folder whose inode group saw many deletions in the last minutes scans the inode table
+    /// (`find_inode_bit`/`recently_deleted`); in a busy /tmp that made each agent inbox write cost ~0.6 ms of CPU
+    /// instead of ~0.04 ms, and the load generator measured /tmp's history. Use a fresh folder per run to be sure.
     #[arg(long = "work-dir", default_value = "target/load")]
     work_dir: PathBuf,
 }
@@ -1339,11 +1340,11 @@ async fn restart(context: &RunContext<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Scenario folders, removed when the whole run ends rather than when each scenario does.
+/// Scenario folders, whose broker data is removed when the whole run ends and whose inbox files are kept.
 ///
-/// Removing tens of thousands of inbox files between scenarios made the next scenario's file creation slow on a
-/// filesystem without a journal: ext4 then skips inodes deleted in the last few seconds, reading the inode table for
-/// each (`find_inode_bit`/`recently_deleted` took 15% of the machine's CPU in a profile), which measured the cleanup,
+/// Removing tens of thousands of inbox files made later file creation slow on a filesystem without a journal: ext4
+/// then skips the inodes of its group deleted in the last minutes, reading the inode table for each
+/// (`find_inode_bit`/`recently_deleted` took 15–48% of the machine's CPU in profiles), which measured the cleanup,
 /// not the broker or the agent.
 static RETIRED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
@@ -1355,11 +1356,18 @@ fn retire_at_exit(area: &mut Area) {
 }
 
 fn run_load(args: Args) -> Result<()> {
+    let work_dir = args.work_dir.clone();
     let result = run_scenarios(args);
+    // The brokers' data folders go (a few large files); the receivers' inboxes (many small files) stay, so that the
+    // next run does not create its files among thousands of just-deleted inodes (see `--work-dir`).
     let retired = RETIRED.lock().map(|mut retired| std::mem::take(&mut *retired)).unwrap_or_default();
     for dir in retired {
-        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_dir_all(dir.join("data"));
     }
+    println!(
+        "the receivers' inbox files are kept under {}; remove that folder when no run follows soon",
+        work_dir.display()
+    );
     result
 }
 
