@@ -990,6 +990,31 @@ impl Subject {
     }
 }
 
+/// The load generator's own CPU (senders and receiving agents, on the same machine as the broker), so that a
+/// reader can see how much of the machine was left for the broker.
+fn report_load_generator_cost(
+    subject: &Subject,
+    broker_before: Option<ProcessStats>,
+    before: Option<ProcessStats>,
+    messages: u64,
+    elapsed: Duration,
+) {
+    let (Some(before), Some(after)) = (before, process_stats(std::process::id())) else { return };
+    let cpu = after.cpu_seconds - before.cpu_seconds;
+    let wall = elapsed.as_secs_f64().max(1e-9);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    let broker = match (broker_before, subject.stats()) {
+        (Some(before), Some(after)) => after.cpu_seconds - before.cpu_seconds,
+        _ => 0.0,
+    };
+    println!(
+        "load generator CPU (senders and receiving agents): {cpu:.2} s ({:.0}% of one core); {:.1} µs CPU per message; machine busy with broker + load generator: {:.0}% of {cores:.0} cores",
+        100.0 * cpu / wall,
+        1e6 * cpu / messages.max(1) as f64,
+        100.0 * (cpu + broker) / wall / cores,
+    );
+}
+
 fn report_costs(subject: &Subject, before: Option<ProcessStats>, messages: u64, copies: u64, elapsed: Duration) {
     if let (Some(before), Some(after)) = (before, subject.stats()) {
         let cpu = after.cpu_seconds - before.cpu_seconds;
@@ -1054,6 +1079,7 @@ async fn throughput_scenario(
     eprintln!("[{name}] warm-up deliveries written: {}", receivers.written());
     let base = receivers.written();
     let before = subject.stats();
+    let load_before = process_stats(std::process::id());
     let start = Instant::now();
     let results = match pacing {
         Pacing::Closed(in_flight) => closed_loop(&senders, &workload, messages, in_flight, args.phase_timeout).await?,
@@ -1107,6 +1133,7 @@ async fn throughput_scenario(
         ),
     }
     report_costs(&subject, before, results.latencies.len() as u64, results.accepted_copies, start.elapsed());
+    report_load_generator_cost(&subject, before, load_before, results.latencies.len() as u64, start.elapsed());
     Ok(())
 }
 
