@@ -713,7 +713,7 @@ impl RecipientActor {
             for (seq, delivery_id) in &batch {
                 self.ready.remove(seq);
                 let (record, copy) =
-                    match (self.load(delivery_id), self.shared.store.get(&records::copy_key(delivery_id))) {
+                    match (self.load(delivery_id), self.shared.store.get_blob(&records::copy_key(delivery_id))) {
                         (Ok(Some(record)), Ok(Some(copy))) => (record, copy),
                         (Err(error), _) | (_, Err(error)) => {
                             tracing::error!(error = %error, %delivery_id, "could not read a queued copy; will retry");

@@ -425,7 +425,7 @@ impl Exchange {
             }],
         };
         commit.writes.push(Write::Put(records::delivery_key(&delivery_id), records::encode(&record)?));
-        commit.writes.push(Write::Put(records::copy_key(&delivery_id), copy.delivery.encode_to_vec()));
+        commit.writes.push(Write::PutBlob(records::copy_key(&delivery_id), copy.delivery.encode_to_vec()));
         commit.writes.push(Write::Put(records::queue_key(&copy.recipient, seq), delivery_id.clone().into_bytes()));
         Ok(Enqueued { recipient: copy.recipient, seq, delivery_id, acknowledge_by_micros: copy.acknowledge_by })
     }

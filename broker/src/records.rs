@@ -7,11 +7,12 @@
 //! | `m/<message_id>` | [`MessageRecord`]: sender, time, and the receipt per named recipient |
 //! | `i/<sender>/<idempotency key>` | the message id the key was first used for |
 //! | `d/<delivery_id>` | [`DeliveryRecord`]: state of one recipient's copy, with its tracking events |
-//! | `c/<delivery_id>` | the encoded `pb::Delivery` (the recipient's copy); deleted once acknowledged or dead-lettered |
+//! | `c/<delivery_id>` | where the encoded `pb::Delivery` (the recipient's copy) is in the journal (a blob reference, see `store::Write::PutBlob`); deleted once acknowledged or dead-lettered |
 //! | `q/<recipient>/<seq, 20 digits>` | the delivery id, while the copy waits for acknowledgement |
 //!
-//! Message content lives only in `c/` and only until the recipient has it: transport copies should not live long
-//! (DOMAIN.md, retention), while the tracking record and the audit log stay.
+//! Message content is reachable only through `c/` and only until the recipient has it: transport copies should not
+//! live long (DOMAIN.md, retention), while the tracking record and the audit log stay. The bytes themselves stay in
+//! the journal until journal compaction exists (ARCHITECTURE.md, known limits).
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
