@@ -70,7 +70,7 @@ pub struct DeliveryFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageFile {
-    /// Memory sled may use as cache.
+    /// Memory sled may use as cache (default 8 MiB: the index holds small records; copies stay in the journal).
     pub index_cache_bytes: Option<u64>,
 }
 
@@ -251,7 +251,7 @@ impl Config {
                 tls,
                 max_message_bytes,
                 delivery,
-                index_cache_bytes: file.storage.index_cache_bytes.unwrap_or(64 * 1024 * 1024),
+                index_cache_bytes: file.storage.index_cache_bytes.unwrap_or(8 * 1024 * 1024),
                 tokens: file.tokens,
                 base_dir: base.to_owned(),
             }),
