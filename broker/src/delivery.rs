@@ -155,6 +155,7 @@ impl Deliveries {
                 tasks: Mutex::new(Vec::new()),
             }),
         };
+        tracing::info!(queued = pending.values().map(Vec::len).sum::<usize>(), "queued copies found");
         for (recipient, entries) in pending {
             for entry in entries {
                 deliveries.send(&recipient, Command::Enqueue(entry));

@@ -115,12 +115,16 @@ pub async fn run(
         Some(address) => Some(metrics::bind(address).await.map_err(|source| BrokerError::Metrics { address, source })?),
         None => None,
     };
+    let opening = std::time::Instant::now();
     let audit = AuditLog::open(&config.data_dir.join("audit"))?;
+    tracing::info!(entries = audit.len(), millis = opening.elapsed().as_millis() as u64, "audit log opened");
     let checkpointer =
         audit::checkpoints::Checkpointer::open_in(&config.data_dir, audit.tree(), audit::checkpoints::DEFAULT_ORIGIN)
             .map_err(audit::AuditError::from)?;
+    let opening = std::time::Instant::now();
     let (store, report) = Store::open(&config.data_dir, audit, config.index_cache_bytes)?;
     tracing::info!(
+        millis = opening.elapsed().as_millis() as u64,
         journal_records_replayed = report.journal_records_replayed,
         journal_bytes_truncated = report.journal_bytes_truncated,
         audit_entries = report.audit_entries,
@@ -133,7 +137,9 @@ pub async fn run(
         .build_v1()
         .map_err(|error| BrokerError::Reflection(error.to_string()))?;
     let (stop_streams, streams_stopping) = watch::channel(false);
+    let opening = std::time::Instant::now();
     let deliveries = Deliveries::start(store.clone(), config.delivery.clone(), streams_stopping)?;
+    tracing::info!(millis = opening.elapsed().as_millis() as u64, "queues rebuilt");
     reload::audit_policy_event(&store, audit::EventType::PolicyActivated, policy.hash(), "at start".to_owned()).await;
     let current_policy = Arc::new(RwLock::new(Arc::new(policy)));
     let policy_watcher = tokio::spawn(reload::watch(config.policy_dir.clone(), current_policy.clone(), store.clone()));
