@@ -128,13 +128,18 @@ impl Deliveries {
         for item in store.scan_prefix(records::QUEUE_PREFIX) {
             let (key, value) = item?;
             let Some((recipient, seq)) = records::parse_queue_key(&key) else { continue };
-            let delivery_id = String::from_utf8(value).map_err(|error| StoreError::Decode(error.to_string()))?;
-            let acknowledge_by_micros = match store.get(&records::delivery_key(&delivery_id))? {
-                Some(bytes) => {
-                    let record: DeliveryRecord = records::decode(&bytes)?;
-                    if record.escalated { None } else { record.acknowledge_by_micros }
-                }
-                None => None,
+            let (delivery_id, deadline) = records::parse_queue_value(&value)
+                .ok_or_else(|| StoreError::Decode(format!("undecodable queue entry for {recipient}")))?;
+            let acknowledge_by_micros = match deadline {
+                Some(deadline) => deadline,
+                // Written by an older broker: the deadline is in the delivery record.
+                None => match store.get(&records::delivery_key(&delivery_id))? {
+                    Some(bytes) => {
+                        let record: DeliveryRecord = records::decode(&bytes)?;
+                        if record.escalated { None } else { record.acknowledge_by_micros }
+                    }
+                    None => None,
+                },
             };
             max_seq = max_seq.max(seq);
             pending.entry(recipient.clone()).or_default().push(Enqueued {
@@ -215,13 +220,14 @@ impl Deliveries {
     pub fn queue_stats(&self) -> Result<BTreeMap<String, (u64, Option<i64>)>, StoreError> {
         let mut stats: BTreeMap<String, (u64, Option<i64>)> = BTreeMap::new();
         for item in self.shared.store.scan_prefix(records::QUEUE_PREFIX) {
-            let (key, delivery_id) = item?;
+            let (key, value) = item?;
             let Some((recipient, _)) = records::parse_queue_key(&key) else { continue };
             let entry = stats.entry(recipient).or_insert((0, None));
             entry.0 += 1;
-            if entry.1.is_none() {
+            if entry.1.is_none()
+                && let Some((delivery_id, _)) = records::parse_queue_value(&value)
+            {
                 // Keys sort by sequence, so the first copy of each recipient is its oldest.
-                let delivery_id = String::from_utf8_lossy(&delivery_id).into_owned();
                 if let Some(bytes) = self.shared.store.get(&records::delivery_key(&delivery_id))? {
                     let record: DeliveryRecord = records::decode(&bytes)?;
                     entry.1 = Some(record.queued_at_micros);
@@ -647,7 +653,7 @@ impl RecipientActor {
         let now = AuditEntry::now_micros();
         let mut commit = Commit::default();
         let mut escalated = Vec::new();
-        for (_, delivery_id) in &due {
+        for ((_, seq), delivery_id) in &due {
             let mut record = match self.load(delivery_id) {
                 Ok(Some(record)) => record,
                 _ => continue,
@@ -665,6 +671,10 @@ impl RecipientActor {
                 "acknowledgement deadline passed".to_owned(),
             ));
             commit.writes.push(Write::Put(records::delivery_key(delivery_id), encode_or_empty(&record)));
+            // The queue entry forgets the deadline, so a restart does not escalate again.
+            commit
+                .writes
+                .push(Write::Put(records::queue_key(&self.recipient, *seq), records::queue_value(delivery_id, None)));
             escalated.push(record);
         }
         if escalated.is_empty() {

@@ -426,7 +426,10 @@ impl Exchange {
         };
         commit.writes.push(Write::Put(records::delivery_key(&delivery_id), records::encode(&record)?));
         commit.writes.push(Write::PutBlob(records::copy_key(&delivery_id), copy.delivery.encode_to_vec()));
-        commit.writes.push(Write::Put(records::queue_key(&copy.recipient, seq), delivery_id.clone().into_bytes()));
+        commit.writes.push(Write::Put(
+            records::queue_key(&copy.recipient, seq),
+            records::queue_value(&delivery_id, copy.acknowledge_by),
+        ));
         Ok(Enqueued { recipient: copy.recipient, seq, delivery_id, acknowledge_by_micros: copy.acknowledge_by })
     }
 
@@ -698,6 +701,13 @@ mod tests {
         let track = exchange.track(&police, &receipt.message_id).unwrap();
         assert!(track.recipients[0].escalated);
         assert!(track.recipients[0].events.iter().any(|event| event.event == "escalated"));
+        // The queue entry forgets the deadline, so rebuilding the queues after a restart does not escalate again.
+        let queued = store
+            .scan_prefix(records::QUEUE_PREFIX)
+            .map(|item| records::parse_queue_value(&item.unwrap().1).unwrap())
+            .find(|(id, _)| *id == delivery_id)
+            .unwrap();
+        assert_eq!(queued.1, Some(None));
         deliveries.shutdown().await;
         store.close();
         let mut escalations = 0;

@@ -8,7 +8,7 @@
 //! | `i/<sender>/<idempotency key>` | the message id the key was first used for |
 //! | `d/<delivery_id>` | [`DeliveryRecord`]: state of one recipient's copy, with its tracking events |
 //! | `c/<delivery_id>` | where the encoded `pb::Delivery` (the recipient's copy) is in the journal (a blob reference, see `store::Write::PutBlob`); deleted once acknowledged or dead-lettered |
-//! | `q/<recipient>/<seq, 20 digits>` | the delivery id, while the copy waits for acknowledgement |
+//! | `q/<recipient>/<seq, 20 digits>` | the delivery id and its pending acknowledgement deadline ([`queue_value`]), while the copy waits for acknowledgement |
 //!
 //! Message content is reachable only through `c/` and only until the recipient has it: transport copies should not
 //! live long (DOMAIN.md, retention), while the tracking record and the audit log stay. The bytes themselves stay in
@@ -45,6 +45,27 @@ pub fn parse_queue_key(key: &[u8]) -> Option<(String, u64)> {
     let text = std::str::from_utf8(key).ok()?.strip_prefix("q/")?;
     let (recipient, seq) = text.rsplit_once('/')?;
     Some((recipient.to_owned(), seq.parse().ok()?))
+}
+
+/// The value under a `q/` key: `<delivery id>\n<acknowledgement deadline, microseconds>`, the deadline empty when
+/// there is none or it has already escalated. Rebuilding the queues on start then reads `q/` alone rather than every
+/// queued copy's delivery record (that read was most of the start-up time with many copies queued).
+pub fn queue_value(delivery_id: &str, pending_deadline_micros: Option<i64>) -> Vec<u8> {
+    match pending_deadline_micros {
+        Some(micros) => format!("{delivery_id}\n{micros}").into_bytes(),
+        None => format!("{delivery_id}\n").into_bytes(),
+    }
+}
+
+/// What a `q/` value says: the delivery id, and the pending deadline if the value says (`None` for a value written
+/// before deadlines were kept there, which holds the id alone: read the delivery record). `None` if undecodable.
+pub fn parse_queue_value(value: &[u8]) -> Option<(String, Option<Option<i64>>)> {
+    let text = std::str::from_utf8(value).ok()?;
+    match text.split_once('\n') {
+        None => Some((text.to_owned(), None)),
+        Some((delivery_id, "")) => Some((delivery_id.to_owned(), Some(None))),
+        Some((delivery_id, micros)) => Some((delivery_id.to_owned(), Some(Some(micros.parse().ok()?)))),
+    }
 }
 
 pub fn delivery_id(message_id: &str, recipient: &str) -> String {
@@ -149,5 +170,19 @@ mod tests {
         assert!(low < high);
         assert_eq!(parse_queue_key(&high), Some(("luton-csc".to_owned(), 10)));
         assert_eq!(parse_queue_key(b"m/abc"), None);
+    }
+
+    #[test]
+    fn queue_values_carry_the_pending_deadline() {
+        let id = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b.luton-csc";
+        assert_eq!(parse_queue_value(&queue_value(id, Some(-5))), Some((id.to_owned(), Some(Some(-5)))));
+        assert_eq!(
+            parse_queue_value(&queue_value(id, Some(1_700_000_000_000_000))),
+            Some((id.to_owned(), Some(Some(1_700_000_000_000_000))))
+        );
+        assert_eq!(parse_queue_value(&queue_value(id, None)), Some((id.to_owned(), Some(None))));
+        // Written by an older broker: the id alone, deadline unknown.
+        assert_eq!(parse_queue_value(id.as_bytes()), Some((id.to_owned(), None)));
+        assert_eq!(parse_queue_value(b"id\nsoon"), None);
     }
 }

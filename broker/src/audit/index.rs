@@ -7,8 +7,12 @@
 //! entry. Keeping it out of sled keeps the commit path to the audit log and the journal: an earlier version wrote
 //! about seven sled keys per entry, which limited durable appends to about 7k entries/s.
 //!
-//! Memory: 8 bytes per entry for its offset, plus 8 bytes per (entry, key) pair, about 50 bytes per entry in all;
-//! event types are not indexed (each would hold every entry), a filter on events alone reads the log in order.
+//! Keys are held as a 64-bit hash of the key's bytes, built without allocating: a collision costs a read, never a
+//! wrong answer (see below). Memory: 8 bytes per entry for its offset, 8 bytes per (entry, key) pair, plus one map
+//! slot and one small list per distinct key; every message id is a distinct key, so about 100–150 bytes per message
+//! in all. Building it is most of the time `AuditLog::open` takes (about 1 s per 200,000 entries when keys were
+//! allocated strings; see PERFORMANCE.md). Event types are not indexed (each would hold every entry); a filter on
+//! events alone reads the log in order.
 //!
 //! | kind | value |
 //! |---|---|
@@ -34,11 +38,14 @@ use super::{AuditEntry, Pseudonym};
 /// The in-memory index, shared between the committer (the only writer) and queries.
 pub type SharedIndex = Arc<RwLock<MemoryIndex>>;
 
-/// For each index key, the sequence numbers of the entries under it (ascending); and each entry's byte offset.
+/// For each index key (by [`key_hash`]), the sequence numbers of the entries under it (ascending); and each entry's
+/// byte offset.
 #[derive(Debug, Default)]
 pub struct MemoryIndex {
-    postings: HashMap<Vec<u8>, Vec<u64>>,
+    postings: HashMap<u64, Vec<u64>>,
     offsets: Vec<u64>,
+    /// Reused to spell each key while adding, so that adding allocates only for new keys.
+    scratch: Vec<u8>,
 }
 
 impl MemoryIndex {
@@ -46,14 +53,19 @@ impl MemoryIndex {
     pub fn add(&mut self, entry: &AuditEntry, sequence: u64, offset: u64) {
         debug_assert_eq!(sequence, self.offsets.len() as u64);
         self.offsets.push(offset);
-        for prefix in entry_prefixes(entry) {
-            self.postings.entry(prefix).or_default().push(sequence);
-        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        for_each_key_hash(entry, &mut scratch, |hash| {
+            let sequences = self.postings.entry(hash).or_default();
+            if sequences.last() != Some(&sequence) {
+                sequences.push(sequence);
+            }
+        });
+        self.scratch = scratch;
     }
 
     /// The (sequence, offset) of the entries under `prefix` with `first <= sequence < size_bound`, at most `limit`.
     pub fn lookup(&self, prefix: &[u8], first: u64, size_bound: u64, limit: usize) -> Vec<(u64, u64)> {
-        let Some(sequences) = self.postings.get(prefix) else { return Vec::new() };
+        let Some(sequences) = self.postings.get(&key_hash(prefix)) else { return Vec::new() };
         let start = sequences.partition_point(|sequence| *sequence < first);
         sequences[start..]
             .iter()
@@ -90,6 +102,80 @@ impl IndexKind<'_> {
         let mut key = format!("{INDEX_PREFIX}{kind}/{value}").into_bytes();
         key.push(0);
         key
+    }
+}
+
+/// The hash an index key is held under: SipHash-1-3 with fixed keys over the key's bytes (the index lives only in
+/// memory and is rebuilt on every start, so the hash need not be stable across versions).
+pub fn key_hash(key: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut hasher = std::hash::DefaultHasher::new();
+    hasher.write(key);
+    hasher.finish()
+}
+
+/// Calls `visit` with the [`key_hash`] of each of [`entry_prefixes`]`(entry)`, spelling each key in `scratch`
+/// instead of allocating it.
+fn for_each_key_hash(entry: &AuditEntry, scratch: &mut Vec<u8>, mut visit: impl FnMut(u64)) {
+    let mut key = |kind: &str, value: &[&[u8]]| {
+        scratch.clear();
+        scratch.extend_from_slice(INDEX_PREFIX.as_bytes());
+        scratch.extend_from_slice(kind.as_bytes());
+        scratch.push(b'/');
+        for part in value {
+            scratch.extend_from_slice(part);
+        }
+        scratch.push(0);
+        visit(key_hash(scratch));
+    };
+    if let Some(subject) = &entry.subject {
+        let mut hex = [0u8; 64];
+        // 32 bytes always fit 64 hex digits.
+        let _ = hex::encode_to_slice(subject.value, &mut hex);
+        let version = format_u32(subject.key_version);
+        key("child", &[b"v", version.as_bytes(), b":", &hex]);
+    }
+    if !entry.actor.agency.is_empty() {
+        key("agency", &[entry.actor.agency.as_bytes()]);
+    }
+    if !entry.recipient.is_empty() && entry.recipient != entry.actor.agency {
+        key("agency", &[entry.recipient.as_bytes()]);
+    }
+    if !entry.actor.practitioner.is_empty() {
+        key("practitioner", &[entry.actor.practitioner.as_bytes()]);
+    }
+    for rule in &entry.rule_ids {
+        key("rule", &[rule.as_bytes()]);
+    }
+    if !entry.message_id.is_empty() {
+        key("message", &[entry.message_id.as_bytes()]);
+    }
+}
+
+/// Decimal digits of a key version without allocating on the heap.
+fn format_u32(value: u32) -> FormattedU32 {
+    let mut digits = [0u8; 10];
+    let mut start = digits.len();
+    let mut rest = value;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    FormattedU32 { digits, start }
+}
+
+struct FormattedU32 {
+    digits: [u8; 10],
+    start: usize,
+}
+
+impl FormattedU32 {
+    fn as_bytes(&self) -> &[u8] {
+        &self.digits[self.start..]
     }
 }
 
@@ -196,6 +282,18 @@ mod tests {
         drop(log);
         let reopened = AuditLog::open(dir.path()).unwrap();
         assert_eq!(reopened.index().read().unwrap().lookup(&child, 0, 10, 10), vec![(sequence, offset)]);
+        // The keys hashed while adding are exactly the prefixes queries ask for.
+        for version in [0, 1, 9, 10, 4_294_967_295] {
+            let entry = AuditEntry {
+                subject: Some(Pseudonym { key_version: version, value: [0xab; 32] }),
+                rule_ids: vec!["f3".into(), "f3".into()],
+                ..entry.clone()
+            };
+            let mut added = Vec::new();
+            for_each_key_hash(&entry, &mut Vec::new(), |hash| added.push(hash));
+            let expected: Vec<u64> = entry_prefixes(&entry).iter().map(|prefix| key_hash(prefix)).collect();
+            assert_eq!(added, expected);
+        }
         // A prefix is never a prefix of another value's keys: `ab` does not find `abc`.
         assert!(!IndexKind::Agency("abc").prefix().starts_with(&IndexKind::Agency("ab").prefix()));
     }
