@@ -12,7 +12,7 @@
 //! leaves the queue only when the recipient acknowledges it (or it is dead-lettered after `max_attempts`).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -301,8 +301,9 @@ struct RecipientActor {
     delayed: BTreeMap<(Instant, u64), String>,
     /// Copies sent and not yet acknowledged.
     in_flight: HashMap<String, InFlight>,
-    /// Acknowledgement deadlines from policy obligations: (when, seq) -> delivery id.
-    deadlines: BTreeMap<(Instant, u64), String>,
+    /// Acknowledgement deadlines from policy obligations, as (when, seq); the delivery id is looked up when one is
+    /// due ([`Self::id_for_seq`]), so that a long queue holds each id once (in `ready`), not twice.
+    deadlines: BTreeSet<(Instant, u64)>,
     /// When each delayed or deadline entry is due, by seq, so an acknowledgement can remove it without a scan.
     delayed_at: HashMap<u64, Instant>,
     deadline_at: HashMap<u64, Instant>,
@@ -317,7 +318,7 @@ impl RecipientActor {
             ready: BTreeMap::new(),
             delayed: BTreeMap::new(),
             in_flight: HashMap::new(),
-            deadlines: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
             delayed_at: HashMap::new(),
             deadline_at: HashMap::new(),
             stream: None,
@@ -361,7 +362,7 @@ impl RecipientActor {
     fn next_wake(&self) -> Option<Instant> {
         let in_flight = self.in_flight.values().map(|entry| entry.deadline).min();
         let delayed = self.delayed.keys().next().map(|(when, _)| *when);
-        let deadline = self.deadlines.keys().next().map(|(when, _)| *when);
+        let deadline = self.deadlines.first().map(|(when, _)| *when);
         [in_flight, delayed, deadline].into_iter().flatten().min()
     }
 
@@ -372,7 +373,7 @@ impl RecipientActor {
             match command {
                 Command::Enqueue(entry) => {
                     if let Some(micros) = entry.acknowledge_by_micros {
-                        self.add_deadline(instant_for_micros(micros), entry.seq, entry.delivery_id.clone());
+                        self.add_deadline(instant_for_micros(micros), entry.seq);
                     }
                     self.ready.insert(entry.seq, entry.delivery_id);
                 }
@@ -429,9 +430,21 @@ impl RecipientActor {
         self.delayed_at.insert(seq, when);
     }
 
-    fn add_deadline(&mut self, when: Instant, seq: u64, delivery_id: String) {
-        self.deadlines.insert((when, seq), delivery_id);
+    fn add_deadline(&mut self, when: Instant, seq: u64) {
+        self.deadlines.insert((when, seq));
         self.deadline_at.insert(seq, when);
+    }
+
+    /// The delivery id of a copy this actor holds, ready, waiting out a retry delay or in flight (at most
+    /// `max_in_flight`, so a scan).
+    fn id_for_seq(&self, seq: u64) -> Option<String> {
+        if let Some(id) = self.ready.get(&seq) {
+            return Some(id.clone());
+        }
+        if let Some(id) = self.delayed_at.get(&seq).and_then(|when| self.delayed.get(&(*when, seq))) {
+            return Some(id.clone());
+        }
+        self.in_flight.iter().find(|(_, entry)| entry.seq == seq).map(|(id, _)| id.clone())
     }
 
     fn load(&self, delivery_id: &str) -> Result<Option<DeliveryRecord>, StoreError> {
@@ -598,13 +611,16 @@ impl RecipientActor {
             self.expire_in_flight(expired).await;
         }
         let mut due = Vec::new();
-        while let Some(entry) = self.deadlines.first_entry() {
-            if entry.key().0 > now {
+        while let Some(&(when, seq)) = self.deadlines.first() {
+            if when > now {
                 break;
             }
-            let due_entry = entry.remove_entry();
-            self.deadline_at.remove(&due_entry.0.1);
-            due.push(due_entry);
+            self.deadlines.remove(&(when, seq));
+            self.deadline_at.remove(&seq);
+            // A copy the actor no longer holds has been acknowledged or dead-lettered: nothing to escalate.
+            if let Some(delivery_id) = self.id_for_seq(seq) {
+                due.push(((when, seq), delivery_id));
+            }
         }
         if !due.is_empty() {
             self.escalate(due).await;
@@ -694,8 +710,8 @@ impl RecipientActor {
             Err(error) => {
                 tracing::error!(error = %error, "could not record an escalation; will retry");
                 let retry = Instant::now() + Duration::from_secs(1);
-                for ((_, seq), delivery_id) in due {
-                    self.add_deadline(retry, seq, delivery_id);
+                for ((_, seq), _) in due {
+                    self.add_deadline(retry, seq);
                 }
             }
         }
