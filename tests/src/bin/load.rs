@@ -217,9 +217,24 @@ struct Server {
 }
 
 impl Server {
+    /// Starts `load <mode> <config>`. With `LOAD_BROKER_WRAPPER` set (for example
+    /// `LOAD_BROKER_WRAPPER="valgrind --tool=massif --massif-out-file=/tmp/massif.%p"`), the broker under test (not
+    /// the bare reference) runs under that command, to profile it; its CPU and RSS figures are then the wrapper's.
     fn spawn(mode: &str, config: &Path, data_dir: Option<PathBuf>) -> Result<Self> {
         let executable = std::env::current_exe()?;
-        let mut child = Command::new(executable)
+        let wrapper: Vec<String> = match std::env::var("LOAD_BROKER_WRAPPER") {
+            Ok(wrapper) if mode == "serve-broker" => wrapper.split_whitespace().map(str::to_owned).collect(),
+            _ => Vec::new(),
+        };
+        let mut command = match wrapper.split_first() {
+            Some((program, arguments)) => {
+                let mut command = Command::new(program);
+                command.args(arguments).arg(executable);
+                command
+            }
+            None => Command::new(executable),
+        };
+        let mut child = command
             .arg(mode)
             .arg(config)
             .stdout(Stdio::piped())
