@@ -18,7 +18,8 @@ use std::{
 /// Largest record accepted (a message with all its recipient copies must fit).
 pub const MAX_RECORD_BYTES: usize = 256 * 1024 * 1024;
 
-const HEADER_BYTES: u64 = 8;
+/// Bytes before each record's payload (length and CRC).
+pub const HEADER_BYTES: u64 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -143,27 +144,6 @@ impl AppendLog {
     pub fn sync(&mut self) -> Result<(), LogError> {
         self.file.sync_data().map_err(|source| LogError::Io { path: self.path.clone(), source })
     }
-}
-
-/// Reads the record whose frame starts at `offset` of the log open as `file`, checking its checksum (for reading a
-/// value back out of the journal, see [`super::Store::get_blob`]). Positioned reads: callers may share `file`.
-pub fn read_record_at(file: &File, path: &Path, offset: u64) -> Result<Vec<u8>, LogError> {
-    use std::os::unix::fs::FileExt;
-    let io_err = |source| LogError::Io { path: path.to_owned(), source };
-    let corrupt = |reason: &str| LogError::Corrupt { path: path.to_owned(), offset, reason: reason.to_owned() };
-    let mut header = [0u8; HEADER_BYTES as usize];
-    file.read_exact_at(&mut header, offset).map_err(io_err)?;
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    if len > MAX_RECORD_BYTES {
-        return Err(corrupt("a referenced record has an impossible length"));
-    }
-    let mut payload = vec![0u8; len];
-    file.read_exact_at(&mut payload, offset + HEADER_BYTES).map_err(io_err)?;
-    if crc32fast::hash(&payload) != crc {
-        return Err(corrupt("a referenced record fails its checksum"));
-    }
-    Ok(payload)
 }
 
 enum Frame {

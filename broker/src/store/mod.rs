@@ -82,27 +82,50 @@ pub enum Write {
 /// older broker starts with a field tag, never with 0xFF.
 const BLOB_REF_MAGIC: &[u8] = b"\xffjref";
 
-/// Where a [`Write::PutBlob`] value is: the journal record at `record_offset`, write number `index` in it.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+/// Where a [`Write::PutBlob`] value is in `journal.log`: `len` bytes at byte `offset`, with their CRC-32 (so that
+/// reading one copy reads only that copy, not the whole commit it came in: a message to 64 recipients would
+/// otherwise decode all 64 copies for each delivery).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct BlobRef {
-    record_offset: u64,
-    index: u32,
+    offset: u64,
+    len: u32,
+    crc: u32,
 }
 
 impl BlobRef {
     fn encode(self) -> Vec<u8> {
         let mut bytes = BLOB_REF_MAGIC.to_vec();
-        bytes.extend_from_slice(&self.record_offset.to_be_bytes());
-        bytes.extend_from_slice(&self.index.to_be_bytes());
+        bytes.extend_from_slice(&self.offset.to_be_bytes());
+        bytes.extend_from_slice(&self.len.to_be_bytes());
+        bytes.extend_from_slice(&self.crc.to_be_bytes());
         bytes
     }
 
     fn decode(bytes: &[u8]) -> Option<Self> {
         let rest = bytes.strip_prefix(BLOB_REF_MAGIC)?;
         let offset: [u8; 8] = rest.get(..8)?.try_into().ok()?;
-        let index: [u8; 4] = rest.get(8..12)?.try_into().ok()?;
-        Some(Self { record_offset: u64::from_be_bytes(offset), index: u32::from_be_bytes(index) })
+        let len: [u8; 4] = rest.get(8..12)?.try_into().ok()?;
+        let crc: [u8; 4] = rest.get(12..16)?.try_into().ok()?;
+        Some(Self { offset: u64::from_be_bytes(offset), len: u32::from_be_bytes(len), crc: u32::from_be_bytes(crc) })
     }
+}
+
+/// Encodes a journal record exactly as `postcard::to_stdvec(&JournalRecord { writes })` would (a postcard sequence is
+/// its length as a varint followed by its elements), and returns, for each write, where its value starts in the
+/// encoding (used for [`Write::PutBlob`]).
+fn encode_record(writes: &[Write]) -> Result<(Vec<u8>, Vec<usize>), StoreError> {
+    let encode_error = |error: postcard::Error| StoreError::Decode(error.to_string());
+    let mut encoded = postcard::to_stdvec(&writes.len()).map_err(encode_error)?;
+    let mut value_starts = Vec::with_capacity(writes.len());
+    for write in writes {
+        encoded.extend_from_slice(&postcard::to_stdvec(write).map_err(encode_error)?);
+        let value_len = match write {
+            Write::Put(_, value) | Write::PutBlob(_, value) => value.len(),
+            Write::Delete(_) => 0,
+        };
+        value_starts.push(encoded.len() - value_len);
+    }
+    Ok((encoded, value_starts))
 }
 
 /// A unit of change made durable as a whole: audit entries (their sequence numbers are assigned by the committer)
@@ -174,7 +197,12 @@ impl Store {
             })?;
             let end = offset + 8 + payload.len() as u64;
             let mut batch = sled::Batch::default();
-            apply_to_batch(&mut batch, record.writes, offset);
+            let corrupt = |reason: String| LogError::Corrupt { path: data_dir.join("journal.log"), offset, reason };
+            let (again, value_starts) = encode_record(&record.writes).map_err(|error| corrupt(error.to_string()))?;
+            if again != payload {
+                return Err(corrupt("a journal record does not re-encode to its own bytes".to_owned()));
+            }
+            apply_to_batch(&mut batch, record.writes, offset, &value_starts);
             batch.insert(JOURNAL_APPLIED_KEY, &end.to_be_bytes());
             db.apply_batch(batch).map_err(|error| LogError::Corrupt {
                 path: data_dir.join("index"),
@@ -231,20 +259,23 @@ impl Store {
         Ok(self.inner.tree.get(key)?.map(|value| value.to_vec()))
     }
 
-    /// The value of a [`Write::PutBlob`], read back from the journal.
+    /// The value of a [`Write::PutBlob`], read back from the journal (only its bytes, checked against their CRC).
     pub fn get_blob(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        use std::os::unix::fs::FileExt;
         let Some(stored) = self.inner.tree.get(key)? else { return Ok(None) };
         let Some(blob) = BlobRef::decode(&stored) else {
             // Written as a plain value (by a broker from before blobs).
             return Ok(Some(stored.to_vec()));
         };
-        let payload = log::read_record_at(&self.inner.journal_reader, &self.inner.journal_path, blob.record_offset)?;
-        let record: JournalRecord =
-            postcard::from_bytes(&payload).map_err(|error| StoreError::Decode(error.to_string()))?;
-        match record.writes.into_iter().nth(blob.index as usize) {
-            Some(Write::PutBlob(blob_key, value)) if blob_key == key => Ok(Some(value)),
-            _ => Err(StoreError::Decode("a journal reference does not point at its value".to_owned())),
+        let mut value = vec![0u8; blob.len as usize];
+        self.inner
+            .journal_reader
+            .read_exact_at(&mut value, blob.offset)
+            .map_err(|source| LogError::Io { path: self.inner.journal_path.clone(), source })?;
+        if crc32fast::hash(&value) != blob.crc {
+            return Err(StoreError::Decode("a journal reference does not point at its value".to_owned()));
         }
+        Ok(Some(value))
     }
 
     /// Every key/value under `prefix`, in key order.
@@ -283,15 +314,21 @@ fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(array))
 }
 
-/// Adds the writes of the journal record at `record_offset` to `batch`.
-fn apply_to_batch(batch: &mut sled::Batch, writes: Vec<Write>, record_offset: u64) {
-    for (index, write) in writes.into_iter().enumerate() {
+/// Adds the writes of the journal record whose frame starts at `record_offset` to `batch`; `value_starts` are from
+/// [`encode_record`].
+fn apply_to_batch(batch: &mut sled::Batch, writes: Vec<Write>, record_offset: u64, value_starts: &[usize]) {
+    for (write, value_start) in writes.into_iter().zip(value_starts) {
         match write {
             Write::Put(key, value) => batch.insert(key, value),
             Write::Delete(key) => batch.remove(key),
-            Write::PutBlob(key, _) => {
-                let index = u32::try_from(index).unwrap_or(u32::MAX);
-                batch.insert(key, BlobRef { record_offset, index }.encode());
+            Write::PutBlob(key, value) => {
+                let blob = BlobRef {
+                    offset: record_offset + log::HEADER_BYTES + *value_start as u64,
+                    // A record is at most `MAX_RECORD_BYTES` (256 MiB), so its values fit.
+                    len: u32::try_from(value.len()).unwrap_or(u32::MAX),
+                    crc: crc32fast::hash(&value),
+                };
+                batch.insert(key, blob.encode());
             }
         }
     }
@@ -350,16 +387,17 @@ fn commit_group(
     let mut encoded = Vec::with_capacity(group.len());
     let mut records = Vec::with_capacity(group.len());
     for job in group.iter_mut().filter(|job| !job.commit.writes.is_empty()) {
-        let record = JournalRecord { writes: std::mem::take(&mut job.commit.writes) };
-        encoded.push(postcard::to_stdvec(&record).map_err(|error| StoreError::Decode(error.to_string()))?);
-        records.push(record);
+        let writes = std::mem::take(&mut job.commit.writes);
+        let (bytes, value_starts) = encode_record(&writes)?;
+        encoded.push(bytes);
+        records.push((writes, value_starts));
     }
     let mut batch = sled::Batch::default();
     if !encoded.is_empty() {
         let offsets = journal.append(encoded.iter().map(Vec::as_slice))?;
         journal.sync()?;
-        for (record, offset) in records.into_iter().zip(offsets) {
-            apply_to_batch(&mut batch, record.writes, offset);
+        for ((writes, value_starts), offset) in records.into_iter().zip(offsets) {
+            apply_to_batch(&mut batch, writes, offset, &value_starts);
         }
     }
     // 3. The index, with how far into the journal it has got.
@@ -415,21 +453,37 @@ mod tests {
         store.close();
     }
 
-    /// A reference that points at the wrong place is an error, not another message's content.
+    /// Damaged bytes under a reference are an error, never content handed on; a reference that points elsewhere
+    /// fails the same check.
     #[tokio::test]
-    async fn a_reference_to_another_value_is_refused() {
+    async fn damaged_or_misplaced_blobs_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         store
-            .commit(Commit { audit: Vec::new(), writes: vec![Write::PutBlob(b"c/a".to_vec(), b"one".to_vec())] })
+            .commit(Commit {
+                audit: Vec::new(),
+                writes: vec![
+                    Write::PutBlob(b"c/a".to_vec(), b"first copy".to_vec()),
+                    Write::PutBlob(b"c/b".to_vec(), b"second copy, longer".to_vec()),
+                ],
+            })
             .await
             .unwrap();
-        let reference = store.get(b"c/a").unwrap().unwrap();
-        store
-            .commit(Commit { audit: Vec::new(), writes: vec![Write::Put(b"c/other".to_vec(), reference)] })
-            .await
-            .unwrap();
-        assert!(store.get_blob(b"c/other").is_err());
+        // A reference moved to another key reads the other value's place and fails its checksum.
+        let mut moved = store.get(b"c/a").unwrap().unwrap();
+        let b = store.get(b"c/b").unwrap().unwrap();
+        moved[BLOB_REF_MAGIC.len()..BLOB_REF_MAGIC.len() + 8]
+            .copy_from_slice(&b[BLOB_REF_MAGIC.len()..BLOB_REF_MAGIC.len() + 8]);
+        store.commit(Commit { audit: Vec::new(), writes: vec![Write::Put(b"c/moved".to_vec(), moved)] }).await.unwrap();
+        assert!(store.get_blob(b"c/moved").is_err());
+        // One flipped byte in the journal where the copy is.
+        let journal = dir.path().join("journal.log");
+        let mut bytes = std::fs::read(&journal).unwrap();
+        let at = bytes.windows(10).position(|window| window == b"first copy").unwrap();
+        bytes[at] ^= 0x01;
+        std::fs::write(&journal, bytes).unwrap();
+        assert!(store.get_blob(b"c/a").is_err());
+        assert_eq!(store.get_blob(b"c/b").unwrap(), Some(b"second copy, longer".to_vec()));
         store.close();
     }
 }
