@@ -92,16 +92,37 @@ pub enum IndexKind<'a> {
 impl IndexKind<'_> {
     /// The prefix every key of this kind and value starts with (up to and including the `0x00` separator).
     pub fn prefix(&self) -> Vec<u8> {
-        let (kind, value) = match self {
-            IndexKind::Child(pseudonym) => ("child", pseudonym.to_hex()),
-            IndexKind::Agency(agency) => ("agency", (*agency).to_owned()),
-            IndexKind::Practitioner(practitioner) => ("practitioner", (*practitioner).to_owned()),
-            IndexKind::Rule(rule) => ("rule", (*rule).to_owned()),
-            IndexKind::Message(message) => ("message", (*message).to_owned()),
-        };
-        let mut key = format!("{INDEX_PREFIX}{kind}/{value}").into_bytes();
-        key.push(0);
+        let mut key = Vec::new();
+        self.write_prefix(&mut key);
         key
+    }
+
+    /// Writes [`Self::prefix`] into `out` (cleared first) without allocating once `out` has grown: adding entries
+    /// to the index spells every key of every entry, on start for the whole log.
+    pub fn write_prefix(&self, out: &mut Vec<u8>) {
+        use std::io::Write as _;
+        out.clear();
+        out.extend_from_slice(INDEX_PREFIX.as_bytes());
+        let (kind, value) = match self {
+            IndexKind::Child(pseudonym) => {
+                // The spelling of `Pseudonym::to_hex`: `v<key version>:<hex>`. Writing to a Vec cannot fail.
+                let _ = write!(out, "child/v{}:", pseudonym.key_version);
+                let mut hex = [0u8; 64];
+                // 32 bytes always fit 64 hex digits.
+                let _ = hex::encode_to_slice(pseudonym.value, &mut hex);
+                out.extend_from_slice(&hex);
+                out.push(0);
+                return;
+            }
+            IndexKind::Agency(agency) => ("agency", *agency),
+            IndexKind::Practitioner(practitioner) => ("practitioner", *practitioner),
+            IndexKind::Rule(rule) => ("rule", *rule),
+            IndexKind::Message(message) => ("message", *message),
+        };
+        out.extend_from_slice(kind.as_bytes());
+        out.push(b'/');
+        out.extend_from_slice(value.as_bytes());
+        out.push(0);
     }
 }
 
@@ -114,92 +135,40 @@ pub fn key_hash(key: &[u8]) -> u64 {
     hasher.finish()
 }
 
-/// Calls `visit` with the [`key_hash`] of each of [`entry_prefixes`]`(entry)`, spelling each key in `scratch`
-/// instead of allocating it.
-fn for_each_key_hash(entry: &AuditEntry, scratch: &mut Vec<u8>, mut visit: impl FnMut(u64)) {
-    let mut key = |kind: &str, value: &[&[u8]]| {
-        scratch.clear();
-        scratch.extend_from_slice(INDEX_PREFIX.as_bytes());
-        scratch.extend_from_slice(kind.as_bytes());
-        scratch.push(b'/');
-        for part in value {
-            scratch.extend_from_slice(part);
-        }
-        scratch.push(0);
-        visit(key_hash(scratch));
-    };
+/// Calls `visit` with each key an entry is indexed under.
+fn for_each_kind<'a>(entry: &'a AuditEntry, mut visit: impl FnMut(IndexKind<'a>)) {
     if let Some(subject) = &entry.subject {
-        let mut hex = [0u8; 64];
-        // 32 bytes always fit 64 hex digits.
-        let _ = hex::encode_to_slice(subject.value, &mut hex);
-        let version = format_u32(subject.key_version);
-        key("child", &[b"v", version.as_bytes(), b":", &hex]);
+        visit(IndexKind::Child(subject));
     }
     if !entry.actor.agency.is_empty() {
-        key("agency", &[entry.actor.agency.as_bytes()]);
+        visit(IndexKind::Agency(&entry.actor.agency));
     }
     if !entry.recipient.is_empty() && entry.recipient != entry.actor.agency {
-        key("agency", &[entry.recipient.as_bytes()]);
+        visit(IndexKind::Agency(&entry.recipient));
     }
     if !entry.actor.practitioner.is_empty() {
-        key("practitioner", &[entry.actor.practitioner.as_bytes()]);
+        visit(IndexKind::Practitioner(&entry.actor.practitioner));
     }
     for rule in &entry.rule_ids {
-        key("rule", &[rule.as_bytes()]);
+        visit(IndexKind::Rule(rule));
     }
     if !entry.message_id.is_empty() {
-        key("message", &[entry.message_id.as_bytes()]);
+        visit(IndexKind::Message(&entry.message_id));
     }
 }
 
-/// Decimal digits of a key version without allocating on the heap.
-fn format_u32(value: u32) -> FormattedU32 {
-    let mut digits = [0u8; 10];
-    let mut start = digits.len();
-    let mut rest = value;
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    FormattedU32 { digits, start }
-}
-
-struct FormattedU32 {
-    digits: [u8; 10],
-    start: usize,
-}
-
-impl FormattedU32 {
-    fn as_bytes(&self) -> &[u8] {
-        &self.digits[self.start..]
-    }
+/// Calls `visit` with the [`key_hash`] of each of [`entry_prefixes`]`(entry)`, spelling each key in `scratch`.
+fn for_each_key_hash(entry: &AuditEntry, scratch: &mut Vec<u8>, mut visit: impl FnMut(u64)) {
+    for_each_kind(entry, |kind| {
+        kind.write_prefix(scratch);
+        visit(key_hash(scratch));
+    });
 }
 
 /// The key prefixes under which an entry is indexed (each followed by its sequence number when written).
 pub fn entry_prefixes(entry: &AuditEntry) -> Vec<Vec<u8>> {
     let mut prefixes = Vec::with_capacity(6 + entry.rule_ids.len());
-    if let Some(subject) = &entry.subject {
-        prefixes.push(IndexKind::Child(subject).prefix());
-    }
-    if !entry.actor.agency.is_empty() {
-        prefixes.push(IndexKind::Agency(&entry.actor.agency).prefix());
-    }
-    if !entry.recipient.is_empty() && entry.recipient != entry.actor.agency {
-        prefixes.push(IndexKind::Agency(&entry.recipient).prefix());
-    }
-    if !entry.actor.practitioner.is_empty() {
-        prefixes.push(IndexKind::Practitioner(&entry.actor.practitioner).prefix());
-    }
-    for rule in &entry.rule_ids {
-        prefixes.push(IndexKind::Rule(rule).prefix());
-    }
-    if !entry.message_id.is_empty() {
-        prefixes.push(IndexKind::Message(&entry.message_id).prefix());
-    }
+    for_each_kind(entry, |kind| prefixes.push(kind.prefix()));
     prefixes
 }
 
@@ -282,8 +251,14 @@ mod tests {
         drop(log);
         let reopened = AuditLog::open(dir.path()).unwrap();
         assert_eq!(reopened.index().read().unwrap().lookup(&child, 0, 10, 10), vec![(sequence, offset)]);
-        // The keys hashed while adding are exactly the prefixes queries ask for.
+        // The keys hashed while adding are exactly the prefixes queries ask for, and a child's key is spelt as
+        // `Pseudonym::to_hex` spells the pseudonym.
         for version in [0, 1, 9, 10, 4_294_967_295] {
+            let pseudonym = Pseudonym { key_version: version, value: [0xab; 32] };
+            assert_eq!(
+                IndexKind::Child(&pseudonym).prefix(),
+                format!("{INDEX_PREFIX}child/{}\0", pseudonym.to_hex()).into_bytes()
+            );
             let entry = AuditEntry {
                 subject: Some(Pseudonym { key_version: version, value: [0xab; 32] }),
                 rule_ids: vec!["f3".into(), "f3".into()],
