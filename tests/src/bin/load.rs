@@ -1010,32 +1010,26 @@ impl Subject {
 
 /// The load generator's own CPU (senders and receiving agents, on the same machine as the broker), so that a
 /// reader can see how much of the machine was left for the broker.
-fn report_load_generator_cost(
-    subject: &Subject,
-    broker_before: Option<ProcessStats>,
-    before: Option<ProcessStats>,
-    messages: u64,
-    elapsed: Duration,
-) {
+/// `broker_cpu`: the broker's CPU seconds over the same interval, as [`report_costs`] returned them.
+fn report_load_generator_cost(before: Option<ProcessStats>, broker_cpu: f64, messages: u64, elapsed: Duration) {
     let (Some(before), Some(after)) = (before, process_stats(std::process::id())) else { return };
     let cpu = after.cpu_seconds - before.cpu_seconds;
     let wall = elapsed.as_secs_f64().max(1e-9);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
-    let broker = match (broker_before, subject.stats()) {
-        (Some(before), Some(after)) => after.cpu_seconds - before.cpu_seconds,
-        _ => 0.0,
-    };
     println!(
         "load generator CPU (senders and receiving agents): {cpu:.2} s ({:.0}% of one core); {:.1} µs CPU per message; machine busy with broker + load generator: {:.0}% of {cores:.0} cores",
         100.0 * cpu / wall,
         1e6 * cpu / messages.max(1) as f64,
-        100.0 * (cpu + broker) / wall / cores,
+        100.0 * (cpu + broker_cpu) / wall / cores,
     );
 }
 
-fn report_costs(subject: &Subject, before: Option<ProcessStats>, messages: u64, copies: u64, elapsed: Duration) {
+/// Prints the broker's CPU, memory and disk per message; returns its CPU seconds since `before` (0 if unknown).
+fn report_costs(subject: &Subject, before: Option<ProcessStats>, messages: u64, copies: u64, elapsed: Duration) -> f64 {
+    let mut broker_cpu = 0.0;
     if let (Some(before), Some(after)) = (before, subject.stats()) {
         let cpu = after.cpu_seconds - before.cpu_seconds;
+        broker_cpu = cpu;
         println!(
             "broker CPU: {cpu:.2} s over {:.2} s wall ({:.0}% of one core); {:.1} µs CPU per message; peak RSS (VmHWM) {:.1} MiB; RSS now {:.1} MiB",
             elapsed.as_secs_f64(),
@@ -1053,6 +1047,7 @@ fn report_costs(subject: &Subject, before: Option<ProcessStats>, messages: u64, 
             bytes as f64 / copies.max(1) as f64
         );
     }
+    broker_cpu
 }
 
 /// Closed or open loop through the full path with receiving agents; prints everything.
@@ -1150,8 +1145,9 @@ async fn throughput_scenario(
             references.fsyncs_per_second,
         ),
     }
-    report_costs(&subject, before, results.latencies.len() as u64, results.accepted_copies, start.elapsed());
-    report_load_generator_cost(&subject, before, load_before, results.latencies.len() as u64, start.elapsed());
+    let elapsed = start.elapsed();
+    let broker_cpu = report_costs(&subject, before, results.latencies.len() as u64, results.accepted_copies, elapsed);
+    report_load_generator_cost(load_before, broker_cpu, results.latencies.len() as u64, elapsed);
     Ok(())
 }
 
