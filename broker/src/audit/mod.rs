@@ -286,19 +286,55 @@ impl AuditLog {
 
     /// As [`AuditLog::append`], returning each entry's sequence number and byte offset in `entries.log` (what the
     /// query indexes point at).
-    pub fn append_located(&mut self, mut entries: Vec<AuditEntry>) -> Result<Vec<(u64, u64)>, AuditError> {
-        if entries.is_empty() {
-            return Ok(Vec::new());
-        }
+    pub fn append_located(&mut self, entries: Vec<AuditEntry>) -> Result<Vec<(u64, u64)>, AuditError> {
+        let written = self.write(entries)?;
+        self.log.sync()?;
+        Ok(self.publish(written))
+    }
+
+    /// The first half of [`AuditLog::append`]: assigns sequence numbers and writes the entries, without making them
+    /// durable. Nothing else may be written before [`AuditLog::publish`] is called with the result, and that only
+    /// once the entries are durable (through [`AuditLog::sync_handle`]). Lets the store make the audit log and its
+    /// journal durable at the same time.
+    pub fn write(&mut self, mut entries: Vec<AuditEntry>) -> Result<Written, AuditError> {
         let first = self.next_sequence;
         let mut encoded = Vec::with_capacity(entries.len());
         for (index, entry) in entries.iter_mut().enumerate() {
             entry.sequence = first + index as u64;
             encoded.push(entry.encode()?);
         }
-        let offsets = self.log.append(encoded.iter().map(Vec::as_slice))?;
-        self.log.sync()?;
-        // The entries are durable: now they join the tree that checkpoints and proofs are made from.
+        let offsets =
+            if entries.is_empty() { Vec::new() } else { self.log.append(encoded.iter().map(Vec::as_slice))? };
+        Ok(Written { entries, encoded, offsets })
+    }
+
+    /// Makes everything written durable.
+    pub fn sync(&mut self) -> Result<(), AuditError> {
+        Ok(self.log.sync()?)
+    }
+
+    /// Takes back entries written but not made durable (their `fdatasync` failed): the log is cut back to where they
+    /// start, so the next entries take their sequence numbers.
+    pub fn unwrite(&mut self, written: Written) -> Result<(), AuditError> {
+        if let Some(start) = written.offsets.first() {
+            self.log.truncate(*start)?;
+        }
+        Ok(())
+    }
+
+    /// A handle that makes everything written to the log durable, usable from another thread.
+    pub fn sync_handle(&self) -> Result<crate::store::log::SyncHandle, AuditError> {
+        Ok(self.log.sync_handle()?)
+    }
+
+    /// The second half of [`AuditLog::append`]: the written entries, now durable, join the tree that checkpoints and
+    /// proofs are made from, and the auditors' index. Returns each entry's sequence number and byte offset.
+    pub fn publish(&mut self, written: Written) -> Vec<(u64, u64)> {
+        let Written { entries, encoded, offsets } = written;
+        if entries.is_empty() {
+            return Vec::new();
+        }
+        let first = self.next_sequence;
         let mut tree = match self.tree.write() {
             Ok(tree) => tree,
             Err(poisoned) => poisoned.into_inner(),
@@ -316,7 +352,25 @@ impl AuditLog {
         }
         drop(index);
         self.next_sequence += entries.len() as u64;
-        Ok((first..self.next_sequence).zip(offsets).collect())
+        (first..self.next_sequence).zip(offsets).collect()
+    }
+}
+
+/// Entries written to the audit log but not yet durable nor published (see [`AuditLog::write`]).
+#[must_use = "written entries must be published once durable"]
+pub struct Written {
+    entries: Vec<AuditEntry>,
+    encoded: Vec<Vec<u8>>,
+    offsets: Vec<u64>,
+}
+
+impl Written {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 }
 

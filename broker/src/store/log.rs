@@ -39,6 +39,13 @@ pub struct AppendLog {
     scratch: Vec<u8>,
 }
 
+/// Whether [`AppendLog::open_until`] keeps a record (and reads on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    Yes,
+    No,
+}
+
 /// What [`AppendLog::open`] found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Recovery {
@@ -56,6 +63,17 @@ impl AppendLog {
         scan_from: u64,
         mut visit: impl FnMut(u64, &[u8]) -> Result<(), LogError>,
     ) -> Result<(Self, Recovery), LogError> {
+        Self::open_until(path, scan_from, |offset, payload| visit(offset, payload).map(|()| Keep::Yes))
+    }
+
+    /// As [`AppendLog::open`], but `visit` may answer [`Keep::No`]: that record and every one after it are cut off
+    /// like a torn tail (counted in [`Recovery::truncated_bytes`]). For records written but never acknowledged,
+    /// which the caller can tell from what they need (see [`crate::store`]).
+    pub fn open_until(
+        path: &Path,
+        scan_from: u64,
+        mut visit: impl FnMut(u64, &[u8]) -> Result<Keep, LogError>,
+    ) -> Result<(Self, Recovery), LogError> {
         let io_err = |source| LogError::Io { path: path.to_owned(), source };
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(io_err)?;
@@ -72,7 +90,10 @@ impl AppendLog {
             match read_frame(&mut reader, &mut payload, file_len - offset) {
                 Ok(Frame::End) => break,
                 Ok(Frame::Record) => {
-                    visit(offset, &payload)?;
+                    if visit(offset, &payload)? == Keep::No {
+                        recovery.truncated_bytes = file_len - offset;
+                        break;
+                    }
                     recovery.records += 1;
                     offset += HEADER_BYTES + payload.len() as u64;
                 }
@@ -142,6 +163,34 @@ impl AppendLog {
 
     /// Makes everything written so far durable.
     pub fn sync(&mut self) -> Result<(), LogError> {
+        self.file.sync_data().map_err(|source| LogError::Io { path: self.path.clone(), source })
+    }
+
+    /// Cuts the log back to `len` bytes (a record boundary at or before its end): records written but never made
+    /// durable, after a failed `fdatasync`, so that the next batch does not follow them.
+    pub fn truncate(&mut self, len: u64) -> Result<(), LogError> {
+        let len = len.min(self.len);
+        self.file.set_len(len).map_err(|source| LogError::Io { path: self.path.clone(), source })?;
+        self.len = len;
+        Ok(())
+    }
+
+    /// A second handle on the file, for making it durable from another thread (`sync_data` on it covers everything
+    /// written through this one).
+    pub fn sync_handle(&self) -> Result<SyncHandle, LogError> {
+        let file = self.file.try_clone().map_err(|source| LogError::Io { path: self.path.clone(), source })?;
+        Ok(SyncHandle { file, path: self.path.clone() })
+    }
+}
+
+/// See [`AppendLog::sync_handle`].
+pub struct SyncHandle {
+    file: File,
+    path: PathBuf,
+}
+
+impl SyncHandle {
+    pub fn sync(&self) -> Result<(), LogError> {
         self.file.sync_data().map_err(|source| LogError::Io { path: self.path.clone(), source })
     }
 }
@@ -287,5 +336,28 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, vec![(offsets[1], b"b".to_vec()), (offsets[2], b"c".to_vec())]);
+    }
+
+    /// A record the reader refuses is cut off with everything after it, and appending continues where it was.
+    #[test]
+    fn open_until_cuts_off_a_refused_record_and_what_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (mut log, _, _) = collect(&path);
+        let offsets = log.append([b"a".as_slice(), b"b".as_slice(), b"c".as_slice()]).unwrap();
+        drop(log);
+        let mut seen = Vec::new();
+        let (mut log, recovery) = AppendLog::open_until(&path, 0, |_, record| {
+            seen.push(record.to_vec());
+            Ok(if record == b"b" { Keep::No } else { Keep::Yes })
+        })
+        .unwrap();
+        assert_eq!(seen, vec![b"a".to_vec(), b"b".to_vec()]);
+        assert_eq!(recovery, Recovery { records: 1, truncated_bytes: 2 * (HEADER_BYTES + 1) });
+        assert_eq!(log.len(), offsets[1]);
+        log.append([b"d".as_slice()]).unwrap();
+        drop(log);
+        let (_, records, _) = collect(&path);
+        assert_eq!(records, vec![b"a".to_vec(), b"d".to_vec()]);
     }
 }

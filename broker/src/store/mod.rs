@@ -5,16 +5,27 @@
 //! sled is not the source of truth. Every change is a [`Commit`]: audit entries plus key/value writes. One committer
 //! thread takes every commit waiting in its queue (group commit), then
 //!
-//! 1. appends their audit entries to the audit log and `fdatasync`s it ([`crate::audit::AuditLog`]),
-//! 2. appends their writes to the state journal (`journal.log`) and `fdatasync`s it,
+//! 1. appends their audit entries to the audit log ([`crate::audit::AuditLog`]) and their writes to the state journal
+//!    (`journal.log`),
+//! 2. `fdatasync`s both at the same time (the audit log on its own thread),
 //! 3. applies the writes to sled, one by one, while readers of single keys wait (so a reader sees a group whole
 //!    or not at all),
 //! 4. and only then answers each waiting caller.
 //!
-//! INVARIANT: nothing is acknowledged to a sender, delivered or reported before steps 1 and 2 are durable
-//! (DESIGN.md invariants 4 and 5). Audit entries are made durable before the state they describe, so a crash between
-//! the two can leave a recorded decision whose message was never stored (the sender got no answer and retries), but
-//! never a stored message without its decision.
+//! A failed `fdatasync` cuts the group back off both logs (entries of the audit log that did become durable stay),
+//! so the next group does not follow unacknowledged records; if that cut fails, the store refuses further changes.
+//!
+//! INVARIANT: nothing is acknowledged to a sender, delivered or reported before both logs are durable (DESIGN.md
+//! invariants 4 and 5). A crash can leave a recorded decision whose message was never stored (the sender got no
+//! answer and retries), but never a stored message without its decision (see the next section).
+//!
+//! # Audit and journal, made durable together
+//! The two `fdatasync`s run at the same time, so after a crash either file may hold a group the other lacks. The
+//! first journal record of a group with audit entries starts with a write under [`AUDIT_NEEDED_KEY`] saying how many
+//! audit entries the log must hold for the group to count. On start, replay stops at the first record that needs more
+//! entries than the audit log recovered, and cuts it and everything after it off the journal: that group was never
+//! acknowledged (acknowledgement waits for both), and every later record was written after it. Running the two
+//! `fdatasync`s one after the other (audit log first) cost a second device flush on every commit's path.
 //!
 //! On start, the journal is replayed into sled from the offset sled last recorded, so sled holds every change that
 //! was ever acknowledged, whatever sled itself lost. Replaying a write twice is harmless: writes are whole values,
@@ -204,8 +215,6 @@ impl Store {
         let db = sled::Config::new()
             .path(&index_dir)
             .cache_capacity(sled_cache_bytes)
-            // sled's own background flush only shortens the journal replay after a crash (the journal is the source
-            // of truth); every second it competed with the journal's fsyncs, so it runs every ten.
             // Our checkpointer flushes sled (see "How far sled has got"); sled's own background flush would only compete
             // with the journal's fsyncs.
             .flush_every_ms(None)
@@ -215,7 +224,8 @@ impl Store {
             None => 0,
         };
         let mut replayed = 0;
-        let (journal, recovery) = AppendLog::open(&data_dir.join("journal.log"), applied, |offset, payload| {
+        let audit_entries = audit.len();
+        let (journal, recovery) = AppendLog::open_until(&data_dir.join("journal.log"), applied, |offset, payload| {
             let record: JournalRecord = postcard::from_bytes(payload).map_err(|error| LogError::Corrupt {
                 path: data_dir.join("journal.log"),
                 offset,
@@ -226,13 +236,17 @@ impl Store {
             if again != payload {
                 return Err(corrupt("a journal record does not re-encode to its own bytes".to_owned()));
             }
+            if audit_needed(&record.writes).is_some_and(|needed| needed > audit_entries) {
+                // Its group's audit entries did not all become durable, so the group was never acknowledged.
+                return Ok(log::Keep::No);
+            }
             apply_writes(&db, record.writes, offset, &value_starts).map_err(|error| LogError::Corrupt {
                 path: data_dir.join("index"),
                 offset,
                 reason: format!("could not replay into the index: {error}"),
             })?;
             replayed += 1;
-            Ok(())
+            Ok(log::Keep::Yes)
         })?;
         let applied = Arc::new(std::sync::atomic::AtomicU64::new(journal.len()));
         if replayed > 0 {
@@ -249,12 +263,15 @@ impl Store {
             audit_entries: audit.len(),
         };
         let applying = Arc::new(std::sync::RwLock::new(()));
+        let audit_syncer = AuditSyncer::start(audit.sync_handle()?, data_dir)?;
         let (sender, receiver) = mpsc::channel::<Job>();
         let committer = Applier {
             db: db.clone(),
             applying: applying.clone(),
             applied: applied.clone(),
             failed: std::sync::atomic::AtomicBool::new(false),
+            stopped: std::sync::atomic::AtomicBool::new(false),
+            audit_syncer,
         };
         let handle = thread::Builder::new()
             .name("committer".to_owned())
@@ -378,6 +395,7 @@ fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
 fn apply_writes(db: &sled::Db, writes: Vec<Write>, record_offset: u64, value_starts: &[usize]) -> sled::Result<()> {
     for (write, value_start) in writes.into_iter().zip(value_starts) {
         match write {
+            Write::Put(key, _) if key == AUDIT_NEEDED_KEY => {}
             Write::Put(key, value) => {
                 db.insert(key, value)?;
             }
@@ -434,6 +452,17 @@ struct Applier {
     applied: Arc<std::sync::atomic::AtomicU64>,
     /// Set when applying a group to sled failed: from then on `applied` stays where it was.
     failed: std::sync::atomic::AtomicBool,
+    /// Set when a group whose `fdatasync` failed could not be cut back off the logs: no further commit is accepted
+    /// (what the files hold past that point is unknown; a restart recovers from what is durable).
+    stopped: std::sync::atomic::AtomicBool,
+    audit_syncer: AuditSyncer,
+}
+
+impl Applier {
+    fn stop_committing(&self, error: &StoreError) {
+        self.stopped.store(true, std::sync::atomic::Ordering::Release);
+        tracing::error!(error = %error, "could not take back a commit that was not made durable; refusing further changes");
+    }
 }
 
 fn run_checkpointer(
@@ -490,32 +519,135 @@ fn run_committer(jobs: mpsc::Receiver<Job>, mut journal: AppendLog, mut audit: A
     }
 }
 
+/// Makes the audit log durable on its own thread while the committer makes the journal durable.
+struct AuditSyncer {
+    requests: mpsc::Sender<()>,
+    done: mpsc::Receiver<Result<(), LogError>>,
+}
+
+impl AuditSyncer {
+    fn start(handle: log::SyncHandle, data_dir: &Path) -> Result<Self, StoreError> {
+        let (requests, requested) = mpsc::channel::<()>();
+        let (finished, done) = mpsc::channel();
+        thread::Builder::new()
+            .name("audit-sync".to_owned())
+            .spawn(move || {
+                while requested.recv().is_ok() {
+                    if finished.send(handle.sync()).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|source| LogError::Io { path: data_dir.to_owned(), source })?;
+        Ok(Self { requests, done })
+    }
+
+    /// Runs `meanwhile` while the audit log is made durable; returns both results.
+    fn sync_while<T>(&self, meanwhile: impl FnOnce() -> T) -> (Result<(), LogError>, T) {
+        if self.requests.send(()).is_err() {
+            return (Err(syncer_stopped()), meanwhile());
+        }
+        let other = meanwhile();
+        (self.done.recv().unwrap_or_else(|_| Err(syncer_stopped())), other)
+    }
+}
+
+fn syncer_stopped() -> LogError {
+    LogError::Io {
+        path: PathBuf::from("audit/entries.log"),
+        source: std::io::Error::other("the audit sync thread stopped"),
+    }
+}
+
+/// The journal record key under which a group's first record says how many audit entries the group needs (see
+/// "Audit and journal, made durable together" in the module documentation). Not written to sled.
+const AUDIT_NEEDED_KEY: &[u8] = b"\x00audit-needed";
+
+/// How many audit entries a journal record needs, if it says.
+fn audit_needed(writes: &[Write]) -> Option<u64> {
+    match writes.first() {
+        Some(Write::Put(key, value)) if key == AUDIT_NEEDED_KEY => decode_u64(value).ok(),
+        _ => None,
+    }
+}
+
 fn commit_group(
     group: &mut [Job],
     journal: &mut AppendLog,
     audit: &mut AuditLog,
     applier: &Applier,
 ) -> Result<Vec<Vec<u64>>, StoreError> {
-    // 1. Audit entries, durable first (AuditLog::append syncs before it returns).
+    if applier.stopped.load(std::sync::atomic::Ordering::Acquire) {
+        return Err(StoreError::CommitFailed {
+            message:
+                "storage stopped accepting changes after a failed fsync could not be taken back; restart the broker"
+                    .to_owned(),
+            disk_full: false,
+        });
+    }
+    // 1. Audit entries and state writes are written, then made durable together.
     let counts: Vec<usize> = group.iter().map(|job| job.commit.audit.len()).collect();
     let mut entries = Vec::with_capacity(counts.iter().sum());
     for job in group.iter_mut() {
         entries.append(&mut job.commit.audit);
     }
-    let mut sequences = audit.append(entries)?.into_iter();
+    let first_sequence = audit.len();
+    let written = audit.write(entries)?;
+    let audit_needed = first_sequence + written.len() as u64;
+    let mut sequences = first_sequence..audit_needed;
     let per_job: Vec<Vec<u64>> = counts.iter().map(|count| sequences.by_ref().take(*count).collect()).collect();
-    // 2. State writes, durable second.
     let mut encoded = Vec::with_capacity(group.len());
     let mut records = Vec::with_capacity(group.len());
+    let mut encoding = Ok(());
     for job in group.iter_mut().filter(|job| !job.commit.writes.is_empty()) {
-        let writes = std::mem::take(&mut job.commit.writes);
-        let (bytes, value_starts) = encode_record(&writes)?;
-        encoded.push(bytes);
-        records.push((writes, value_starts));
+        let mut writes = std::mem::take(&mut job.commit.writes);
+        if records.is_empty() && !written.is_empty() {
+            writes.insert(0, Write::Put(AUDIT_NEEDED_KEY.to_vec(), audit_needed.to_be_bytes().to_vec()));
+        }
+        match encode_record(&writes) {
+            Ok((bytes, value_starts)) => {
+                encoded.push(bytes);
+                records.push((writes, value_starts));
+            }
+            Err(error) => {
+                encoding = Err(error);
+                break;
+            }
+        }
     }
-    if !encoded.is_empty() {
-        let offsets = journal.append(encoded.iter().map(Vec::as_slice))?;
-        journal.sync()?;
+    let journal_start = journal.len();
+    let appended = encoding.and_then(|()| {
+        if encoded.is_empty() { Ok(Vec::new()) } else { Ok(journal.append(encoded.iter().map(Vec::as_slice))?) }
+    });
+    let journal_written = matches!(&appended, Ok(offsets) if !offsets.is_empty());
+    let (audit_synced, journal_synced) = match (written.is_empty(), journal_written) {
+        (false, true) => {
+            let (audit_synced, journal_synced) = applier.audit_syncer.sync_while(|| journal.sync());
+            (audit_synced.map_err(StoreError::from), journal_synced)
+        }
+        (false, false) => (audit.sync().map_err(StoreError::from), Ok(())),
+        (true, true) => (Ok(()), journal.sync()),
+        (true, false) => (Ok(()), Ok(())),
+    };
+    // 2. What failed is taken back, so that the next group does not follow it; audit entries that are durable stay
+    // (a decision recorded for a message whose state was not stored, as if the broker had stopped in between).
+    if let Err(error) = audit_synced {
+        let rolled_back =
+            audit.unwrite(written).map_err(StoreError::from).and_then(|()| Ok(journal.truncate(journal_start)?));
+        if let Err(rollback) = rolled_back {
+            applier.stop_committing(&rollback);
+        }
+        return Err(error);
+    }
+    audit.publish(written);
+    let offsets = appended?;
+    if let Err(error) = journal_synced {
+        if let Err(rollback) = journal.truncate(journal_start) {
+            applier.stop_committing(&rollback.into());
+        }
+        return Err(error.into());
+    }
+    if !offsets.is_empty() {
         // 3. The index. If this fails the group is reported as failed although it is durable in the journal (the
         // sender's retry is recognised by its idempotency key); how far sled has got stops advancing, so the next
         // start replays this group and everything after it.
@@ -616,6 +748,65 @@ mod tests {
         assert_eq!(store.get(b"k/1").unwrap(), None);
         assert_eq!(store.get(b"k/2").unwrap(), Some(b"two".to_vec()));
         assert_eq!(store.get_blob(b"c/2").unwrap(), Some(b"copy".to_vec()));
+        store.close();
+    }
+
+    /// The two logs are made durable at the same time, so a crash can keep a group's journal record and lose its
+    /// audit entries. That group was never acknowledged: opening cuts it off the journal (with what follows), and
+    /// the state it would have written never appears.
+    #[tokio::test]
+    async fn a_journal_record_whose_audit_entries_were_lost_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let entry = |message_id: &str| AuditEntry { message_id: message_id.to_owned(), ..AuditEntry::default() };
+        store
+            .commit(Commit { audit: vec![entry("m1")], writes: vec![Write::Put(b"k/1".to_vec(), b"one".to_vec())] })
+            .await
+            .unwrap();
+        store.close();
+        drop(store);
+        let saved = dir.path().join("index-at-checkpoint");
+        copy_dir(&dir.path().join("index"), &saved);
+        let audit_path = AuditLog::path(&dir.path().join("audit"));
+        let audit_len = std::fs::metadata(&audit_path).unwrap().len();
+        let journal_len = std::fs::metadata(dir.path().join("journal.log")).unwrap().len();
+
+        let store = open(dir.path());
+        store
+            .commit(Commit {
+                audit: vec![entry("m2"), entry("m2")],
+                writes: vec![Write::Put(b"k/2".to_vec(), b"two".to_vec())],
+            })
+            .await
+            .unwrap();
+        store.close();
+        drop(store);
+        // The crash: the audit log lost the group's last entry, and the index never had the group.
+        let audit_file = std::fs::OpenOptions::new().write(true).open(&audit_path).unwrap();
+        let second_entry_len = (std::fs::metadata(&audit_path).unwrap().len() - audit_len) / 2;
+        audit_file.set_len(audit_len + second_entry_len).unwrap();
+        drop(audit_file);
+        std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+        std::fs::rename(&saved, dir.path().join("index")).unwrap();
+
+        let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
+        assert_eq!(audit.len(), 2, "the torn entry is cut off the audit log");
+        let (store, report) = Store::open(dir.path(), audit, 1024 * 1024).unwrap();
+        assert!(report.journal_bytes_truncated > 0);
+        assert_eq!(std::fs::metadata(dir.path().join("journal.log")).unwrap().len(), journal_len);
+        assert_eq!(store.get(b"k/1").unwrap(), Some(b"one".to_vec()));
+        assert_eq!(store.get(b"k/2").unwrap(), None);
+        // Committing goes on from there, and survives reopening.
+        let sequences = store
+            .commit(Commit { audit: vec![entry("m3")], writes: vec![Write::Put(b"k/3".to_vec(), b"three".to_vec())] })
+            .await
+            .unwrap();
+        assert_eq!(sequences, vec![2]);
+        store.close();
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(store.get(b"k/2").unwrap(), None);
+        assert_eq!(store.get(b"k/3").unwrap(), Some(b"three".to_vec()));
         store.close();
     }
 
