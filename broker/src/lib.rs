@@ -115,14 +115,26 @@ pub async fn run(
         Some(address) => Some(metrics::bind(address).await.map_err(|source| BrokerError::Metrics { address, source })?),
         None => None,
     };
+    // The audit log (its Merkle tree and the auditors' index are rebuilt from every entry) is read on its own thread
+    // while sled opens (which replays sled's own log); they share nothing.
     let opening = std::time::Instant::now();
-    let audit = AuditLog::open(&config.data_dir.join("audit"))?;
-    tracing::info!(entries = audit.len(), millis = opening.elapsed().as_millis() as u64, "audit log opened");
+    let audit_dir = config.data_dir.join("audit");
+    let reading_audit = std::thread::Builder::new()
+        .name("audit-open".to_owned())
+        .spawn(move || {
+            let audit = AuditLog::open(&audit_dir);
+            (audit, opening.elapsed())
+        })
+        .map_err(|source| store::StoreError::Log(store::log::LogError::Io { path: config.data_dir.clone(), source }))?;
+    let index = Store::open_index(&config.data_dir, config.index_cache_bytes);
+    tracing::info!(millis = opening.elapsed().as_millis() as u64, "index opened");
+    let (audit, audit_took) = reading_audit.join().map_err(|_| audit::AuditError::Stopped)?;
+    let audit = audit?;
+    tracing::info!(entries = audit.len(), millis = audit_took.as_millis() as u64, "audit log opened");
     let checkpointer =
         audit::checkpoints::Checkpointer::open_in(&config.data_dir, audit.tree(), audit::checkpoints::DEFAULT_ORIGIN)
             .map_err(audit::AuditError::from)?;
-    let opening = std::time::Instant::now();
-    let (store, report) = Store::open(&config.data_dir, audit, config.index_cache_bytes)?;
+    let (store, report) = Store::open_with(index?, &config.data_dir, audit)?;
     tracing::info!(
         millis = opening.elapsed().as_millis() as u64,
         journal_records_replayed = report.journal_records_replayed,

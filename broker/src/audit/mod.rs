@@ -47,6 +47,8 @@ pub enum AuditError {
     Key { path: PathBuf, reason: String },
     #[error("checkpoints: {0}")]
     Checkpoints(String),
+    #[error("the thread reading the audit log stopped unexpectedly")]
+    Stopped,
 }
 
 /// What happened.
