@@ -115,6 +115,9 @@ struct Shared {
     on_escalation: Mutex<Option<EscalationHook>>,
     /// The actor tasks, awaited on shutdown so that nothing holds the store afterwards.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// How many copies each recipient's actor holds (ready, waiting out a retry delay or in flight), for metrics;
+    /// each actor updates its own.
+    depths: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
 }
 
 /// Called with the delivery record whose acknowledgement deadline has passed, after the escalation is recorded.
@@ -158,6 +161,7 @@ impl Deliveries {
                 shutdown,
                 on_escalation: Mutex::new(None),
                 tasks: Mutex::new(Vec::new()),
+                depths: Mutex::new(BTreeMap::new()),
             }),
         };
         tracing::info!(queued = pending.values().map(Vec::len).sum::<usize>(), "queued copies found");
@@ -217,22 +221,32 @@ impl Deliveries {
 
     /// Per recipient agency: copies waiting for acknowledgement (queued or in flight) and when the oldest of them
     /// was queued (microseconds since the epoch), for metrics.
+    ///
+    /// The depth is each actor's own count; the oldest copy is the first of the recipient's `q/` keys (they sort by
+    /// sequence number), so a scrape reads two records per recipient, however long the queues. (It scanned every
+    /// `q/` key, which with a million queued took seconds of every scrape.)
     pub fn queue_stats(&self) -> Result<BTreeMap<String, (u64, Option<i64>)>, StoreError> {
-        let mut stats: BTreeMap<String, (u64, Option<i64>)> = BTreeMap::new();
-        for item in self.shared.store.scan_prefix(records::QUEUE_PREFIX) {
-            let (key, value) = item?;
-            let Some((recipient, _)) = records::parse_queue_key(&key) else { continue };
-            let entry = stats.entry(recipient).or_insert((0, None));
-            entry.0 += 1;
-            if entry.1.is_none()
-                && let Some((delivery_id, _)) = records::parse_queue_value(&value)
-            {
-                // Keys sort by sequence, so the first copy of each recipient is its oldest.
-                if let Some(bytes) = self.shared.store.get(&records::delivery_key(&delivery_id))? {
+        let depths: Vec<(String, u64)> = match self.shared.depths.lock() {
+            Ok(depths) => {
+                depths.iter().map(|(recipient, depth)| (recipient.clone(), depth.load(Ordering::Relaxed))).collect()
+            }
+            Err(_) => return Err(StoreError::Stopped),
+        };
+        let mut stats = BTreeMap::new();
+        for (recipient, depth) in depths.into_iter().filter(|(_, depth)| *depth > 0) {
+            let mut oldest = None;
+            let prefix = records::queue_prefix(&recipient);
+            if let Some(item) = self.shared.store.scan_prefix(&prefix).next() {
+                let (key, value) = item?;
+                if records::parse_queue_key(&key).is_some_and(|(owner, _)| owner == recipient)
+                    && let Some((delivery_id, _)) = records::parse_queue_value(&value)
+                    && let Some(bytes) = self.shared.store.get(&records::delivery_key(&delivery_id))?
+                {
                     let record: DeliveryRecord = records::decode(&bytes)?;
-                    entry.1 = Some(record.queued_at_micros);
+                    oldest = Some(record.queued_at_micros);
                 }
             }
+            stats.insert(recipient, (depth, oldest));
         }
         Ok(stats)
     }
@@ -259,13 +273,23 @@ impl Deliveries {
         let Ok(mut actors) = self.shared.actors.lock() else { return };
         let sender = actors.entry(recipient.to_owned()).or_insert_with(|| {
             let (sender, receiver) = mpsc::unbounded_channel();
-            let actor = RecipientActor::new(recipient.to_owned(), self.shared.clone());
+            let depth = Arc::new(AtomicU64::new(0));
+            if let Ok(mut depths) = self.shared.depths.lock() {
+                depths.insert(recipient.to_owned(), depth.clone());
+            }
+            let actor = RecipientActor::new(recipient.to_owned(), self.shared.clone(), depth);
             let task = tokio::spawn(actor.run(receiver));
             if let Ok(mut tasks) = self.shared.tasks.lock() {
                 tasks.push(task);
             }
             sender
         });
+        if matches!(command, Command::Enqueue(_))
+            && let Ok(depths) = self.shared.depths.lock()
+            && let Some(depth) = depths.get(recipient)
+        {
+            depth.fetch_add(1, Ordering::Relaxed);
+        }
         if let Err(mpsc::error::SendError(command)) = sender.send(command) {
             // The actor has stopped (shutdown): answer rather than leave a caller waiting.
             match command {
@@ -308,11 +332,16 @@ struct RecipientActor {
     delayed_at: HashMap<u64, Instant>,
     deadline_at: HashMap<u64, Instant>,
     stream: Option<mpsc::Sender<StreamItem>>,
+    /// How many copies this actor holds (ready, delayed or in flight), for metrics ([`Deliveries::queue_stats`]):
+    /// counted up when an enqueue is sent to the actor (so a scrape right after a send already counts its copy),
+    /// down when the actor lets a copy go for good.
+    depth: Arc<AtomicU64>,
 }
 
 impl RecipientActor {
-    fn new(recipient: String, shared: Arc<Shared>) -> Self {
+    fn new(recipient: String, shared: Arc<Shared>, depth: Arc<AtomicU64>) -> Self {
         Self {
+            depth,
             recipient,
             shared,
             ready: BTreeMap::new(),
@@ -415,6 +444,7 @@ impl RecipientActor {
     }
 
     fn forget(&mut self, delivery_id: &str, seq: u64) {
+        self.one_fewer();
         self.in_flight.remove(delivery_id);
         self.ready.remove(&seq);
         if let Some(when) = self.delayed_at.remove(&seq) {
@@ -423,6 +453,11 @@ impl RecipientActor {
         if let Some(when) = self.deadline_at.remove(&seq) {
             self.deadlines.remove(&(when, seq));
         }
+    }
+
+    /// A copy has left this queue for good (see [`RecipientActor::depth`]).
+    fn one_fewer(&self) {
+        let _ = self.depth.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |depth| Some(depth.saturating_sub(1)));
     }
 
     fn add_delayed(&mut self, when: Instant, seq: u64, delivery_id: String) {
@@ -749,6 +784,7 @@ impl RecipientActor {
                         }
                         _ => {
                             tracing::error!(%delivery_id, "a queued copy has no stored record: dropped from the queue");
+                            self.one_fewer();
                             continue;
                         }
                     };

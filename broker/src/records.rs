@@ -40,6 +40,11 @@ pub fn queue_key(recipient: &str, seq: u64) -> Vec<u8> {
 
 pub const QUEUE_PREFIX: &[u8] = b"q/";
 
+/// The prefix of one recipient's `q/` keys.
+pub fn queue_prefix(recipient: &str) -> Vec<u8> {
+    format!("q/{recipient}/").into_bytes()
+}
+
 /// Splits a `q/<recipient>/<seq>` key.
 pub fn parse_queue_key(key: &[u8]) -> Option<(String, u64)> {
     let text = std::str::from_utf8(key).ok()?.strip_prefix("q/")?;

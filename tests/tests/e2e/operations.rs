@@ -90,6 +90,14 @@ async fn metrics_count_traffic_without_personal_data() -> Result<()> {
     for personal in ["Maisie", "Exampleton", "Fictional Close", "Sampleford"] {
         assert!(!scrape.contains(personal), "metrics must not carry `{personal}`");
     }
+
+    // An acknowledged copy leaves the queue's depth; one sent and not yet acknowledged stays in it.
+    let mut school = area.client(SCHOOL, broker.address).await?;
+    let mut stream = school.deliveries(pb::DeliveriesRequest {}).await?.into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.message()).await??.expect("a delivery");
+    school.acknowledge(pb::AcknowledgeRequest { delivery_id: first.delivery_id }).await?;
+    let scrape = http_get(metrics_address, "/metrics").await?;
+    assert!(scrape.contains(&format!(r#"broker_queue_depth{{recipient="{SCHOOL}"}} 1"#)), "{scrape}");
     broker.stop().await
 }
 
