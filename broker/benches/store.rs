@@ -105,8 +105,22 @@ fn token_verification(criterion: &mut Criterion) {
     let verifier = broker::auth::token::TokenVerifier::load(&settings, dir.path()).unwrap();
     let token = issuer.mint("bench-spoc", &["spoc".to_owned()], Duration::from_secs(600)).unwrap();
     verifier.verify("beds-police", &token).unwrap();
-    criterion.bench_function("token_verify_eddsa", |bencher| {
+    // A token already verified is remembered until it expires: this is the cost of every request after a
+    // practitioner's first.
+    criterion.bench_function("token_verify_remembered", |bencher| {
         bencher.iter(|| black_box(verifier.verify(black_box("beds-police"), black_box(&token)).unwrap()));
+    });
+    // A token not seen before (a different practitioner each time): the EdDSA check and claims validation.
+    let mut next = 0u64;
+    criterion.bench_function("token_verify_eddsa_first_use", |bencher| {
+        bencher.iter_batched(
+            || {
+                next += 1;
+                issuer.mint(&format!("bench-spoc-{next}"), &["spoc".to_owned()], Duration::from_secs(600)).unwrap()
+            },
+            |token| black_box(verifier.verify("beds-police", &token).unwrap()),
+            criterion::BatchSize::SmallInput,
+        );
     });
 }
 
