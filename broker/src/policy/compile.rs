@@ -123,9 +123,117 @@ pub struct RouteEntry {
     pub withholders: Vec<usize>,
 }
 
-/// The index key of a route.
-pub fn route_key(sender: u16, recipient: u16, kind: KindName) -> u64 {
+/// The index key of a route between two classes of agencies (see [`Routes`]).
+fn route_key(sender: u16, recipient: u16, kind: KindName) -> u64 {
     (u64::from(sender) << 32) | (u64::from(recipient) << 8) | (kind as u64)
+}
+
+fn split_key(key: u64) -> (usize, usize, Option<KindName>) {
+    let sender = usize::try_from(key >> 32).unwrap_or(usize::MAX);
+    let recipient = usize::try_from((key >> 8) & 0xffff).unwrap_or(usize::MAX);
+    let kind = KindName::ALL.into_iter().find(|kind| *kind as u64 == key & 0xff);
+    (sender, recipient, kind)
+}
+
+/// Every route's rules, found by one hash lookup.
+///
+/// Agencies that the same rules name as senders form one sender class, and likewise for recipients; routes are
+/// kept per (sender class, recipient class, kind). Every agency of a class is in exactly the same rules, so this is
+/// the same table as one keyed by agencies, without growing with the square of the registry: keyed by agencies it
+/// took ~1 GB for a registry of 1,010 agencies (a thousand family hubs, PERFORMANCE.md), where the thousand hubs are
+/// now one class.
+#[derive(Debug, Default)]
+pub struct Routes {
+    sender_class: Vec<u16>,
+    recipient_class: Vec<u16>,
+    /// The agencies of each class, in registry order (for listing routes and naming them).
+    sender_members: Vec<Vec<u16>>,
+    recipient_members: Vec<Vec<u16>>,
+    entries: HashMap<u64, RouteEntry>,
+}
+
+impl Routes {
+    /// The rules on the route from `sender` to `recipient` (registry indices) for `kind`.
+    pub fn get(&self, sender: u16, recipient: u16, kind: KindName) -> Option<&RouteEntry> {
+        let sender = *self.sender_class.get(usize::from(sender))?;
+        let recipient = *self.recipient_class.get(usize::from(recipient))?;
+        self.entries.get(&route_key(sender, recipient, kind))
+    }
+
+    /// Distinct routes kept (between classes).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Every route between agencies that some rule touches: (sender, recipient, kind, its rules).
+    pub fn iter(&self) -> impl Iterator<Item = (u16, u16, KindName, &RouteEntry)> + '_ {
+        self.entries.iter().flat_map(move |(key, entry)| {
+            let (sender, recipient, kind) = split_key(*key);
+            let senders = self.sender_members.get(sender).map(Vec::as_slice).unwrap_or_default();
+            let recipients = self.recipient_members.get(recipient).map(Vec::as_slice).unwrap_or_default();
+            kind.into_iter().flat_map(move |kind| {
+                senders
+                    .iter()
+                    .flat_map(move |sender| recipients.iter().map(move |recipient| (*sender, *recipient, kind, entry)))
+            })
+        })
+    }
+
+    /// One sender and one recipient agency of the route `key` (between classes), by id, to name it in a message.
+    fn names(&self, key: u64, registry: &Registry) -> (String, String) {
+        let (sender, recipient, _) = split_key(key);
+        let first = |members: &[Vec<u16>], class: usize| {
+            members
+                .get(class)
+                .and_then(|agencies| agencies.first())
+                .and_then(|agency| registry.agencies.get(usize::from(*agency)))
+                .map(|agency| agency.id.clone())
+                .unwrap_or_default()
+        };
+        (first(&self.sender_members, sender), first(&self.recipient_members, recipient))
+    }
+
+    /// The classes of a rule's senders and of its recipients.
+    fn classes_of(&self, rule: &CompiledRule) -> (BTreeSet<u16>, BTreeSet<u16>) {
+        let class = |classes: &[u16], agency: &u16| classes.get(usize::from(*agency)).copied();
+        (
+            rule.senders.iter().filter_map(|agency| class(&self.sender_class, agency)).collect(),
+            rule.recipients.iter().filter_map(|agency| class(&self.recipient_class, agency)).collect(),
+        )
+    }
+}
+
+/// Groups the registry's `count` agencies by the set of rules whose `members` include them: each agency's class,
+/// and each class's agencies.
+fn agency_classes(
+    count: usize,
+    rules: &[CompiledRule],
+    members: impl Fn(&CompiledRule) -> &BTreeSet<u16>,
+) -> (Vec<u16>, Vec<Vec<u16>>) {
+    let mut signatures: Vec<Vec<u32>> = vec![Vec::new(); count];
+    for (index, rule) in rules.iter().enumerate() {
+        for agency in members(rule) {
+            if let Some(signature) = signatures.get_mut(usize::from(*agency)) {
+                signature.push(u32::try_from(index).unwrap_or(u32::MAX));
+            }
+        }
+    }
+    let mut ids: HashMap<Vec<u32>, u16> = HashMap::new();
+    let mut class_of = Vec::with_capacity(count);
+    let mut classes: Vec<Vec<u16>> = Vec::new();
+    for (agency, signature) in signatures.into_iter().enumerate() {
+        // Agencies are indexed by u16, so there are never more classes than a u16 holds.
+        let next = u16::try_from(classes.len()).unwrap_or(u16::MAX);
+        let class = *ids.entry(signature).or_insert(next);
+        if class == next {
+            classes.push(Vec::new());
+        }
+        if let Some(agencies) = classes.get_mut(usize::from(class)) {
+            agencies.push(u16::try_from(agency).unwrap_or(u16::MAX));
+        }
+        class_of.push(class);
+    }
+    (class_of, classes)
 }
 
 struct Diagnostics {
@@ -871,11 +979,16 @@ fn build_routes(
     routing: &MaskNode,
     registry: &Registry,
     diagnostics: &mut Diagnostics,
-) -> HashMap<u64, RouteEntry> {
+) -> Routes {
+    let (sender_class, sender_members) = agency_classes(registry.agencies.len(), rules, |rule| &rule.senders);
+    let (recipient_class, recipient_members) = agency_classes(registry.agencies.len(), rules, |rule| &rule.recipients);
+    let mut table =
+        Routes { sender_class, recipient_class, sender_members, recipient_members, entries: HashMap::new() };
     let mut routes: HashMap<u64, RouteEntry> = HashMap::new();
     for (index, rule) in rules.iter().enumerate() {
-        for sender in &rule.senders {
-            for recipient in &rule.recipients {
+        let (senders, recipients) = table.classes_of(rule);
+        for sender in &senders {
+            for recipient in &recipients {
                 for kind in &rule.kinds {
                     let entry = routes.entry(route_key(*sender, *recipient, *kind)).or_default();
                     match rule.effect {
@@ -933,7 +1046,7 @@ fn build_routes(
                         if path_is_within(shared, withheld)
                             && reported.insert((permit.rule, *holder, path_text(shared)))
                         {
-                            let (sender, recipient) = route_names(key, registry);
+                            let (sender, recipient) = table.names(key, registry);
                             diagnostics.error_at(
                                 &rule.place,
                                 format!(
@@ -999,8 +1112,9 @@ fn build_routes(
         }
         let mut blocker: Option<usize> = None;
         let mut every_route_blocked = true;
-        'routes: for sender in &rule.senders {
-            for recipient in &rule.recipients {
+        let (senders, recipients) = table.classes_of(rule);
+        'routes: for sender in &senders {
+            for recipient in &recipients {
                 for kind in &rule.kinds {
                     let Some(entry) = routes.get(&route_key(*sender, *recipient, *kind)) else {
                         continue;
@@ -1029,7 +1143,8 @@ fn build_routes(
             );
         }
     }
-    routes
+    table.entries = routes;
+    table
 }
 
 fn min_until(left: Option<Date>, right: Option<Date>) -> Option<Date> {
@@ -1039,13 +1154,6 @@ fn min_until(left: Option<Date>, right: Option<Date>) -> Option<Date> {
         (None, None) => None,
     }
     .or(Some(Date::MAX))
-}
-
-fn route_names(key: u64, registry: &Registry) -> (String, String) {
-    let sender = usize::try_from(key >> 32).unwrap_or(usize::MAX);
-    let recipient = usize::try_from((key >> 8) & 0xffff).unwrap_or(usize::MAX);
-    let name = |index: usize| registry.agencies.get(index).map(|agency| agency.id.clone()).unwrap_or_default();
-    (name(sender), name(recipient))
 }
 
 /// The canonical form of a policy set that its hash covers: every section but the tests, sorted by id, with every

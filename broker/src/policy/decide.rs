@@ -15,7 +15,7 @@ use proto::pb::envelope::Body;
 use time::{Date, OffsetDateTime};
 
 use super::calendar;
-use super::compile::{CompiledRule, route_key};
+use super::compile::CompiledRule;
 use super::fields::{self, MaskNode};
 use super::model::{KindName, OverrideReasonName, UrgencyName};
 use super::{Decision, DecisionRequest, Obligations, OverrideUsed, PolicySet, ReasonCode};
@@ -384,7 +384,7 @@ pub fn decide(set: &PolicySet, request: &DecisionRequest<'_>) -> Decision {
         Prechecked::Refused(code, explanation) => return refuse(code, explanation, Vec::new()),
         Prechecked::Route { sender, recipient, kind } => (sender, recipient, kind),
     };
-    let Some(entry) = set.routes.get(&route_key(sender, recipient, kind)) else {
+    let Some(entry) = set.routes.get(sender, recipient, kind) else {
         return refuse(
             ReasonCode::NoMatchingRule,
             format!("no rule lets `{}` send `{}` messages to `{}`", request.sender, kind.as_str(), request.recipient),

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proto::pb;
 use time::{Date, OffsetDateTime, PrimitiveDateTime, Time};
 
-use super::compile::{CompiledRule, route_key};
+use super::compile::CompiledRule;
 use super::model::{KindName, OverrideReasonName, UrgencyName};
 use super::testing::empty_body;
 use super::{Decision, DecisionRequest, PolicySet};
@@ -127,7 +127,7 @@ pub(crate) fn rules_on<'a>(set: &'a PolicySet, route: &Route) -> Vec<&'a Compile
     else {
         return Vec::new();
     };
-    let Some(entry) = set.routes.get(&route_key(*sender, *recipient, route.kind)) else {
+    let Some(entry) = set.routes.get(*sender, *recipient, route.kind) else {
         return Vec::new();
     };
     entry
@@ -142,15 +142,12 @@ pub(crate) fn rules_on<'a>(set: &'a PolicySet, route: &Route) -> Vec<&'a Compile
 /// Every route with a permit in `set`.
 pub(crate) fn permitted_routes(set: &PolicySet) -> BTreeSet<Route> {
     let mut routes = BTreeSet::new();
-    for (key, entry) in &set.routes {
+    for (sender, recipient, kind, entry) in set.routes.iter() {
         if entry.permits.is_empty() {
             continue;
         }
-        let sender = usize::try_from(key >> 32).unwrap_or(usize::MAX);
-        let recipient = usize::try_from((key >> 8) & 0xffff).unwrap_or(usize::MAX);
-        let kind = KindName::ALL.into_iter().find(|kind| *kind as u64 == key & 0xff);
-        if let (Some(sender), Some(recipient), Some(kind)) =
-            (set.agencies.get(sender), set.agencies.get(recipient), kind)
+        if let (Some(sender), Some(recipient)) =
+            (set.agencies.get(usize::from(sender)), set.agencies.get(usize::from(recipient)))
         {
             routes.insert(Route { sender: sender.id.clone(), recipient: recipient.id.clone(), kind });
         }

@@ -7,7 +7,7 @@
 
 use std::fmt::Write as _;
 
-use super::compile::{CompiledRule, route_key};
+use super::compile::CompiledRule;
 use super::decide::{Facts, Prechecked, RuleFailure, check_rule, precheck};
 use super::model::Effect;
 use super::{Decision, DecisionRequest, PolicySet, calendar};
@@ -77,7 +77,7 @@ impl PolicySet {
             Prechecked::Refused(..) => None,
         };
         let on_route: Vec<usize> = route
-            .and_then(|(sender, recipient, kind)| self.routes.get(&route_key(sender, recipient, kind)))
+            .and_then(|(sender, recipient, kind)| self.routes.get(sender, recipient, kind))
             .map(|entry| {
                 let mut all: Vec<usize> = entry
                     .permits

@@ -34,7 +34,7 @@ pub use calendar::Calendar;
 pub use copy::CopyError;
 pub use model::{AgencyKind, KindName, LawfulBasis};
 
-use compile::{CompiledRule, RouteEntry};
+use compile::CompiledRule;
 use fields::MaskNode;
 
 /// A compiled, validated policy set. Cheap to share behind an `Arc`; immutable once loaded.
@@ -46,7 +46,7 @@ pub struct PolicySet {
     purposes: Vec<String>,
     roles: Vec<String>,
     rules: Vec<CompiledRule>,
-    routes: HashMap<u64, RouteEntry>,
+    routes: compile::Routes,
     calendar: Calendar,
     envelope: prost_reflect::MessageDescriptor,
     /// The mask of a refusal: routing facts only (used to list what a refused message held).
@@ -391,7 +391,7 @@ impl PolicySet {
             return Vec::new();
         };
         self.routes
-            .get(&compile::route_key(*sender, *recipient, kind))
+            .get(*sender, *recipient, kind)
             .map(|entry| entry.withholders.iter().map(|index| self.rules[*index].id.as_str()).collect())
             .unwrap_or_default()
     }

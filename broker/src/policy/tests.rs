@@ -177,6 +177,31 @@ fn a_forbid_beats_a_permit_and_rule_order_does_not_matter() {
     assert_eq!(must_load(&[("a.yaml", &together_a)]).hash(), must_load(&[("a.yaml", &together_b)]).hash());
 }
 
+/// Agencies named by the same rules share one route-table entry (the table must not grow with the square of the
+/// registry); listing routes still gives every agency's own, and decisions still tell the two schools apart once a
+/// rule names one of them.
+#[test]
+fn routes_are_kept_per_class_of_agencies_and_list_every_agency() {
+    let index = |set: &PolicySet, id: &str| set.agency_index[id];
+    let referral = |set: &PolicySet, from: &str| (index(set, from), index(set, "la-a"), KindName::Referral);
+
+    let together = must_load(&[("permit.yaml", PERMIT_REFER)]);
+    assert_eq!(together.routes.len(), 1, "both schools are one class");
+    let listed: std::collections::BTreeSet<_> = together.routes.iter().map(|(s, r, k, _)| (s, r, k)).collect();
+    assert_eq!(listed, [referral(&together, "school-a"), referral(&together, "school-b")].into_iter().collect());
+
+    let apart = must_load(&[("permit.yaml", PERMIT_REFER), ("forbid.yaml", FORBID_SCHOOL_B)]);
+    assert_eq!(apart.routes.len(), 2, "school B is named by one more rule, so it is a class of its own");
+    let listed: std::collections::BTreeSet<_> = apart.routes.iter().map(|(s, r, k, _)| (s, r, k)).collect();
+    assert_eq!(listed, [referral(&apart, "school-a"), referral(&apart, "school-b")].into_iter().collect());
+    let (a, la, kind) = referral(&apart, "school-a");
+    let (b, _, _) = referral(&apart, "school-b");
+    assert!(apart.routes.get(a, la, kind).is_some_and(|entry| entry.forbids.is_empty()));
+    assert!(apart.routes.get(b, la, kind).is_some_and(|entry| entry.forbids.len() == 1));
+    assert!(apart.routes.get(la, a, kind).is_none(), "no rule runs the other way");
+    assert!(apart.routes.get(u16::MAX, la, kind).is_none(), "an index outside the registry has no route");
+}
+
 #[test]
 fn the_hash_changes_when_a_rule_changes() {
     let before = must_load(&[("permit.yaml", PERMIT_REFER)]);

@@ -1230,6 +1230,12 @@ async fn connections(context: &RunContext<'_>) -> Result<()> {
     }
     let (subject, extra) = Subject::start(args, count)?;
     let credentials = subject.credentials(args);
+    // The broker listens before it has loaded its policy and storage: its baseline is read once it serves (reading
+    // it earlier counted the compiled policy, ~50 MB for this registry, as connections' memory).
+    if !wait_until_serving(&subject, "", args.phase_timeout).await {
+        bail!("the broker did not start serving");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = subject.stats();
     let open = Arc::new(AtomicU64::new(0));
     let ended = Arc::new(AtomicU64::new(0));
@@ -1312,6 +1318,24 @@ async fn connections(context: &RunContext<'_>) -> Result<()> {
     Ok(())
 }
 
+/// Waits until the broker answers a `Track` for `message_id` through TLS and token checks (an unknown id counts when
+/// `message_id` is empty: the answer "not found" also comes from a broker that is serving). False on timeout.
+async fn wait_until_serving(subject: &Subject, message_id: &str, timeout_seconds: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(timeout_seconds);
+    while Instant::now() < deadline {
+        if let Ok(mut client) = connect_client(&Credentials::Area(&subject.area), "beds-police", subject.address).await
+        {
+            match client.track(pb::TrackRequest { message_id: message_id.to_owned() }).await {
+                Ok(_) => return true,
+                Err(status) if message_id.is_empty() && status.code() != tonic::Code::Unavailable => return true,
+                Err(_) => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    false
+}
+
 /// Stores many messages (queued for an offline agent), restarts the broker, and measures how long until it serves.
 async fn restart(context: &RunContext<'_>) -> Result<()> {
     let args = context.args;
@@ -1342,18 +1366,7 @@ async fn restart(context: &RunContext<'_>) -> Result<()> {
         let started = subject.restart(graceful)?;
         let listening = started.elapsed();
         // Ready when a Track call through TLS and token checks succeeds.
-        let deadline = Instant::now() + Duration::from_secs(args.phase_timeout);
-        let mut ready = None;
-        while Instant::now() < deadline {
-            if let Ok(mut client) =
-                connect_client(&Credentials::Area(&subject.area), "beds-police", subject.address).await
-                && client.track(pb::TrackRequest { message_id: probe_id.clone() }).await.is_ok()
-            {
-                ready = Some(started.elapsed());
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let ready = wait_until_serving(&subject, &probe_id, args.phase_timeout).await.then(|| started.elapsed());
         let rss = subject.stats().map(|stats| stats.rss_kib as f64 / 1024.0).unwrap_or_default();
         println!(
             "restart after {}: process up in {}, serving (Track answered) after {} with {stored} stored; RSS {rss:.1} MiB",
