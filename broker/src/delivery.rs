@@ -315,12 +315,88 @@ struct InFlight {
     deadline: Instant,
 }
 
+/// A recipient's ready copies, by sequence number, holding each delivery id compactly: a delivery id is
+/// `<message id>.<recipient>` (`records::delivery_id`) and the broker's message ids are UUIDs, so for those only the
+/// UUID's 16 bytes are kept (a long queue held each id as a `String`: ~130 bytes a copy with its map entry, now
+/// ~40). Any other id is kept whole.
+struct Ready {
+    recipient: String,
+    ids: BTreeMap<u64, HeldId>,
+}
+
+enum HeldId {
+    Uuid([u8; 16]),
+    Other(Box<str>),
+}
+
+impl Ready {
+    fn new(recipient: String) -> Self {
+        Self { recipient, ids: BTreeMap::new() }
+    }
+
+    fn hold(&self, delivery_id: String) -> HeldId {
+        let message_id = delivery_id.strip_suffix(self.recipient.as_str()).and_then(|rest| rest.strip_suffix('.'));
+        if let Some(message_id) = message_id
+            && let Ok(uuid) = uuid::Uuid::try_parse(message_id)
+            // Only where the id is exactly how the UUID prints, so it reads back the same.
+            && uuid.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()) == message_id
+        {
+            return HeldId::Uuid(uuid.into_bytes());
+        }
+        HeldId::Other(delivery_id.into_boxed_str())
+    }
+
+    fn read(&self, held: &HeldId) -> String {
+        match held {
+            HeldId::Uuid(bytes) => {
+                records::delivery_id(&uuid::Uuid::from_bytes(*bytes).hyphenated().to_string(), &self.recipient)
+            }
+            HeldId::Other(id) => id.to_string(),
+        }
+    }
+
+    fn insert(&mut self, seq: u64, delivery_id: String) {
+        let held = self.hold(delivery_id);
+        self.ids.insert(seq, held);
+    }
+
+    fn remove(&mut self, seq: u64) {
+        self.ids.remove(&seq);
+    }
+
+    fn get(&self, seq: u64) -> Option<String> {
+        self.ids.get(&seq).map(|held| self.read(held))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The first `count` copies, in order.
+    fn first(&self, count: usize) -> Vec<(u64, String)> {
+        self.ids.iter().take(count).map(|(seq, held)| (*seq, self.read(held))).collect()
+    }
+
+    /// The sequence number of `delivery_id`, by a scan (for rare late acknowledgements).
+    fn find(&self, delivery_id: &str) -> Option<u64> {
+        let wanted = self.hold(delivery_id.to_owned());
+        self.ids
+            .iter()
+            .find(|(_, held)| match (held, &wanted) {
+                (HeldId::Uuid(left), HeldId::Uuid(right)) => left == right,
+                (HeldId::Other(left), HeldId::Other(right)) => left == right,
+                _ => false,
+            })
+            .map(|(seq, _)| *seq)
+    }
+}
+
 /// The owner of one recipient agency's queue.
 struct RecipientActor {
     recipient: String,
     shared: Arc<Shared>,
     /// Copies ready to send, by sequence number.
-    ready: BTreeMap<u64, String>,
+    ready: Ready,
     /// Copies waiting out a retry delay: (when, seq) -> delivery id.
     delayed: BTreeMap<(Instant, u64), String>,
     /// Copies sent and not yet acknowledged.
@@ -340,11 +416,12 @@ struct RecipientActor {
 
 impl RecipientActor {
     fn new(recipient: String, shared: Arc<Shared>, depth: Arc<AtomicU64>) -> Self {
+        let ready = Ready::new(recipient.clone());
         Self {
             depth,
             recipient,
             shared,
-            ready: BTreeMap::new(),
+            ready,
             delayed: BTreeMap::new(),
             in_flight: HashMap::new(),
             deadlines: BTreeSet::new(),
@@ -437,16 +514,14 @@ impl RecipientActor {
         }
         // Not in flight: a late acknowledgement of a copy whose wait ran out, or of a delayed one. Rare, so a scan.
         self.ready
-            .iter()
-            .find(|(_, id)| id.as_str() == delivery_id)
-            .map(|(seq, _)| *seq)
+            .find(delivery_id)
             .or_else(|| self.delayed.iter().find(|(_, id)| id.as_str() == delivery_id).map(|((_, seq), _)| *seq))
     }
 
     fn forget(&mut self, delivery_id: &str, seq: u64) {
         self.one_fewer();
         self.in_flight.remove(delivery_id);
-        self.ready.remove(&seq);
+        self.ready.remove(seq);
         if let Some(when) = self.delayed_at.remove(&seq) {
             self.delayed.remove(&(when, seq));
         }
@@ -473,8 +548,8 @@ impl RecipientActor {
     /// The delivery id of a copy this actor holds, ready, waiting out a retry delay or in flight (at most
     /// `max_in_flight`, so a scan).
     fn id_for_seq(&self, seq: u64) -> Option<String> {
-        if let Some(id) = self.ready.get(&seq) {
-            return Some(id.clone());
+        if let Some(id) = self.ready.get(seq) {
+            return Some(id);
         }
         if let Some(id) = self.delayed_at.get(&seq).and_then(|when| self.delayed.get(&(*when, seq))) {
             return Some(id.clone());
@@ -591,7 +666,7 @@ impl RecipientActor {
                         self.forget(&delivery_id, seq);
                     } else {
                         self.in_flight.remove(&delivery_id);
-                        self.ready.remove(&seq);
+                        self.ready.remove(seq);
                         self.add_delayed(Instant::now() + delay, seq, delivery_id);
                     }
                     let _ = reply.send(Ok(dead));
@@ -767,13 +842,12 @@ impl RecipientActor {
             if room == 0 || self.ready.is_empty() {
                 return;
             }
-            let batch: Vec<(u64, String)> =
-                self.ready.iter().take(room.min(256)).map(|(seq, id)| (*seq, id.clone())).collect();
+            let batch = self.ready.first(room.min(256));
             let now = AuditEntry::now_micros();
             let mut commit = Commit::default();
             let mut outgoing = Vec::new();
             for (seq, delivery_id) in &batch {
-                self.ready.remove(seq);
+                self.ready.remove(*seq);
                 let (record, copy) =
                     match (self.load(delivery_id), self.shared.store.get_blob(&records::copy_key(delivery_id))) {
                         (Ok(Some(record)), Ok(Some(copy))) => (record, copy),
@@ -885,5 +959,39 @@ async fn sleep_until_option(when: Option<Instant>) {
     match when {
         Some(when) => tokio::time::sleep_until(when).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever form a delivery id has, the ready queue gives back exactly the id it was given, finds it by id, and
+    /// keeps the broker's own (UUID message ids) in 16 bytes.
+    #[test]
+    fn ready_copies_give_back_their_ids_exactly() {
+        let mut ready = Ready::new("luton-oakwood-primary".to_owned());
+        let uuid = uuid::Uuid::now_v7().to_string();
+        let ids = [
+            records::delivery_id(&uuid, "luton-oakwood-primary"),
+            records::delivery_id(&uuid.to_uppercase(), "luton-oakwood-primary"),
+            records::delivery_id(&uuid, "another-agency"),
+            records::delivery_id("not-a-uuid", "luton-oakwood-primary"),
+            "luton-oakwood-primary".to_owned(),
+        ];
+        for (seq, id) in ids.iter().enumerate() {
+            ready.insert(seq as u64, id.clone());
+        }
+        assert!(matches!(ready.ids.get(&0), Some(HeldId::Uuid(_))));
+        assert!(ready.ids.values().skip(1).all(|held| matches!(held, HeldId::Other(_))));
+        for (seq, id) in ids.iter().enumerate() {
+            assert_eq!(ready.get(seq as u64).as_deref(), Some(id.as_str()));
+            assert_eq!(ready.find(id), Some(seq as u64));
+        }
+        assert_eq!(ready.first(2), vec![(0, ids[0].clone()), (1, ids[1].clone())]);
+        assert_eq!(ready.find(&records::delivery_id(&uuid::Uuid::now_v7().to_string(), "luton-oakwood-primary")), None);
+        ready.remove(0);
+        assert_eq!(ready.get(0), None);
+        assert_eq!(ready.find(&ids[0]), None);
     }
 }
