@@ -322,13 +322,17 @@ mod tests {
         assert!(matches!(read_all(&path, |_, _| Ok(())), Err(LogError::Corrupt { offset: 0, .. })));
     }
 
+    /// A log holding the records `a`, `b` and `c`, closed; their offsets.
+    fn log_of_three(path: &Path) -> Vec<u64> {
+        let (mut log, _, _) = collect(path);
+        log.append([b"a".as_slice(), b"b".as_slice(), b"c".as_slice()]).unwrap()
+    }
+
     #[test]
     fn scanning_can_start_at_an_offset() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
-        let (mut log, _, _) = collect(&path);
-        let offsets = log.append([b"a".as_slice(), b"b".as_slice(), b"c".as_slice()]).unwrap();
-        drop(log);
+        let offsets = log_of_three(&path);
         let mut seen = Vec::new();
         AppendLog::open(&path, offsets[1], |offset, record| {
             seen.push((offset, record.to_vec()));
@@ -343,9 +347,7 @@ mod tests {
     fn open_until_cuts_off_a_refused_record_and_what_follows() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
-        let (mut log, _, _) = collect(&path);
-        let offsets = log.append([b"a".as_slice(), b"b".as_slice(), b"c".as_slice()]).unwrap();
-        drop(log);
+        let offsets = log_of_three(&path);
         let mut seen = Vec::new();
         let (mut log, recovery) = AppendLog::open_until(&path, 0, |_, record| {
             seen.push(record.to_vec());

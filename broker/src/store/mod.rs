@@ -747,8 +747,7 @@ mod tests {
             .unwrap();
         store.close();
         drop(store);
-        let saved = dir.path().join("index-at-checkpoint");
-        copy_dir(&dir.path().join("index"), &saved);
+        let saved = save_index(dir.path());
 
         let store = open(dir.path());
         store
@@ -764,8 +763,7 @@ mod tests {
             .unwrap();
         store.close();
         drop(store);
-        std::fs::remove_dir_all(dir.path().join("index")).unwrap();
-        std::fs::rename(&saved, dir.path().join("index")).unwrap();
+        restore_index(dir.path(), &saved);
 
         let store = open(dir.path());
         assert_eq!(store.get(b"k/1").unwrap(), None);
@@ -788,8 +786,7 @@ mod tests {
             .unwrap();
         store.close();
         drop(store);
-        let saved = dir.path().join("index-at-checkpoint");
-        copy_dir(&dir.path().join("index"), &saved);
+        let saved = save_index(dir.path());
         let audit_path = AuditLog::path(&dir.path().join("audit"));
         let audit_len = std::fs::metadata(&audit_path).unwrap().len();
         let journal_len = std::fs::metadata(dir.path().join("journal.log")).unwrap().len();
@@ -809,8 +806,7 @@ mod tests {
         let second_entry_len = (std::fs::metadata(&audit_path).unwrap().len() - audit_len) / 2;
         audit_file.set_len(audit_len + second_entry_len).unwrap();
         drop(audit_file);
-        std::fs::remove_dir_all(dir.path().join("index")).unwrap();
-        std::fs::rename(&saved, dir.path().join("index")).unwrap();
+        restore_index(dir.path(), &saved);
 
         let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
         assert_eq!(audit.len(), 2, "the torn entry is cut off the audit log");
@@ -831,6 +827,19 @@ mod tests {
         assert_eq!(store.get(b"k/2").unwrap(), None);
         assert_eq!(store.get(b"k/3").unwrap(), Some(b"three".to_vec()));
         store.close();
+    }
+
+    /// A copy of sled's folder as it is now (after `close`: at a checkpoint).
+    fn save_index(data_dir: &Path) -> PathBuf {
+        let saved = data_dir.join("index-at-checkpoint");
+        copy_dir(&data_dir.join("index"), &saved);
+        saved
+    }
+
+    /// Puts a copy from [`save_index`] back in place of sled's folder: sled as if it had lost what came after.
+    fn restore_index(data_dir: &Path, saved: &Path) {
+        std::fs::remove_dir_all(data_dir.join("index")).unwrap();
+        std::fs::rename(saved, data_dir.join("index")).unwrap();
     }
 
     fn copy_dir(from: &Path, to: &Path) {
