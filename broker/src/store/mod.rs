@@ -229,13 +229,27 @@ impl Store {
     pub fn open_index(data_dir: &Path, sled_cache_bytes: u64) -> Result<OpenedIndex, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|source| LogError::Io { path: data_dir.to_owned(), source })?;
         let index_dir = data_dir.join("index");
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(&index_dir)
             .cache_capacity(sled_cache_bytes)
             // Our checkpointer flushes sled (see "How far sled has got"); sled's own background flush would only compete
             // with the journal's fsyncs.
-            .flush_every_ms(None)
-            .open()?;
+            .flush_every_ms(None);
+        // sled's IO threads can still hold its file lock for a moment after a store in this process was closed (a
+        // buffer write finishing after `flush` returned), so a reopen waits briefly for it; a lock held by another
+        // process is still an error after that.
+        let mut attempts = 0;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(error))
+                    if attempts < 50 && error.to_string().contains("could not acquire lock") =>
+                {
+                    attempts += 1;
+                    thread::sleep(std::time::Duration::from_millis(20));
+                }
+                result => break result?,
+            }
+        };
         let applied = match db.get(JOURNAL_APPLIED_KEY)? {
             Some(bytes) => decode_u64(&bytes)?,
             None => 0,
