@@ -124,10 +124,24 @@ struct Shared {
 pub type EscalationHook = Arc<dyn Fn(DeliveryRecord) + Send + Sync>;
 
 impl Deliveries {
-    /// Rebuilds every queue from the store and starts the actors of agencies with queued copies.
+    /// Rebuilds every queue from the store and starts the actors of agencies with queued copies. Each queued copy
+    /// goes to its actor as it is read, rather than all of them being collected first (with a million queued, that
+    /// list was a few hundred MB at its peak, which the allocator kept).
     pub fn start(store: Store, config: DeliveryConfig, shutdown: watch::Receiver<bool>) -> Result<Self, StoreError> {
-        let mut pending: HashMap<String, Vec<Enqueued>> = HashMap::new();
+        let deliveries = Self {
+            shared: Arc::new(Shared {
+                store: store.clone(),
+                config,
+                actors: Mutex::new(HashMap::new()),
+                next_seq: AtomicU64::new(1),
+                shutdown,
+                on_escalation: Mutex::new(None),
+                tasks: Mutex::new(Vec::new()),
+                depths: Mutex::new(BTreeMap::new()),
+            }),
+        };
         let mut max_seq = 0;
+        let mut queued = 0usize;
         for item in store.scan_prefix(records::QUEUE_PREFIX) {
             let (key, value) = item?;
             let Some((recipient, seq)) = records::parse_queue_key(&key) else { continue };
@@ -145,31 +159,13 @@ impl Deliveries {
                 },
             };
             max_seq = max_seq.max(seq);
-            pending.entry(recipient.clone()).or_default().push(Enqueued {
-                recipient,
-                seq,
-                delivery_id,
-                acknowledge_by_micros,
-            });
+            queued += 1;
+            let entry = Enqueued { recipient: recipient.clone(), seq, delivery_id, acknowledge_by_micros };
+            deliveries.send(&recipient, Command::Enqueue(entry));
         }
-        let deliveries = Self {
-            shared: Arc::new(Shared {
-                store,
-                config,
-                actors: Mutex::new(HashMap::new()),
-                next_seq: AtomicU64::new(max_seq + 1),
-                shutdown,
-                on_escalation: Mutex::new(None),
-                tasks: Mutex::new(Vec::new()),
-                depths: Mutex::new(BTreeMap::new()),
-            }),
-        };
-        tracing::info!(queued = pending.values().map(Vec::len).sum::<usize>(), "queued copies found");
-        for (recipient, entries) in pending {
-            for entry in entries {
-                deliveries.send(&recipient, Command::Enqueue(entry));
-            }
-        }
+        // Nothing else has asked for a sequence number yet: the server starts after this returns.
+        deliveries.shared.next_seq.store(max_seq + 1, Ordering::Relaxed);
+        tracing::info!(queued, "queued copies found");
         Ok(deliveries)
     }
 
