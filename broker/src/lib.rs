@@ -24,6 +24,8 @@ pub mod policy;
 pub mod records;
 pub mod reload;
 pub mod store;
+#[cfg(test)]
+mod test_support;
 pub mod transport;
 
 use std::{

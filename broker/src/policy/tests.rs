@@ -782,19 +782,6 @@ fn every_sample_file_points_at_the_schema() {
     assert!(checked >= 5);
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    let _ = std::fs::create_dir_all(to);
-    for entry in std::fs::read_dir(from).into_iter().flatten().flatten() {
-        let path = entry.path();
-        let target = to.join(entry.file_name());
-        if path.is_dir() {
-            copy_dir(&path, &target);
-        } else {
-            let _ = std::fs::copy(&path, &target);
-        }
-    }
-}
-
 fn run_cli(command: cli::PolicyCommand) -> (i32, String) {
     let mut out = Vec::new();
     let code = cli::run_to(&command, &mut out).unwrap_or(2);
@@ -805,7 +792,7 @@ fn run_cli(command: cli::PolicyCommand) -> (i32, String) {
 fn diff_reports_new_access_hidden_fields_and_refusals_exactly() {
     let old = sample();
     let scratch = tempfile::tempdir().unwrap_or_else(|error| panic!("{error}"));
-    copy_dir(&policies_dir(), scratch.path());
+    crate::test_support::copy_dir(&policies_dir(), scratch.path());
     let f1 = scratch.path().join("rules/f01-operation-encompass.yaml");
     let text = std::fs::read_to_string(&f1).unwrap_or_default();
     let changed = text

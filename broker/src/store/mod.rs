@@ -846,7 +846,7 @@ mod tests {
     /// A copy of sled's folder as it is now (after `close`: at a checkpoint).
     fn save_index(data_dir: &Path) -> PathBuf {
         let saved = data_dir.join("index-at-checkpoint");
-        copy_dir(&data_dir.join("index"), &saved);
+        crate::test_support::copy_dir(&data_dir.join("index"), &saved);
         saved
     }
 
@@ -854,18 +854,6 @@ mod tests {
     fn restore_index(data_dir: &Path, saved: &Path) {
         std::fs::remove_dir_all(data_dir.join("index")).unwrap();
         std::fs::rename(saved, data_dir.join("index")).unwrap();
-    }
-
-    fn copy_dir(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            if entry.file_type().unwrap().is_dir() {
-                copy_dir(&entry.path(), &to.join(entry.file_name()));
-            } else {
-                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-            }
-        }
     }
 
     /// Damaged bytes under a reference are an error, never content handed on; a reference that points elsewhere
