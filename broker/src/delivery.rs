@@ -108,16 +108,13 @@ pub struct Deliveries {
 struct Shared {
     store: Store,
     config: DeliveryConfig,
-    actors: Mutex<HashMap<String, mpsc::UnboundedSender<Command>>>,
+    actors: Mutex<HashMap<String, ActorHandle>>,
     next_seq: AtomicU64,
     shutdown: watch::Receiver<bool>,
     /// Called when a copy's acknowledgement deadline passes (escalation notices are sent through it).
     on_escalation: Mutex<Option<EscalationHook>>,
     /// The actor tasks, awaited on shutdown so that nothing holds the store afterwards.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    /// How many copies each recipient's actor holds (ready, waiting out a retry delay or in flight), for metrics;
-    /// each actor updates its own.
-    depths: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
 }
 
 /// Called with the delivery record whose acknowledgement deadline has passed, after the escalation is recorded.
@@ -137,7 +134,6 @@ impl Deliveries {
                 shutdown,
                 on_escalation: Mutex::new(None),
                 tasks: Mutex::new(Vec::new()),
-                depths: Mutex::new(BTreeMap::new()),
             }),
         };
         let mut max_seq = 0;
@@ -222,10 +218,11 @@ impl Deliveries {
     /// sequence number), so a scrape reads two records per recipient, however long the queues. (It scanned every
     /// `q/` key, which with a million queued took seconds of every scrape.)
     pub fn queue_stats(&self) -> Result<BTreeMap<String, (u64, Option<i64>)>, StoreError> {
-        let depths: Vec<(String, u64)> = match self.shared.depths.lock() {
-            Ok(depths) => {
-                depths.iter().map(|(recipient, depth)| (recipient.clone(), depth.load(Ordering::Relaxed))).collect()
-            }
+        let depths: Vec<(String, u64)> = match self.shared.actors.lock() {
+            Ok(actors) => actors
+                .iter()
+                .map(|(recipient, actor)| (recipient.clone(), actor.depth.load(Ordering::Relaxed)))
+                .collect(),
             Err(_) => return Err(StoreError::Stopped),
         };
         let mut stats = BTreeMap::new();
@@ -267,26 +264,20 @@ impl Deliveries {
 
     fn send(&self, recipient: &str, command: Command) {
         let Ok(mut actors) = self.shared.actors.lock() else { return };
-        let sender = actors.entry(recipient.to_owned()).or_insert_with(|| {
-            let (sender, receiver) = mpsc::unbounded_channel();
+        let actor = actors.entry(recipient.to_owned()).or_insert_with(|| {
+            let (mailbox, receiver) = mpsc::unbounded_channel();
             let depth = Arc::new(AtomicU64::new(0));
-            if let Ok(mut depths) = self.shared.depths.lock() {
-                depths.insert(recipient.to_owned(), depth.clone());
-            }
-            let actor = RecipientActor::new(recipient.to_owned(), self.shared.clone(), depth);
+            let actor = RecipientActor::new(recipient.to_owned(), self.shared.clone(), depth.clone());
             let task = tokio::spawn(actor.run(receiver));
             if let Ok(mut tasks) = self.shared.tasks.lock() {
                 tasks.push(task);
             }
-            sender
+            ActorHandle { mailbox, depth }
         });
-        if matches!(command, Command::Enqueue(_))
-            && let Ok(depths) = self.shared.depths.lock()
-            && let Some(depth) = depths.get(recipient)
-        {
-            depth.fetch_add(1, Ordering::Relaxed);
+        if matches!(command, Command::Enqueue(_)) {
+            actor.depth.fetch_add(1, Ordering::Relaxed);
         }
-        if let Err(mpsc::error::SendError(command)) = sender.send(command) {
+        if let Err(mpsc::error::SendError(command)) = actor.mailbox.send(command) {
             // The actor has stopped (shutdown): answer rather than leave a caller waiting.
             match command {
                 Command::Ack { reply, .. } => {
@@ -309,6 +300,15 @@ type PendingNack = (String, Actor, Duration, String, oneshot::Sender<Result<bool
 struct InFlight {
     seq: u64,
     deadline: Instant,
+}
+
+/// How the engine reaches a recipient's actor.
+struct ActorHandle {
+    mailbox: mpsc::UnboundedSender<Command>,
+    /// How many copies the actor holds (ready, waiting out a retry delay or in flight), for metrics: counted up here
+    /// when an enqueue is sent (so a scrape right after a send already counts its copy), down by the actor when it
+    /// lets a copy go for good ([`RecipientActor::depth`]).
+    depth: Arc<AtomicU64>,
 }
 
 /// A recipient's ready copies, by sequence number, holding each delivery id compactly: a delivery id is
