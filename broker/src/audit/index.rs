@@ -1,18 +1,17 @@
 //! The auditors' indexes over the audit log, and reading one entry back by its byte offset.
 //!
 //! The index is held in memory ([`MemoryIndex`]): for every key an entry is indexed under, the sequence numbers of
-//! the entries, in order, plus every entry's byte offset in `audit/entries.log`. [`crate::audit::AuditLog`] builds it
-//! while it reads the log on start (it reads every entry then anyway, for the Merkle tree) and adds each entry once
-//! it is durable. Finding one child's entries among millions is then a hash lookup plus one positioned read per
-//! entry. Keeping it out of sled keeps the commit path to the audit log and the journal: an earlier version wrote
-//! about seven sled keys per entry, which limited durable appends to about 7k entries/s.
+//! the entries, in order, plus every entry's byte offset in `audit/entries.log`. [`crate::audit::AuditLog`] loads it
+//! on start from the start-up cache ([`crate::audit::cache`]) and the entries after it, and adds each entry once it
+//! is durable. Finding one child's entries among millions is then a hash lookup plus one positioned read per entry.
+//! Keeping it out of sled keeps the commit path to the audit log and the journal: an earlier version wrote about
+//! seven sled keys per entry, which limited durable appends to about 7k entries/s.
 //!
-//! Keys are held as a 64-bit hash of the key's bytes, built without allocating: a collision costs a read, never a
-//! wrong answer (see below). Memory: 8 bytes per entry for its offset, 8 bytes per (entry, key) pair, plus one map
-//! slot and one small list per distinct key; every message id is a distinct key, so about 100–150 bytes per message
-//! in all. Building it is most of the time `AuditLog::open` takes (about 1 s per 200,000 entries when keys were
-//! allocated strings; see PERFORMANCE.md). Event types are not indexed (each would hold every entry); a filter on
-//! events alone reads the log in order.
+//! Keys are held as a 64-bit hash of the key's bytes ([`key_hash`], fixed because the cache saves them), built
+//! without allocating: a collision costs a read, never a wrong answer (see below). Memory: 8 bytes per entry for its
+//! offset, 8 bytes per (entry, key) pair, plus one map slot and one small list per distinct key; every message id is
+//! a distinct key, so about 100–150 bytes per message in all. Event types are not indexed (each would hold every
+//! entry); a filter on events alone reads the log in order.
 //!
 //! | kind | value |
 //! |---|---|
@@ -46,6 +45,8 @@ pub struct MemoryIndex {
     offsets: Vec<u64>,
     /// Reused to spell each key while adding, so that adding allocates only for new keys.
     scratch: Vec<u8>,
+    /// The (key hash, sequence) pairs added since [`crate::audit::cache`] last took them, for it to save.
+    unsaved: Vec<(u64, u64)>,
 }
 
 impl MemoryIndex {
@@ -58,9 +59,35 @@ impl MemoryIndex {
             let sequences = self.postings.entry(hash).or_default();
             if sequences.last() != Some(&sequence) {
                 sequences.push(sequence);
+                self.unsaved.push((hash, sequence));
             }
         });
         self.scratch = scratch;
+    }
+
+    /// An index loaded from [`crate::audit::cache`]: every key's ascending sequence numbers, and every entry's
+    /// offset.
+    pub(crate) fn from_parts(postings: HashMap<u64, Vec<u64>>, offsets: Vec<u64>) -> Self {
+        Self { postings, offsets, scratch: Vec::new(), unsaved: Vec::new() }
+    }
+
+    /// Number of entries indexed.
+    pub fn len(&self) -> u64 {
+        self.offsets.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.offsets.is_empty()
+    }
+
+    /// Every entry's byte offset in `entries.log`, by sequence number.
+    pub(crate) fn offsets(&self) -> &[u64] {
+        &self.offsets
+    }
+
+    /// The (key hash, sequence) pairs added since the last call, in the order they were added.
+    pub(crate) fn take_unsaved(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.unsaved)
     }
 
     /// The (sequence, offset) of the entries under `prefix` with `first <= sequence < size_bound`, at most `limit`.
@@ -126,11 +153,13 @@ impl IndexKind<'_> {
     }
 }
 
-/// The hash an index key is held under: SipHash-1-3 with fixed keys over the key's bytes (the index lives only in
-/// memory and is rebuilt on every start, so the hash need not be stable across versions).
+/// The hash an index key is held under: SipHash-1-3 with the keys (0, 0) over the key's bytes. The index is saved
+/// in [`crate::audit::cache`] by these hashes, so the function must never change without a new
+/// [`crate::audit::cache::KEY_HASH`] (the `siphasher` crate's output is fixed; std's `DefaultHasher` is the same
+/// function today but documented as free to change between Rust releases).
 pub fn key_hash(key: &[u8]) -> u64 {
     use std::hash::Hasher;
-    let mut hasher = std::hash::DefaultHasher::new();
+    let mut hasher = siphasher::sip::SipHasher13::new_with_keys(0, 0);
     hasher.write(key);
     hasher.finish()
 }

@@ -128,6 +128,41 @@ impl MerkleTree {
         MerkleTree { levels }
     }
 
+    /// A tree from its stored levels (as [`MerkleTree::level`] gives them, level 0 first), checking their lengths:
+    /// level `k` must hold exactly `leaves >> k` hashes, and there must be no level beyond the last non-empty one.
+    /// The hashes themselves are taken as given (the caller checks the root it expects).
+    pub fn from_levels(levels: Vec<Vec<Hash>>) -> Result<Self, String> {
+        let leaves = levels.first().map_or(0, Vec::len);
+        for (k, level) in levels.iter().enumerate() {
+            let expected = leaves.checked_shr(k as u32).unwrap_or(0);
+            if level.len() != expected || expected == 0 {
+                return Err(format!(
+                    "level {k} holds {} hashes; a tree of {leaves} leaves has {expected}",
+                    level.len()
+                ));
+            }
+        }
+        if bit_length(leaves as u64) as usize != levels.len() {
+            return Err(format!(
+                "a tree of {leaves} leaves has {} levels, not {}",
+                bit_length(leaves as u64),
+                levels.len()
+            ));
+        }
+        Ok(MerkleTree { levels })
+    }
+
+    /// The stored hashes of level `k` (level 0: the leaf hashes; level `k`: the complete subtrees of `2^k` leaves),
+    /// in order. Empty beyond the top level.
+    pub fn level(&self, k: usize) -> &[Hash] {
+        self.levels.get(k).map_or(&[], Vec::as_slice)
+    }
+
+    /// Number of levels holding at least one hash.
+    pub fn level_count(&self) -> usize {
+        self.levels.iter().take_while(|level| !level.is_empty()).count()
+    }
+
     /// Appends one leaf given its leaf hash (see [`leaf_hash`]) and updates every complete
     /// subtree it finishes.
     pub fn push_leaf_hash(&mut self, hash: Hash) {

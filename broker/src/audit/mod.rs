@@ -8,6 +8,8 @@
 //!   returns; [`crate::store`] calls it first in every group commit, so an entry is durable before the action it
 //!   records is acknowledged or delivered (DESIGN.md invariant 4). If the log cannot be written the commit fails
 //!   and nothing is shared (fail closed).
+//! - The Merkle tree and the auditors' index are derived from the log and held in memory; [`cache`] saves them so
+//!   that a start reads only the entries written since the last save, not the whole log.
 //! - [`Pseudonymiser`] turns a child's identifiers into a keyed pseudonym (HMAC-SHA-256 under a broker-held key with
 //!   a key version): entries never hold an NHS number, a name or message content (invariant 6).
 
@@ -19,6 +21,7 @@ use sha2::Sha256;
 
 use crate::store::log::{AppendLog, LogError};
 
+pub mod cache;
 pub mod checkpoint;
 pub mod checkpoints;
 pub mod cli;
@@ -209,11 +212,19 @@ pub struct AuditLog {
     log: AppendLog,
     next_sequence: u64,
     dir: PathBuf,
-    /// The RFC 6962 tree over every entry's encoding, rebuilt on open (see [`merkle`] for its memory cost). Shared
-    /// so the checkpoint signer and proof requests can read it while the committer appends.
+    /// The RFC 6962 tree over every entry's encoding, loaded from the start-up cache and the log on open (see
+    /// [`merkle`] for its memory cost). Shared so the checkpoint signer and proof requests can read it while the
+    /// committer appends.
     tree: SharedTree,
-    /// The auditors' index, rebuilt on open like the tree (see [`index`]).
+    /// The auditors' index, loaded like the tree (see [`index`]).
     index: index::SharedIndex,
+    /// What has been handed to the start-up cache's thread, which saves it (see [`cache`]); `None` if its files
+    /// could not be opened.
+    cache: Option<cache::Writer>,
+    saved: cache::Saved,
+    last_save: std::time::Instant,
+    /// Entries loaded from the start-up cache on open (the rest were read from the log).
+    from_cache: u64,
 }
 
 impl AuditLog {
@@ -221,13 +232,34 @@ impl AuditLog {
         dir.join("entries.log")
     }
 
-    /// Opens the log under `dir`, checking every entry decodes and that sequence numbers run from 0 without a gap.
+    /// Opens the log under `dir`: loads the start-up cache if it agrees with the log (see [`cache`]), then reads
+    /// every entry after it (all of them without a cache), checking each decodes and that sequence numbers run on
+    /// without a gap.
     pub fn open(dir: &Path) -> Result<Self, AuditError> {
-        let mut next_sequence = 0u64;
+        let path = Self::path(dir);
+        let (mut tree, mut memory_index, scan_from, mut saved, fresh) = match cache::load(dir, &path) {
+            Ok(loaded) => {
+                let saved = cache::Saved::from_meta(&loaded.meta);
+                (loaded.tree, loaded.index, loaded.meta.log_offset, saved, false)
+            }
+            Err(reason) => {
+                if !matches!(reason, cache::Unusable::Missing) && path.exists() {
+                    tracing::warn!(reason = %reason, "the audit log's start-up cache is not used; reading the whole log and rebuilding it");
+                }
+                (MerkleTree::new(), index::MemoryIndex::default(), 0, cache::Saved::default(), true)
+            }
+        };
+        let mut files = match cache::Files::open(dir, fresh) {
+            Ok(files) => Some(files),
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot write the audit log's start-up cache; the next start reads the whole log");
+                None
+            }
+        };
+        let from_cache = tree.size();
+        let mut next_sequence = from_cache;
         let mut problem = None;
-        let mut tree = MerkleTree::new();
-        let mut memory_index = index::MemoryIndex::default();
-        let (log, _recovery) = AppendLog::open(&Self::path(dir), 0, |offset, bytes| {
+        let (log, recovery) = AppendLog::open(&path, scan_from, |offset, bytes| {
             tree.push(bytes);
             if problem.is_none() {
                 match AuditEntry::decode(bytes) {
@@ -239,10 +271,32 @@ impl AuditLog {
                 }
             }
             next_sequence += 1;
+            // Reading a long log, write the cache as it grows (its postings would otherwise all wait in memory).
+            if next_sequence % 65_536 == 0
+                && problem.is_none()
+                && let Some(cache) = &mut files
+            {
+                let end = offset + crate::store::log::HEADER_BYTES + bytes.len() as u64;
+                if let Err(error) = cache.write(&saved.take(&tree, &mut memory_index, end)) {
+                    tracing::warn!(error = %error, "cannot write the audit log's start-up cache");
+                }
+            }
             Ok(())
         })?;
         if let Some(problem) = problem {
             return Err(problem);
+        }
+        let cache = files.and_then(|files| match cache::Writer::start(files) {
+            Ok(writer) => Some(writer),
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot start the audit log's start-up cache thread");
+                None
+            }
+        });
+        if let Some(writer) = &cache
+            && (fresh || recovery.records > 0)
+        {
+            writer.save(saved.take(&tree, &mut memory_index, log.len()));
         }
         Ok(Self {
             log,
@@ -250,7 +304,43 @@ impl AuditLog {
             dir: dir.to_owned(),
             tree: std::sync::Arc::new(std::sync::RwLock::new(tree)),
             index: std::sync::Arc::new(std::sync::RwLock::new(memory_index)),
+            cache,
+            saved,
+            last_save: std::time::Instant::now(),
+            from_cache,
         })
+    }
+
+    /// Entries that opening took from the start-up cache rather than reading the log (see [`cache`]).
+    pub fn from_cache(&self) -> u64 {
+        self.from_cache
+    }
+
+    /// Hands what was added since the last save to the start-up cache's thread (see [`cache`]). Called every
+    /// [`cache::SAVE_EVERY`] as entries are published, and on close.
+    pub fn save_cache(&mut self) {
+        self.last_save = std::time::Instant::now();
+        let tree = match self.tree.read() {
+            Ok(tree) => tree,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut index = match self.index.write() {
+            Ok(index) => index,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match &self.cache {
+            Some(writer) => writer.save(self.saved.take(&tree, &mut index, self.log.len())),
+            None => drop(index.take_unsaved()),
+        }
+    }
+
+    /// Saves the start-up cache and waits until it is durable. Also done when the log is dropped.
+    pub fn close(&mut self) {
+        self.save_cache();
+        if let Some(writer) = &mut self.cache {
+            writer.finish();
+        }
+        self.cache = None;
     }
 
     /// Number of entries.
@@ -354,7 +444,18 @@ impl AuditLog {
         }
         drop(index);
         self.next_sequence += entries.len() as u64;
+        if self.last_save.elapsed() >= cache::SAVE_EVERY {
+            self.save_cache();
+        }
         (first..self.next_sequence).zip(offsets).collect()
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        if self.cache.is_some() {
+            self.close();
+        }
     }
 }
 

@@ -82,13 +82,17 @@ fn crc32fast_hash(bytes: &[u8]) -> u32 {
     !crc
 }
 
-/// A copy of a data directory's audit log and keys, to tamper with.
+/// A copy of a data directory's audit log and keys, to tamper with (the files only: not the broker's start-up cache
+/// under `audit/cache/`, which verification never reads).
 fn copy_of(data_dir: &Path) -> (tempfile::TempDir, PathBuf) {
     let copy = tempfile::tempdir().unwrap();
     for folder in ["audit", "keys"] {
         std::fs::create_dir_all(copy.path().join(folder)).unwrap();
         for entry in std::fs::read_dir(data_dir.join(folder)).unwrap() {
             let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                continue;
+            }
             std::fs::copy(entry.path(), copy.path().join(folder).join(entry.file_name())).unwrap();
         }
     }
