@@ -117,8 +117,8 @@ pub async fn run(
         Some(address) => Some(metrics::bind(address).await.map_err(|source| BrokerError::Metrics { address, source })?),
         None => None,
     };
-    // The audit log (its Merkle tree and the auditors' index are rebuilt from every entry) is read on its own thread
-    // while sled opens (which replays sled's own log); they share nothing.
+    // The audit log (its Merkle tree and the auditors' index, from their start-up cache and the entries after it) is
+    // read on its own thread while sled opens (which replays sled's own log); they share nothing.
     let opening = std::time::Instant::now();
     let audit_dir = config.data_dir.join("audit");
     let reading_audit = std::thread::Builder::new()
@@ -132,7 +132,12 @@ pub async fn run(
     tracing::info!(millis = opening.elapsed().as_millis() as u64, "index opened");
     let (audit, audit_took) = reading_audit.join().map_err(|_| audit::AuditError::Stopped)?;
     let audit = audit?;
-    tracing::info!(entries = audit.len(), millis = audit_took.as_millis() as u64, "audit log opened");
+    tracing::info!(
+        entries = audit.len(),
+        from_cache = audit.from_cache(),
+        millis = audit_took.as_millis() as u64,
+        "audit log opened"
+    );
     let checkpointer =
         audit::checkpoints::Checkpointer::open_in(&config.data_dir, audit.tree(), audit::checkpoints::DEFAULT_ORIGIN)
             .map_err(audit::AuditError::from)?;
@@ -153,7 +158,7 @@ pub async fn run(
     let (stop_streams, streams_stopping) = watch::channel(false);
     let opening = std::time::Instant::now();
     let deliveries = Deliveries::start(store.clone(), config.delivery.clone(), streams_stopping)?;
-    tracing::info!(millis = opening.elapsed().as_millis() as u64, "queues rebuilt");
+    tracing::info!(millis = opening.elapsed().as_millis() as u64, "deliveries started; queues load in the background");
     reload::audit_policy_event(&store, audit::EventType::PolicyActivated, policy.hash(), "at start".to_owned()).await;
     let current_policy = Arc::new(RwLock::new(Arc::new(policy)));
     let policy_watcher = tokio::spawn(reload::watch(config.policy_dir.clone(), current_policy.clone(), store.clone()));

@@ -94,6 +94,9 @@ impl StoreError {
     }
 }
 
+/// A key and its value, as read back.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// One key/value change.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Write {
@@ -383,6 +386,19 @@ impl Store {
             .tree
             .scan_prefix(prefix)
             .map(|item| item.map(|(key, value)| (key.to_vec(), value.to_vec())).map_err(StoreError::from))
+    }
+
+    /// The first key/value after `key`, in key order (a seek, not a scan).
+    pub fn next_after(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        Ok(self.inner.tree.get_gt(key)?.map(|(key, value)| (key.to_vec(), value.to_vec())))
+    }
+
+    /// The last key/value under `prefix`, in key order (a seek, not a scan).
+    pub fn last_under(&self, prefix: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        match self.inner.tree.scan_prefix(prefix).next_back() {
+            Some(item) => Ok(Some(item.map(|(key, value)| (key.to_vec(), value.to_vec()))?)),
+            None => Ok(None),
+        }
     }
 
     /// The audit log's index (see [`crate::audit::index`]).
