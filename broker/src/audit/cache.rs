@@ -201,17 +201,13 @@ pub fn load(audit_dir: &Path, log_path: &Path) -> Result<Loaded, Unusable> {
     }
     let mut levels = Vec::with_capacity(level_count);
     for (level, crc) in meta.level_crcs.iter().enumerate() {
-        let bytes = read_prefix(&level_path(&dir, level), (meta.entries >> level) * 32, *crc)?;
-        levels.push(bytes.chunks_exact(32).filter_map(|hash| Hash::try_from(hash).ok()).collect::<Vec<_>>());
+        levels.push(read_items(&level_path(&dir, level), meta.entries >> level, *crc, |hash: [u8; 32]| hash)?);
     }
     let tree = MerkleTree::from_levels(levels).map_err(Unusable::Disagrees)?;
     if tree.root() != meta.root {
         return Err(Unusable::Disagrees("the cached tree does not have the root the cache names".to_owned()));
     }
-    let offsets: Vec<u64> = read_prefix(&dir.join("offsets"), meta.entries * 8, meta.offsets_crc)?
-        .chunks_exact(8)
-        .filter_map(|bytes| bytes.try_into().ok().map(u64::from_le_bytes))
-        .collect();
+    let offsets = read_items(&dir.join("offsets"), meta.entries, meta.offsets_crc, u64::from_le_bytes)?;
     if let Some(last) = meta.entries.checked_sub(1) {
         check_last_entry(&log, last, offsets.last().copied(), tree.leaf_hash_at(last), meta.log_offset)?;
     } else if meta.log_offset != 0 {
@@ -252,23 +248,43 @@ fn check_last_entry(
     Ok(())
 }
 
-/// Reads the first `len` bytes of `path`, which must have at least that many, with CRC-32 `crc`.
-fn read_prefix(path: &Path, len: u64, crc: u32) -> Result<Vec<u8>, Unusable> {
+/// Reads the first `count` items of `N` bytes each from `path`, which must have at least that many and whose bytes
+/// up to there must have CRC-32 `crc`. Reads in pieces straight into the result, so loading never holds the bytes
+/// twice.
+fn read_items<T, const N: usize>(
+    path: &Path,
+    count: u64,
+    crc: u32,
+    decode: impl Fn([u8; N]) -> T,
+) -> Result<Vec<T>, Unusable> {
     let io = |source| Unusable::Io { path: path.to_owned(), source };
-    let file = File::open(path).map_err(io)?;
+    let mut file = File::open(path).map_err(io)?;
     let have = file.metadata().map_err(io)?.len();
-    if have < len {
-        return Err(Unusable::Disagrees(format!("`{}` has {have} bytes; the cache names {len}", path.display())));
+    if have / (N as u64) < count {
+        return Err(Unusable::Disagrees(format!(
+            "`{}` has {have} bytes; the cache names {count} items",
+            path.display()
+        )));
     }
-    let mut bytes = Vec::new();
-    bytes
-        .try_reserve_exact(usize::try_from(len).unwrap_or(usize::MAX))
+    let mut items = Vec::new();
+    items
+        .try_reserve_exact(usize::try_from(count).unwrap_or(usize::MAX))
         .map_err(|_| Unusable::Disagrees("the cache is too large to load".to_owned()))?;
-    file.take(len).read_to_end(&mut bytes).map_err(io)?;
-    if bytes.len() as u64 != len || crc32fast::hash(&bytes) != crc {
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buffer = vec![0u8; READ_CHUNK / N * N];
+    let mut left = count;
+    while left > 0 {
+        let take = left.min((buffer.len() / N) as u64) as usize;
+        let chunk = &mut buffer[..take * N];
+        file.read_exact(chunk).map_err(io)?;
+        hasher.update(chunk);
+        items.extend(chunk.chunks_exact(N).filter_map(|item| <[u8; N]>::try_from(item).ok()).map(&decode));
+        left -= take as u64;
+    }
+    if hasher.finalize() != crc {
         return Err(Unusable::Disagrees(format!("`{}` fails its checksum", path.display())));
     }
-    Ok(bytes)
+    Ok(items)
 }
 
 /// Reads the postings `meta` covers into the index's map; every sequence must be below `meta.entries` and each
