@@ -97,7 +97,10 @@ enum Command {
         reason: String,
         reply: oneshot::Sender<Result<bool, DeliveryError>>,
     },
-    /// Every copy queued for the agency at start has been handed to its actor (see [`Deliveries::start`]).
+    /// Every copy queued for the agency at start with a sequence number up to this one has been handed to its
+    /// actor (see [`Deliveries::start`]).
+    LoadedUpTo(u64),
+    /// Every copy queued for the agency at start has been handed to its actor.
     Loaded,
 }
 
@@ -128,11 +131,12 @@ impl Deliveries {
     /// in the background ("queue-loader"), so that the broker serves without waiting for long queues to load
     /// (1.8–2.0 s with a million queued, PERFORMANCE.md).
     ///
-    /// INVARIANT: an actor delivers nothing, and holds back acknowledgements, until every copy that was queued for
-    /// its agency at start has been loaded (it is told by [`Command::Loaded`]): copies still go out in queue order,
-    /// and an acknowledgement never misses a copy that is not loaded yet. Copies queued by sends meanwhile take
-    /// sequence numbers above every stored one, so the loader (which loads only up to the highest stored one) and
-    /// the sends never hand the actor the same copy twice.
+    /// INVARIANT: while its agency's stored queue loads, an actor delivers only copies up to where the load has got
+    /// ([`Command::LoadedUpTo`]), and holds back acknowledgements of copies not in flight until the load ends
+    /// ([`Command::Loaded`]): copies still go out in queue order, and an acknowledgement never misses a copy that is
+    /// not loaded yet. Copies queued by sends meanwhile take sequence numbers above every stored one, so they wait
+    /// for the whole load, and the loader (which loads only up to the highest stored one) and the sends never hand
+    /// the actor the same copy twice.
     pub fn start(store: Store, config: DeliveryConfig, shutdown: watch::Receiver<bool>) -> Result<Self, StoreError> {
         let deliveries = Self {
             shared: Arc::new(Shared {
@@ -212,6 +216,9 @@ impl Deliveries {
             queued += 1;
             let entry = Enqueued { recipient: recipient.clone(), seq, delivery_id, acknowledge_by_micros };
             self.send_if_running(&recipient, Command::Enqueue(entry));
+            if queued.is_multiple_of(LOAD_PROGRESS_EVERY) {
+                self.send_if_running(&recipient, Command::LoadedUpTo(seq));
+            }
         }
         if let Some(done) = current {
             self.send_if_running(&done, Command::Loaded);
@@ -363,11 +370,15 @@ impl Deliveries {
                 Command::Nack { reply, .. } => {
                     let _ = reply.send(Err(DeliveryError::ShuttingDown));
                 }
-                Command::Enqueue(_) | Command::Subscribe { .. } | Command::Loaded => {}
+                Command::Enqueue(_) | Command::Subscribe { .. } | Command::LoadedUpTo(_) | Command::Loaded => {}
             }
         }
     }
 }
+
+/// How often the queue loader tells an actor how far its agency's queue has loaded: the actor may deliver the copies
+/// loaded so far, so an agency with a long backlog gets its first copies at once rather than after the whole load.
+const LOAD_PROGRESS_EVERY: usize = 1024;
 
 /// The agencies with queued copies, each with its highest queue sequence number: two seeks per agency, however
 /// long the queues. (Agency ids are lowercase letters, digits and hyphens, so `q/<id>/` then 0xFF sorts after every
@@ -467,9 +478,9 @@ impl Ready {
         self.ids.is_empty()
     }
 
-    /// The first `count` copies, in order.
-    fn first(&self, count: usize) -> Vec<(u64, String)> {
-        self.ids.iter().take(count).map(|(seq, held)| (*seq, self.read(held))).collect()
+    /// The first `count` copies with sequence numbers up to `up_to`, in order.
+    fn first(&self, count: usize, up_to: u64) -> Vec<(u64, String)> {
+        self.ids.range(..=up_to).take(count).map(|(seq, held)| (*seq, self.read(held))).collect()
     }
 
     /// The sequence number of `delivery_id`, by a scan (for rare late acknowledgements).
@@ -507,9 +518,11 @@ struct RecipientActor {
     /// counted up when an enqueue is sent to the actor (so a scrape right after a send already counts its copy),
     /// down when the actor lets a copy go for good.
     depth: Arc<AtomicU64>,
-    /// True until every copy queued for the agency at start is loaded ([`Command::Loaded`]): nothing is delivered
-    /// meanwhile, and acknowledgements wait in `deferred` (see [`Deliveries::start`]).
+    /// True until every copy queued for the agency at start is loaded ([`Command::Loaded`]). Meanwhile only copies
+    /// up to `loaded_up_to` are delivered, and acknowledgements of copies not in flight wait in `deferred` (see
+    /// [`Deliveries::start`]).
     loading: bool,
+    loaded_up_to: u64,
     deferred: Vec<Command>,
 }
 
@@ -519,6 +532,7 @@ impl RecipientActor {
         Self {
             depth,
             loading,
+            loaded_up_to: 0,
             deferred: Vec::new(),
             recipient,
             shared,
@@ -595,11 +609,17 @@ impl RecipientActor {
                         self.ready.insert(entry.seq, delivery_id);
                     }
                 }
-                command @ (Command::Ack { .. } | Command::Nack { .. }) if self.loading => self.deferred.push(command),
+                // While loading, an acknowledgement of a copy not in flight may be of one not loaded yet.
+                Command::Ack { ref delivery_id, .. } | Command::Nack { ref delivery_id, .. }
+                    if self.loading && !self.in_flight.contains_key(delivery_id) =>
+                {
+                    self.deferred.push(command)
+                }
                 Command::Ack { delivery_id, actor, reply } => acks.push((delivery_id, actor, reply)),
                 Command::Nack { delivery_id, actor, delay, reason, reply } => {
                     nacks.push((delivery_id, actor, delay, reason, reply))
                 }
+                Command::LoadedUpTo(seq) => self.loaded_up_to = self.loaded_up_to.max(seq),
                 Command::Loaded => self.loading = false,
             }
         }
@@ -612,7 +632,7 @@ impl RecipientActor {
                     Command::Nack { delivery_id, actor, delay, reason, reply } => {
                         held_nacks.push((delivery_id, actor, delay, reason, reply))
                     }
-                    Command::Enqueue(_) | Command::Subscribe { .. } | Command::Loaded => {}
+                    Command::Enqueue(_) | Command::Subscribe { .. } | Command::LoadedUpTo(_) | Command::Loaded => {}
                 }
             }
             held_acks.append(&mut acks);
@@ -948,9 +968,6 @@ impl RecipientActor {
 
     /// Sends ready copies while the agent is connected and the in-flight window has room.
     async fn pump(&mut self) {
-        if self.loading {
-            return;
-        }
         loop {
             let Some(stream) = self.stream.clone() else { return };
             if stream.is_closed() {
@@ -964,7 +981,12 @@ impl RecipientActor {
             if room == 0 || self.ready.is_empty() {
                 return;
             }
-            let batch = self.ready.first(room.min(256));
+            // While the stored queue loads, only copies up to where it has loaded may go: order is kept.
+            let up_to = if self.loading { self.loaded_up_to } else { u64::MAX };
+            let batch = self.ready.first(room.min(256), up_to);
+            if batch.is_empty() {
+                return;
+            }
             let now = AuditEntry::now_micros();
             let mut commit = Commit::default();
             let mut outgoing = Vec::new();
@@ -1123,61 +1145,85 @@ mod tests {
         delivery_id
     }
 
-    /// While an agency's stored queue loads (after a restart), its actor delivers nothing, not even a copy sent since
-    /// the start, and holds back acknowledgements of copies it has not loaded yet; once loaded, copies go out in
-    /// queue order and the held acknowledgement counts.
+    /// While an agency's stored queue loads (after a restart), its actor delivers only copies up to where the load
+    /// has got (not a copy sent since the start, whose sequence number is higher), acknowledges copies in flight at
+    /// once, and holds back acknowledgements of copies not in flight (they may not be loaded yet) until the load
+    /// ends; then the rest goes out in queue order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_loading_queue_delivers_in_order_only_once_loaded_and_holds_acknowledgements() {
+    async fn a_loading_queue_delivers_in_order_up_to_where_it_has_loaded() {
         let dir = tempfile::tempdir().unwrap();
         let audit = crate::audit::AuditLog::open(&dir.path().join("audit")).unwrap();
         let (store, _) = Store::open(dir.path(), audit, 8 * 1024 * 1024).unwrap();
         let (_stop, stopping) = watch::channel(false);
         let deliveries = Deliveries::start(store.clone(), DeliveryConfig::default(), stopping).unwrap();
-        // Copies 1 and 2 were stored before the "restart"; copy 3 comes from a send after it.
-        let stored = [store_copy(&store, 1).await, store_copy(&store, 2).await];
-        let sent = store_copy(&store, 3).await;
+        // Copies 1, 2 and 3 were stored before the "restart"; copy 4 comes from a send after it.
+        let mut stored = Vec::new();
+        for seq in 1..=3 {
+            stored.push(store_copy(&store, seq).await);
+        }
+        let sent = store_copy(&store, 4).await;
         {
             let mut actors = deliveries.shared.actors.lock().unwrap();
             deliveries.actor(&mut actors, SCHOOL, true);
         }
+        let enqueue = |seq: u64, delivery_id: &String| {
+            Command::Enqueue(Enqueued {
+                recipient: SCHOOL.into(),
+                seq,
+                delivery_id: delivery_id.clone(),
+                acknowledge_by_micros: None,
+            })
+        };
         deliveries.enqueued(Enqueued {
             recipient: SCHOOL.into(),
-            seq: 3,
+            seq: 4,
             delivery_id: sent.clone(),
             acknowledge_by_micros: None,
         });
         let mut stream = deliveries.subscribe(SCHOOL);
         let school = Actor { agency: SCHOOL.into(), ..Actor::default() };
-        let acknowledging = {
-            let (deliveries, id, school) = (deliveries.clone(), stored[0].clone(), school.clone());
+        let acknowledge = |delivery_id: &String| {
+            let (deliveries, id, school) = (deliveries.clone(), delivery_id.clone(), school.clone());
             tokio::spawn(async move { deliveries.acknowledge(SCHOOL, &id, school).await })
         };
-        let early = tokio::time::timeout(Duration::from_millis(300), stream.recv()).await;
-        assert!(early.is_err(), "nothing is delivered while the queue loads: {early:?}");
-        assert!(!acknowledging.is_finished(), "an acknowledgement of a copy not loaded yet waits");
+        // Copy 3 was delivered before the restart; its acknowledgement arrives before it is loaded.
+        let acknowledging_third = acknowledge(&stored[2]);
+        let quiet = Duration::from_millis(300);
+        let early = tokio::time::timeout(quiet, stream.recv()).await;
+        assert!(early.is_err(), "nothing is delivered before any of the queue is loaded: {early:?}");
+        assert!(!acknowledging_third.is_finished(), "an acknowledgement of a copy not loaded yet waits");
 
-        for (seq, delivery_id) in [(1, &stored[0]), (2, &stored[1])] {
-            deliveries.send_if_running(
-                SCHOOL,
-                Command::Enqueue(Enqueued {
-                    recipient: SCHOOL.into(),
-                    seq,
-                    delivery_id: delivery_id.clone(),
-                    acknowledge_by_micros: None,
-                }),
-            );
-        }
-        deliveries.send_if_running(SCHOOL, Command::Loaded);
-        acknowledging.await.unwrap().unwrap();
+        // The loader has handed over copies 1 and 2 (of 1 to 3): those go out, in order; copy 4 waits.
+        deliveries.send_if_running(SCHOOL, enqueue(1, &stored[0]));
+        deliveries.send_if_running(SCHOOL, enqueue(2, &stored[1]));
+        deliveries.send_if_running(SCHOOL, Command::LoadedUpTo(2));
         let mut order = Vec::new();
         for _ in 0..2 {
             let copy = tokio::time::timeout(Duration::from_secs(10), stream.recv()).await.unwrap().unwrap().unwrap();
             order.push(copy.delivery_id);
         }
-        assert_eq!(order, vec![stored[1].clone(), sent], "queue order, without the acknowledged copy");
-        let record: DeliveryRecord =
-            records::decode(&store.get(&records::delivery_key(&stored[0])).unwrap().unwrap()).unwrap();
-        assert_eq!(record.state, DeliveryState::Acknowledged);
+        assert_eq!(order, vec![stored[0].clone(), stored[1].clone()]);
+        // A copy in flight is acknowledged at once, while the load goes on.
+        tokio::time::timeout(Duration::from_secs(10), acknowledge(&stored[0])).await.unwrap().unwrap().unwrap();
+        let later = tokio::time::timeout(quiet, stream.recv()).await;
+        assert!(later.is_err(), "a copy sent since the start waits for the whole queue: {later:?}");
+        assert!(!acknowledging_third.is_finished());
+
+        deliveries.send_if_running(SCHOOL, enqueue(3, &stored[2]));
+        deliveries.send_if_running(SCHOOL, Command::Loaded);
+        tokio::time::timeout(Duration::from_secs(10), acknowledging_third).await.unwrap().unwrap().unwrap();
+        let copy = tokio::time::timeout(Duration::from_secs(10), stream.recv()).await.unwrap().unwrap().unwrap();
+        assert_eq!(copy.delivery_id, sent, "the acknowledged copy 3 is not sent again; copy 4 follows");
+        let states = [
+            (&stored[0], DeliveryState::Acknowledged),
+            (&stored[1], DeliveryState::Delivered),
+            (&stored[2], DeliveryState::Acknowledged),
+        ];
+        for (delivery_id, state) in states {
+            let record: DeliveryRecord =
+                records::decode(&store.get(&records::delivery_key(delivery_id)).unwrap().unwrap()).unwrap();
+            assert_eq!(record.state, state);
+        }
     }
 
     /// The agencies with queued copies, and each one's highest sequence number, are found by seeking, for any mix
@@ -1223,7 +1269,8 @@ mod tests {
             assert_eq!(ready.get(seq as u64).as_deref(), Some(id.as_str()));
             assert_eq!(ready.find(id), Some(seq as u64));
         }
-        assert_eq!(ready.first(2), vec![(0, ids[0].clone()), (1, ids[1].clone())]);
+        assert_eq!(ready.first(2, u64::MAX), vec![(0, ids[0].clone()), (1, ids[1].clone())]);
+        assert_eq!(ready.first(9, 0), vec![(0, ids[0].clone())]);
         assert_eq!(ready.find(&records::delivery_id(&uuid::Uuid::now_v7().to_string(), "luton-oakwood-primary")), None);
         ready.remove(0);
         assert_eq!(ready.get(0), None);
