@@ -1,6 +1,6 @@
 //! Criterion benchmarks of the audit log against issue 5's targets: durable appends through the group committer
-//! (`Store::commit` from many tasks, index writes included), offline verification rate, inclusion proof time, and a
-//! query for one child among a million entries.
+//! (`Store::commit` from many tasks, index writes included), offline verification rate, inclusion proof time, a
+//! query for one child among a million entries, and opening the log at start (from its start-up cache, and whole).
 //!
 //! Run: `cargo bench -p broker --bench audit`. `AUDIT_BENCH_ENTRIES` sets the size of the log the verification and
 //! query benchmarks build (default 1,000,000).
@@ -149,6 +149,34 @@ fn verification_and_query(criterion: &mut Criterion) {
     });
     group.finish();
     store.close();
+    drop(store);
+
+    // Opening the log at start: from the start-up cache (what a restart does), and from the whole log (the first
+    // start without a cache, or with one that disagrees with the log). Only the open is timed.
+    let mut group = criterion.benchmark_group("audit_open");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(10));
+    group.throughput(Throughput::Elements(count));
+    for from_cache in [true, false] {
+        let name = if from_cache { "from_cache" } else { "whole_log" };
+        group.bench_function(BenchmarkId::new(name, count), |bencher| {
+            bencher.iter_custom(|iterations| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iterations {
+                    if !from_cache {
+                        std::fs::remove_dir_all(audit_dir.join("cache")).unwrap();
+                    }
+                    let started = Instant::now();
+                    let log = AuditLog::open(&audit_dir).unwrap();
+                    timed += started.elapsed();
+                    assert_eq!(log.from_cache(), if from_cache { log.len() } else { 0 });
+                    drop(log);
+                }
+                timed
+            });
+        });
+    }
+    group.finish();
 }
 
 fn inclusion_proof(criterion: &mut Criterion) {

@@ -150,6 +150,7 @@ impl Deliveries {
             }),
         };
         let loading = queued_agencies(&store)?;
+        metrics().queues_loading.set(loading.len() as i64);
         let max_seq = loading.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
         // Nothing else has asked for a sequence number yet: the server starts after this returns.
         deliveries.shared.next_seq.store(max_seq + 1, Ordering::Relaxed);
@@ -169,6 +170,7 @@ impl Deliveries {
                     for recipient in &agencies {
                         loader.send_if_running(recipient, Command::Loaded);
                     }
+                    metrics().queues_loading.set(0);
                 }
                 // The agencies not yet loaded stay held (nothing delivered out of order); a restart retries.
                 Err(error) => {
@@ -199,6 +201,7 @@ impl Deliveries {
                 && let Some(done) = current.replace(recipient.clone())
             {
                 self.send_if_running(&done, Command::Loaded);
+                metrics().queues_loading.dec();
             }
             let (delivery_id, deadline) = records::parse_queue_value(&value)
                 .ok_or_else(|| StoreError::Decode(format!("undecodable queue entry for {recipient}")))?;

@@ -40,6 +40,9 @@ pub struct Metrics {
     pub audit_log_bytes: Gauge,
     pub policy_set: Family<Labels, Gauge>,
     pub connected_agents: Gauge,
+    /// Agencies whose stored queues are still loading after start (their deliveries wait; see
+    /// [`crate::delivery::Deliveries::start`]).
+    pub queues_loading: Gauge,
     queue_depth: Family<Labels, Gauge>,
     queue_oldest_age_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
 }
@@ -93,6 +96,12 @@ impl Metrics {
         registry.register("policy_set", "The policy set in force (label: its hash)", policy_set.clone());
         let connected_agents = Gauge::default();
         registry.register("connected_agents", "Open delivery streams", connected_agents.clone());
+        let queues_loading = Gauge::default();
+        registry.register(
+            "queues_loading",
+            "Agencies whose stored queues are still loading after start (until then only the copies loaded so far go out)",
+            queues_loading.clone(),
+        );
         let queue_depth = Family::<Labels, Gauge>::default();
         registry.register(
             "queue_depth",
@@ -120,6 +129,7 @@ impl Metrics {
             audit_log_bytes,
             policy_set,
             connected_agents,
+            queues_loading,
             queue_depth,
             queue_oldest_age_seconds,
         }

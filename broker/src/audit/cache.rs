@@ -14,10 +14,11 @@
 //!
 //! Every file only grows, and is written at fixed positions (an entry's hashes, offset and postings always land in
 //! the same place), by a thread of its own ("audit-cache") so that the committer only copies what is new.
-//! [`AuditLog`](super::AuditLog) hands it what was added every [`SAVE_EVERY`] and when it closes; the thread writes
-//! the files, `fdatasync`s them, then replaces `meta` (write, `fsync`, rename, `fsync` the folder). So `meta` only
-//! ever names data that is durable, and bytes past what it names (a save cut short by a crash) are ignored and
-//! later overwritten.
+//! [`AuditLog`](super::AuditLog) hands it what was added every [`HAND_OVER_EVERY`] entries, every [`SAVE_EVERY`]
+//! and when it closes; the thread writes it to the files at once, and at most every [`SAVE_EVERY`] (and when the log
+//! goes quiet or closes) `fdatasync`s them, then replaces `meta` (write, `fsync`, rename, `fsync` the folder). So
+//! `meta` only ever names data that is durable, and bytes past what it names (a save cut short by a crash) are
+//! ignored and later overwritten.
 //!
 //! INVARIANT: `meta` names only entries that were durable in `entries.log` when it was written (the cache is saved
 //! from published entries, and entries are published only once durable).
@@ -51,9 +52,13 @@ use super::{
     merkle::{Hash, MerkleTree, leaf_hash},
 };
 
-/// How often the audit log hands what it added to the cache thread. A start after a crash reads at most this much of
-/// the log's tail besides the cache.
+/// How often the cache thread makes what it was handed durable and names it in `meta`. A start after a crash reads at
+/// most about this much of the log's tail besides the cache.
 pub const SAVE_EVERY: Duration = Duration::from_secs(10);
+
+/// The audit log hands what it added to the cache thread every this many entries (and every [`SAVE_EVERY`]), so
+/// what waits to be handed over stays small (about 230 bytes an entry).
+pub const HAND_OVER_EVERY: u64 = 8192;
 
 /// Which function the index's key hashes were made with ([`super::index::key_hash`]): a cache made with another is
 /// not used.
@@ -357,6 +362,11 @@ fn crc_continue(crc: u32, bytes: &[u8]) -> u32 {
 }
 
 impl Saved {
+    /// Entries handed over so far.
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+
     /// What a cache loaded with `meta` holds.
     pub fn from_meta(meta: &Meta) -> Self {
         let levels =
@@ -522,11 +532,36 @@ impl Writer {
     pub fn start(mut files: Files) -> io::Result<Self> {
         let (deltas, received) = mpsc::channel::<Delta>();
         let thread = thread::Builder::new().name("audit-cache".to_owned()).spawn(move || {
-            while let Ok(delta) = received.recv() {
-                let result = files.write(&delta).and_then(|()| files.commit(&delta.meta));
-                if let Err(error) = result {
-                    // The cache stays at its last save; the next start reads more of the log. Nothing is lost.
-                    tracing::warn!(error = %error, "could not save the audit log's start-up cache; it is no longer updated");
+            // Deltas are written as they come (each is small); they are made durable and named in `meta` at most
+            // every `SAVE_EVERY`, when the audit log goes quiet, and when it closes.
+            let mut unrecorded: Option<Meta> = None;
+            let mut recorded_at = std::time::Instant::now();
+            let report = |error: io::Error| {
+                // The cache stays at its last save; the next start reads more of the log. Nothing is lost.
+                tracing::warn!(error = %error, "could not save the audit log's start-up cache; it is no longer updated");
+            };
+            loop {
+                let closed = match received.recv_timeout(SAVE_EVERY) {
+                    Ok(delta) => {
+                        if let Err(error) = files.write(&delta) {
+                            report(error);
+                        }
+                        unrecorded = Some(delta.meta);
+                        false
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => false,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => true,
+                };
+                if closed || recorded_at.elapsed() >= SAVE_EVERY {
+                    if let Some(meta) = unrecorded.take()
+                        && let Err(error) = files.commit(&meta)
+                    {
+                        report(error);
+                    }
+                    recorded_at = std::time::Instant::now();
+                }
+                if closed {
+                    break;
                 }
             }
         })?;
@@ -667,6 +702,20 @@ mod tests {
         assert_eq!(log.from_cache(), 334);
         assert_eq!(log.len(), 400);
         assert_eq!(state(&log, 400), from_scratch(dir.path(), 400));
+    }
+
+    #[test]
+    fn many_hand_overs_add_up_to_the_whole_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = AuditLog::open(dir.path()).unwrap();
+        let count = (2 * HAND_OVER_EVERY).next_multiple_of(1_000) + 1_000;
+        for start in (0..count).step_by(1_000) {
+            log.append((start..start + 1_000).map(entry).collect()).unwrap();
+        }
+        drop(log);
+        let log = AuditLog::open(dir.path()).unwrap();
+        assert_eq!(log.from_cache(), count);
+        assert_eq!(state(&log, count), from_scratch(dir.path(), count));
     }
 
     #[test]

@@ -317,7 +317,7 @@ impl AuditLog {
     }
 
     /// Hands what was added since the last save to the start-up cache's thread (see [`cache`]). Called every
-    /// [`cache::SAVE_EVERY`] as entries are published, and on close.
+    /// [`cache::HAND_OVER_EVERY`] entries or [`cache::SAVE_EVERY`] as entries are published, and on close.
     pub fn save_cache(&mut self) {
         self.last_save = std::time::Instant::now();
         let tree = match self.tree.read() {
@@ -442,9 +442,16 @@ impl AuditLog {
         for ((entry, offset), sequence) in entries.iter().zip(&offsets).zip(first..) {
             index.add(entry, sequence, *offset);
         }
+        if self.cache.is_none() {
+            // Nothing saves them.
+            drop(index.take_unsaved());
+        }
         drop(index);
         self.next_sequence += entries.len() as u64;
-        if self.last_save.elapsed() >= cache::SAVE_EVERY {
+        if self.cache.is_some()
+            && (self.next_sequence - self.saved.entries() >= cache::HAND_OVER_EVERY
+                || self.last_save.elapsed() >= cache::SAVE_EVERY)
+        {
             self.save_cache();
         }
         (first..self.next_sequence).zip(offsets).collect()
