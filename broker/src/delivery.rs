@@ -98,8 +98,9 @@ enum Command {
         reply: oneshot::Sender<Result<bool, DeliveryError>>,
     },
     /// Every copy queued for the agency at start with a sequence number up to this one has been handed to its
-    /// actor (see [`Deliveries::start`]).
-    LoadedUpTo(u64),
+    /// actor (see [`Deliveries::start`]). The actor answers once it has taken them in, and the loader waits for that,
+    /// so that the copies waiting in the actor's mailbox never number more than [`LOAD_PROGRESS_EVERY`].
+    LoadedUpTo(u64, oneshot::Sender<()>),
     /// Every copy queued for the agency at start has been handed to its actor.
     Loaded,
 }
@@ -160,10 +161,12 @@ impl Deliveries {
             }
         }
         let loader = deliveries.clone();
-        tokio::task::spawn_blocking(move || {
+        // A task on the runtime (it reads a page of the queues, hands it over, and waits for the actor to take it in),
+        // so nothing outlives the runtime at shutdown.
+        tokio::spawn(async move {
             let started = std::time::Instant::now();
             let agencies: Vec<String> = loading.into_iter().map(|(recipient, _)| recipient).collect();
-            match loader.load_queues(max_seq, &shutdown) {
+            match loader.load_queues(max_seq, &shutdown).await {
                 Ok(queued) => {
                     let millis = started.elapsed().as_millis() as u64;
                     tracing::info!(queued, agencies = agencies.len(), millis, "queues rebuilt");
@@ -183,47 +186,58 @@ impl Deliveries {
 
     /// Hands every copy queued at start (sequence numbers up to `max_seq`) to its agency's actor, in key order, and
     /// tells each actor once its agency's copies are all handed over. Returns how many copies were queued.
-    fn load_queues(&self, max_seq: u64, shutdown: &watch::Receiver<bool>) -> Result<usize, StoreError> {
+    async fn load_queues(&self, max_seq: u64, shutdown: &watch::Receiver<bool>) -> Result<usize, StoreError> {
         let store = &self.shared.store;
         let mut queued = 0usize;
-        let mut current: Option<String> = None;
-        for item in store.scan_prefix(records::QUEUE_PREFIX) {
+        let mut current: Option<(String, u64)> = None;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
             if *shutdown.borrow() {
                 return Ok(queued);
             }
-            let (key, value) = item?;
-            let Some((recipient, seq)) = records::parse_queue_key(&key) else { continue };
-            if seq > max_seq {
-                // Queued by a send since start: its actor already has it.
-                continue;
+            let page = store.scan_page(records::QUEUE_PREFIX, after.as_deref(), LOAD_PROGRESS_EVERY)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (key, value) in page {
+                let Some((recipient, seq)) = records::parse_queue_key(&key) else { continue };
+                if seq > max_seq {
+                    // Queued by a send since start: its actor already has it.
+                    continue;
+                }
+                if current.as_ref().is_none_or(|(agency, _)| *agency != recipient)
+                    && let Some((done, _)) = current.replace((recipient.clone(), seq))
+                {
+                    self.send_if_running(&done, Command::Loaded);
+                    metrics().queues_loading.dec();
+                }
+                let (delivery_id, deadline) = records::parse_queue_value(&value)
+                    .ok_or_else(|| StoreError::Decode(format!("undecodable queue entry for {recipient}")))?;
+                let acknowledge_by_micros = match deadline {
+                    Some(deadline) => deadline,
+                    // Written by an older broker: the deadline is in the delivery record.
+                    None => match store.get(&records::delivery_key(&delivery_id))? {
+                        Some(bytes) => {
+                            let record: DeliveryRecord = records::decode(&bytes)?;
+                            if record.escalated { None } else { record.acknowledge_by_micros }
+                        }
+                        None => None,
+                    },
+                };
+                queued += 1;
+                if let Some((_, loaded)) = current.as_mut() {
+                    *loaded = seq;
+                }
+                let entry = Enqueued { recipient: recipient.clone(), seq, delivery_id, acknowledge_by_micros };
+                self.send_if_running(&recipient, Command::Enqueue(entry));
             }
-            if current.as_deref() != Some(recipient.as_str())
-                && let Some(done) = current.replace(recipient.clone())
-            {
-                self.send_if_running(&done, Command::Loaded);
-                metrics().queues_loading.dec();
-            }
-            let (delivery_id, deadline) = records::parse_queue_value(&value)
-                .ok_or_else(|| StoreError::Decode(format!("undecodable queue entry for {recipient}")))?;
-            let acknowledge_by_micros = match deadline {
-                Some(deadline) => deadline,
-                // Written by an older broker: the deadline is in the delivery record.
-                None => match store.get(&records::delivery_key(&delivery_id))? {
-                    Some(bytes) => {
-                        let record: DeliveryRecord = records::decode(&bytes)?;
-                        if record.escalated { None } else { record.acknowledge_by_micros }
-                    }
-                    None => None,
-                },
-            };
-            queued += 1;
-            let entry = Enqueued { recipient: recipient.clone(), seq, delivery_id, acknowledge_by_micros };
-            self.send_if_running(&recipient, Command::Enqueue(entry));
-            if queued.is_multiple_of(LOAD_PROGRESS_EVERY) {
-                self.send_if_running(&recipient, Command::LoadedUpTo(seq));
+            if let Some((recipient, loaded)) = &current {
+                let (taken, taken_in) = oneshot::channel();
+                self.send_if_running(recipient, Command::LoadedUpTo(*loaded, taken));
+                // An error means the actor has stopped (shutdown): nothing to wait for.
+                let _ = taken_in.await;
             }
         }
-        if let Some(done) = current {
+        if let Some((done, _)) = current {
             self.send_if_running(&done, Command::Loaded);
         }
         Ok(queued)
@@ -373,7 +387,7 @@ impl Deliveries {
                 Command::Nack { reply, .. } => {
                     let _ = reply.send(Err(DeliveryError::ShuttingDown));
                 }
-                Command::Enqueue(_) | Command::Subscribe { .. } | Command::LoadedUpTo(_) | Command::Loaded => {}
+                Command::Enqueue(_) | Command::Subscribe { .. } | Command::LoadedUpTo(..) | Command::Loaded => {}
             }
         }
     }
@@ -381,6 +395,8 @@ impl Deliveries {
 
 /// How often the queue loader tells an actor how far its agency's queue has loaded: the actor may deliver the copies
 /// loaded so far, so an agency with a long backlog gets its first copies at once rather than after the whole load.
+/// The loader reads the queues a page of this many at a time and, after each, waits for the actor to take them in, so
+/// that the copies waiting in an actor's mailbox stay few however long the queue.
 const LOAD_PROGRESS_EVERY: usize = 1024;
 
 /// The agencies with queued copies, each with its highest queue sequence number: two seeks per agency, however
@@ -622,7 +638,10 @@ impl RecipientActor {
                 Command::Nack { delivery_id, actor, delay, reason, reply } => {
                     nacks.push((delivery_id, actor, delay, reason, reply))
                 }
-                Command::LoadedUpTo(seq) => self.loaded_up_to = self.loaded_up_to.max(seq),
+                Command::LoadedUpTo(seq, taken) => {
+                    self.loaded_up_to = self.loaded_up_to.max(seq);
+                    let _ = taken.send(());
+                }
                 Command::Loaded => self.loading = false,
             }
         }
@@ -635,7 +654,7 @@ impl RecipientActor {
                     Command::Nack { delivery_id, actor, delay, reason, reply } => {
                         held_nacks.push((delivery_id, actor, delay, reason, reply))
                     }
-                    Command::Enqueue(_) | Command::Subscribe { .. } | Command::LoadedUpTo(_) | Command::Loaded => {}
+                    Command::Enqueue(_) | Command::Subscribe { .. } | Command::LoadedUpTo(..) | Command::Loaded => {}
                 }
             }
             held_acks.append(&mut acks);
@@ -1199,7 +1218,9 @@ mod tests {
         // The loader has handed over copies 1 and 2 (of 1 to 3): those go out, in order; copy 4 waits.
         deliveries.send_if_running(SCHOOL, enqueue(1, &stored[0]));
         deliveries.send_if_running(SCHOOL, enqueue(2, &stored[1]));
-        deliveries.send_if_running(SCHOOL, Command::LoadedUpTo(2));
+        let (taken, taken_in) = oneshot::channel();
+        deliveries.send_if_running(SCHOOL, Command::LoadedUpTo(2, taken));
+        taken_in.await.unwrap();
         let mut order = Vec::new();
         for _ in 0..2 {
             let copy = tokio::time::timeout(Duration::from_secs(10), stream.recv()).await.unwrap().unwrap().unwrap();

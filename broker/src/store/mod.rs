@@ -388,6 +388,24 @@ impl Store {
             .map(|item| item.map(|(key, value)| (key.to_vec(), value.to_vec())).map_err(StoreError::from))
     }
 
+    /// At most `limit` key/values under `prefix` that come after `after` (from the start of `prefix` without one), in
+    /// key order: a long scan taken a page at a time, so that no iterator is held across pages.
+    pub fn scan_page(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+        let start = match after {
+            Some(after) => std::ops::Bound::Excluded(after.to_vec()),
+            None => std::ops::Bound::Included(prefix.to_vec()),
+        };
+        let mut page = Vec::new();
+        for item in self.inner.tree.range::<Vec<u8>, _>((start, std::ops::Bound::Unbounded)) {
+            let (key, value) = item?;
+            if !key.starts_with(prefix) || page.len() == limit {
+                break;
+            }
+            page.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(page)
+    }
+
     /// The first key/value after `key`, in key order (a seek, not a scan).
     pub fn next_after(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
         Ok(self.inner.tree.get_gt(key)?.map(|(key, value)| (key.to_vec(), value.to_vec())))
