@@ -468,10 +468,20 @@ impl Files {
 
     /// Writes a delta at its positions (not yet durable).
     pub fn write(&mut self, delta: &Delta) -> io::Result<()> {
+        self.unless_broken(|files| files.write_inner(delta))
+    }
+
+    /// Makes everything written durable, then records `meta` (see the module documentation).
+    pub fn commit(&mut self, meta: &Meta) -> io::Result<()> {
+        self.unless_broken(|files| files.commit_inner(meta))
+    }
+
+    /// Runs `step` unless an earlier step failed; a failure marks the files broken.
+    fn unless_broken(&mut self, step: impl FnOnce(&mut Self) -> io::Result<()>) -> io::Result<()> {
         if self.broken {
             return Ok(());
         }
-        let result = self.write_inner(delta);
+        let result = step(self);
         if result.is_err() {
             self.broken = true;
         }
@@ -489,18 +499,6 @@ impl Files {
         self.offsets.write_all_at(&delta.offsets.bytes, delta.offsets.at)?;
         self.postings.write_all_at(&delta.postings.bytes, delta.postings.at)?;
         Ok(())
-    }
-
-    /// Makes everything written durable, then records `meta` (see the module documentation).
-    pub fn commit(&mut self, meta: &Meta) -> io::Result<()> {
-        if self.broken {
-            return Ok(());
-        }
-        let result = self.commit_inner(meta);
-        if result.is_err() {
-            self.broken = true;
-        }
-        result
     }
 
     fn commit_inner(&mut self, meta: &Meta) -> io::Result<()> {
