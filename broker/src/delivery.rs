@@ -526,12 +526,14 @@ struct RecipientActor {
     delayed: BTreeMap<(Instant, u64), String>,
     /// Copies sent and not yet acknowledged.
     in_flight: HashMap<String, InFlight>,
-    /// Acknowledgement deadlines from policy obligations, as (when, seq); the delivery id is looked up when one is
-    /// due ([`Self::id_for_seq`]), so that a long queue holds each id once (in `ready`), not twice.
-    deadlines: BTreeSet<(Instant, u64)>,
+    /// Acknowledgement deadlines from policy obligations, as (when, seq), when in microseconds since the Unix epoch
+    /// (the obligation's own terms, and half the size of an `Instant`: every queued copy of a flow with a deadline
+    /// has one); the delivery id is looked up when one is due ([`Self::id_for_seq`]), so that a long queue holds
+    /// each id once (in `ready`), not twice.
+    deadlines: BTreeSet<(i64, u64)>,
     /// When each delayed or deadline entry is due, by seq, so an acknowledgement can remove it without a scan.
     delayed_at: HashMap<u64, Instant>,
-    deadline_at: HashMap<u64, Instant>,
+    deadline_at: HashMap<u64, i64>,
     stream: Option<mpsc::Sender<StreamItem>>,
     /// How many copies this actor holds (ready, delayed or in flight), for metrics ([`Deliveries::queue_stats`]):
     /// counted up when an enqueue is sent to the actor (so a scrape right after a send already counts its copy),
@@ -602,7 +604,7 @@ impl RecipientActor {
     fn next_wake(&self) -> Option<Instant> {
         let in_flight = self.in_flight.values().map(|entry| entry.deadline).min();
         let delayed = self.delayed.keys().next().map(|(when, _)| *when);
-        let deadline = self.deadlines.first().map(|(when, _)| *when);
+        let deadline = self.deadlines.first().map(|(micros, _)| instant_for_micros(*micros));
         [in_flight, delayed, deadline].into_iter().flatten().min()
     }
 
@@ -613,7 +615,7 @@ impl RecipientActor {
             match command {
                 Command::Enqueue(entry) => {
                     if let Some(micros) = entry.acknowledge_by_micros {
-                        self.add_deadline(instant_for_micros(micros), entry.seq);
+                        self.add_deadline(micros, entry.seq);
                     }
                     self.ready.insert(entry.seq, entry.delivery_id);
                 }
@@ -701,7 +703,7 @@ impl RecipientActor {
         self.delayed_at.insert(seq, when);
     }
 
-    fn add_deadline(&mut self, when: Instant, seq: u64) {
+    fn add_deadline(&mut self, when: i64, seq: u64) {
         self.deadlines.insert((when, seq));
         self.deadline_at.insert(seq, when);
     }
@@ -882,8 +884,9 @@ impl RecipientActor {
             self.expire_in_flight(expired).await;
         }
         let mut due = Vec::new();
+        let now_micros = AuditEntry::now_micros();
         while let Some(&(when, seq)) = self.deadlines.first() {
-            if when > now {
+            if when > now_micros {
                 break;
             }
             self.deadlines.remove(&(when, seq));
@@ -936,7 +939,7 @@ impl RecipientActor {
         }
     }
 
-    async fn escalate(&mut self, due: Vec<((Instant, u64), String)>) {
+    async fn escalate(&mut self, due: Vec<((i64, u64), String)>) {
         let now = AuditEntry::now_micros();
         let mut commit = Commit::default();
         let mut escalated = Vec::new();
@@ -980,7 +983,7 @@ impl RecipientActor {
             }
             Err(error) => {
                 tracing::error!(error = %error, "could not record an escalation; will retry");
-                let retry = Instant::now() + Duration::from_secs(1);
+                let retry = AuditEntry::now_micros() + 1_000_000;
                 for ((_, seq), _) in due {
                     self.add_deadline(retry, seq);
                 }
