@@ -128,9 +128,9 @@ pub type EscalationHook = Arc<dyn Fn(DeliveryRecord) + Send + Sync>;
 
 impl Deliveries {
     /// Starts the delivery engine: finds which agencies have queued copies and the highest queue sequence number
-    /// (a seek per agency), starts those agencies' actors in loading mode, and rebuilds their queues from the store
-    /// in the background ("queue-loader"), so that the broker serves without waiting for long queues to load
-    /// (1.8–2.0 s with a million queued, PERFORMANCE.md).
+    /// (two seeks per agency), starts those agencies' actors in loading mode, and rebuilds their queues from the
+    /// store in a background task, so that the broker serves without waiting for long queues to load (1.8–2.0 s
+    /// with a million queued, PERFORMANCE.md).
     ///
     /// INVARIANT: while its agency's stored queue loads, an actor delivers only copies up to where the load has got
     /// ([`Command::LoadedUpTo`]), and holds back acknowledgements of copies not in flight until the load ends
@@ -185,7 +185,7 @@ impl Deliveries {
     }
 
     /// Hands every copy queued at start (sequence numbers up to `max_seq`) to its agency's actor, in key order, and
-    /// tells each actor once its agency's copies are all handed over. Returns how many copies were queued.
+    /// tells each actor once the load has moved past its agency. Returns how many copies were queued.
     async fn load_queues(&self, max_seq: u64, shutdown: &watch::Receiver<bool>) -> Result<usize, StoreError> {
         let store = &self.shared.store;
         let mut queued = 0usize;
@@ -237,9 +237,7 @@ impl Deliveries {
                 let _ = taken_in.await;
             }
         }
-        if let Some((done, _)) = current {
-            self.send_if_running(&done, Command::Loaded);
-        }
+        // The last agency (and any whose copies all went meanwhile) is told by the caller, which tells them all.
         Ok(queued)
     }
 
@@ -611,7 +609,8 @@ impl RecipientActor {
     async fn handle(&mut self, commands: Vec<Command>, stopping: bool) {
         let mut acks = Vec::new();
         let mut nacks = Vec::new();
-        for command in commands {
+        let mut commands = std::collections::VecDeque::from(commands);
+        while let Some(command) = commands.pop_front() {
             match command {
                 Command::Enqueue(entry) => {
                     if let Some(micros) = entry.acknowledge_by_micros {
@@ -644,24 +643,14 @@ impl RecipientActor {
                     self.loaded_up_to = self.loaded_up_to.max(seq);
                     let _ = taken.send(());
                 }
-                Command::Loaded => self.loading = false,
-            }
-        }
-        if !self.loading && !self.deferred.is_empty() {
-            // Held back while the queue loaded; they came before anything in this batch.
-            let (mut held_acks, mut held_nacks) = (Vec::new(), Vec::new());
-            for command in std::mem::take(&mut self.deferred) {
-                match command {
-                    Command::Ack { delivery_id, actor, reply } => held_acks.push((delivery_id, actor, reply)),
-                    Command::Nack { delivery_id, actor, delay, reason, reply } => {
-                        held_nacks.push((delivery_id, actor, delay, reason, reply))
+                Command::Loaded => {
+                    // What was held back while the queue loaded is handled next, before the rest of this batch.
+                    self.loading = false;
+                    for held in std::mem::take(&mut self.deferred).into_iter().rev() {
+                        commands.push_front(held);
                     }
-                    Command::Enqueue(_) | Command::Subscribe { .. } | Command::LoadedUpTo(..) | Command::Loaded => {}
                 }
             }
-            held_acks.append(&mut acks);
-            held_nacks.append(&mut nacks);
-            (acks, nacks) = (held_acks, held_nacks);
         }
         if !acks.is_empty() {
             self.acknowledge(acks).await;
