@@ -45,8 +45,10 @@ pub struct MemoryIndex {
     offsets: Vec<u64>,
     /// Reused to spell each key while adding, so that adding allocates only for new keys.
     scratch: Vec<u8>,
-    /// The (key hash, sequence) pairs added since [`crate::audit::cache`] last took them, for it to save.
+    /// The (key hash, sequence) pairs added since [`crate::audit::cache`] last took them, for it to save; kept only
+    /// while `recording` (when there is a cache to save them).
     unsaved: Vec<(u64, u64)>,
+    recording: bool,
 }
 
 impl MemoryIndex {
@@ -59,7 +61,9 @@ impl MemoryIndex {
             let sequences = self.postings.entry(hash).or_default();
             if sequences.last() != Some(&sequence) {
                 sequences.push(sequence);
-                self.unsaved.push((hash, sequence));
+                if self.recording {
+                    self.unsaved.push((hash, sequence));
+                }
             }
         });
         self.scratch = scratch;
@@ -68,7 +72,15 @@ impl MemoryIndex {
     /// An index loaded from [`crate::audit::cache`]: every key's ascending sequence numbers, and every entry's
     /// offset.
     pub(crate) fn from_parts(postings: HashMap<u64, Vec<u64>>, offsets: Vec<u64>) -> Self {
-        Self { postings, offsets, scratch: Vec::new(), unsaved: Vec::new() }
+        Self { postings, offsets, scratch: Vec::new(), unsaved: Vec::new(), recording: false }
+    }
+
+    /// Whether to keep the pairs added from now on for [`Self::take_unsaved`] (off by default: nothing saves them).
+    pub(crate) fn record_unsaved(&mut self, recording: bool) {
+        self.recording = recording;
+        if !recording {
+            self.unsaved = Vec::new();
+        }
     }
 
     /// Number of entries indexed.

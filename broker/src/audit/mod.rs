@@ -256,6 +256,7 @@ impl AuditLog {
                 None
             }
         };
+        memory_index.record_unsaved(files.is_some());
         let from_cache = tree.size();
         let mut next_sequence = from_cache;
         let mut problem = None;
@@ -293,6 +294,7 @@ impl AuditLog {
                 None
             }
         });
+        memory_index.record_unsaved(cache.is_some());
         if let Some(writer) = &cache
             && (fresh || recovery.records > 0)
         {
@@ -318,7 +320,8 @@ impl AuditLog {
 
     /// Hands what was added since the last save to the start-up cache's thread (see [`cache`]). Called every
     /// [`cache::HAND_OVER_EVERY`] entries or [`cache::SAVE_EVERY`] as entries are published, and on close.
-    pub fn save_cache(&mut self) {
+    fn save_cache(&mut self) {
+        let Some(writer) = &self.cache else { return };
         self.last_save = std::time::Instant::now();
         let tree = match self.tree.read() {
             Ok(tree) => tree,
@@ -328,10 +331,7 @@ impl AuditLog {
             Ok(index) => index,
             Err(poisoned) => poisoned.into_inner(),
         };
-        match &self.cache {
-            Some(writer) => writer.save(self.saved.take(&tree, &mut index, self.log.len())),
-            None => drop(index.take_unsaved()),
-        }
+        writer.save(self.saved.take(&tree, &mut index, self.log.len()));
     }
 
     /// Saves the start-up cache and waits until it is durable. Also done when the log is dropped.
@@ -441,10 +441,6 @@ impl AuditLog {
         };
         for ((entry, offset), sequence) in entries.iter().zip(&offsets).zip(first..) {
             index.add(entry, sequence, *offset);
-        }
-        if self.cache.is_none() {
-            // Nothing saves them.
-            drop(index.take_unsaved());
         }
         drop(index);
         self.next_sequence += entries.len() as u64;
