@@ -4,9 +4,11 @@
 //! prefixes plus the broker's keys; the sled index is not copied but rebuilt on restore by replaying the journal
 //! from the start. Files are copied in an order that keeps the copy consistent without stopping the broker:
 //!
-//! 1. `audit/checkpoints.log`: every checkpoint copied covers only entries already durable,
-//! 2. `journal.log`: state, each change of which had its audit entries made durable first,
-//! 3. `audit/entries.log`: a superset of the entries the copied journal and checkpoints rely on,
+//! 1. `audit/checkpoints.log`: every checkpoint copied covers only entries already durable (in the journal),
+//! 2. `journal.log`: state, each change carrying its audit entries,
+//! 3. `audit/entries.log`: a superset of the entries the copied journal and checkpoints rely on (each group's
+//!    entries are written there before its journal record; and replaying the journal on restore puts back any
+//!    entry it lacks),
 //! 4. `keys/`: the pseudonymisation and checkpoint signing keys.
 //!
 //! Each file is copied up to the length it had when its copy began; a record being written at that moment is

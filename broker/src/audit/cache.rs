@@ -20,8 +20,9 @@
 //! `meta` only ever names data that is durable, and bytes past what it names (a save cut short by a crash) are
 //! ignored and later overwritten.
 //!
-//! INVARIANT: `meta` names only entries that were durable in `entries.log` when it was written (the cache is saved
-//! from published entries, and entries are published only once durable).
+//! INVARIANT: `meta` names only entries that were durable in `entries.log` when it was written (the thread
+//! `fdatasync`s `entries.log` before it records `meta`: the store makes new entries durable in its journal and
+//! `entries.log` only now and then).
 //!
 //! On open ([`load`]) the cache is used only if it agrees with the log: `meta` decodes and its checksum holds, the
 //! files are long enough, the tree they hold has the root `meta` names, and the last entry it covers is in
@@ -51,6 +52,7 @@ use super::{
     index::MemoryIndex,
     merkle::{Hash, MerkleTree, leaf_hash},
 };
+use crate::store::log::SyncHandle;
 
 /// How often the cache thread makes what it was handed durable and names it in `meta`. A start after a crash reads at
 /// most about this much of the log's tail besides the cache.
@@ -527,7 +529,9 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn start(mut files: Files) -> io::Result<Self> {
+    /// Starts the thread; `log` makes `entries.log` durable before each `meta` is recorded (the store makes new
+    /// entries durable in its journal, and `entries.log` only now and then).
+    pub fn start(mut files: Files, log: SyncHandle) -> io::Result<Self> {
         let (deltas, received) = mpsc::channel::<Delta>();
         let thread = thread::Builder::new().name("audit-cache".to_owned()).spawn(move || {
             // Deltas are written as they come (each is small); they are made durable and named in `meta` at most
@@ -551,10 +555,16 @@ impl Writer {
                     Err(mpsc::RecvTimeoutError::Disconnected) => true,
                 };
                 if closed || recorded_at.elapsed() >= SAVE_EVERY {
-                    if let Some(meta) = unrecorded.take()
-                        && let Err(error) = files.commit(&meta)
-                    {
-                        report(error);
+                    if let Some(meta) = unrecorded.take() {
+                        match log.sync() {
+                            Ok(()) => {
+                                if let Err(error) = files.commit(&meta) {
+                                    report(error);
+                                }
+                            }
+                            // Not recorded: the entries `meta` would name may not be durable in `entries.log`.
+                            Err(error) => tracing::warn!(error = %error, "could not save the audit log's start-up cache"),
+                        }
                     }
                     recorded_at = std::time::Instant::now();
                 }
@@ -754,7 +764,8 @@ mod tests {
             ("meta", |dir| flip(&super::dir(dir).join("meta"), 30)),
             ("a missing level", |dir| std::fs::remove_file(super::dir(dir).join("level-01.hashes")).unwrap()),
             ("a shorter log, as from an older backup", |dir| {
-                // Cut the log back to its first 90 entries.
+                // Cut the log back to its first 90 entries. A restored backup has no durable mark.
+                std::fs::remove_file(dir.join("durable")).unwrap();
                 let file = std::fs::OpenOptions::new().write(true).open(AuditLog::path(dir)).unwrap();
                 let offsets = std::fs::read(super::dir(dir).join("offsets")).unwrap();
                 let offset = u64::from_le_bytes(offsets[8 * 90..8 * 91].try_into().unwrap());

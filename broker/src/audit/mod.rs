@@ -4,10 +4,13 @@
 //!   varint integers, length-prefixed strings and sequences, no maps and no floats in our types), prefixed with a
 //!   format version byte; protobuf is not used because it has no canonical form. The encoded bytes are what the
 //!   Merkle tree hashes.
-//! - [`AuditLog`] appends entries to `audit/entries.log` (an [`AppendLog`]) and makes them durable before it
-//!   returns; [`crate::store`] calls it first in every group commit, so an entry is durable before the action it
-//!   records is acknowledged or delivered (DESIGN.md invariant 4). If the log cannot be written the commit fails
-//!   and nothing is shared (fail closed).
+//! - [`AuditLog`] appends entries to `audit/entries.log` (an [`AppendLog`]). In every group commit
+//!   [`crate::store`] writes them there and carries the same bytes in its journal record, whose `fdatasync` makes
+//!   them durable, so an entry is durable before the action it records is acknowledged or delivered (DESIGN.md
+//!   invariant 4) at the cost of one `fdatasync` per commit, not two. `entries.log` itself is made durable every
+//!   ten seconds and at close, and the point it is durable to is recorded in `audit/durable` ([`Durability`]); on
+//!   open, a tail past that point that did not survive is cut off and put back from the journal
+//!   ([`AuditLog::repair`]). If the log cannot be written the commit fails and nothing is shared (fail closed).
 //! - The Merkle tree and the auditors' index are derived from the log and held in memory; [`cache`] saves them so
 //!   that a start reads only the entries written since the last save, not the whole log.
 //! - [`Pseudonymiser`] turns a child's identifiers into a keyed pseudonym (HMAC-SHA-256 under a broker-held key with
@@ -19,7 +22,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::store::log::{AppendLog, LogError};
+use crate::store::log::{AppendLog, LogError, SyncHandle, Tail};
 
 pub mod cache;
 pub mod checkpoint;
@@ -30,6 +33,7 @@ pub mod merkle;
 pub mod query;
 pub mod verify;
 
+use crate::store::log::Keep;
 use merkle::MerkleTree;
 
 /// The Merkle tree, shared between the committer (the only writer) and readers.
@@ -52,6 +56,15 @@ pub enum AuditError {
     Checkpoints(String),
     #[error("the thread reading the audit log stopped unexpectedly")]
     Stopped,
+    #[error(
+        "audit entry {sequence} in the journal differs from the one in `entries.log` (entries before the durable point \
+         in `audit/durable` are never rewritten; see ARCHITECTURE.md, \"Durability\")"
+    )]
+    JournalDisagrees { sequence: u64 },
+    #[error("`entries.log` lacks entries {from} to {to}, which the journal needs but does not carry")]
+    Missing { from: u64, to: u64 },
+    #[error("`{path}` is damaged: {reason}")]
+    DurableMark { path: PathBuf, reason: String },
 }
 
 /// What happened.
@@ -235,8 +248,21 @@ impl AuditLog {
     /// Opens the log under `dir`: loads the start-up cache if it agrees with the log (see [`cache`]), then reads
     /// every entry after it (all of them without a cache), checking each decodes and that sequence numbers run on
     /// without a gap.
+    ///
+    /// Entries before the durable point recorded in `audit/durable` must read back whole (damage there is an
+    /// error); after it, the first entry that does not read back (torn, a hole of zeros, a bad checksum, the wrong
+    /// sequence number) ends the log and is cut off with everything after it: those bytes were never made durable
+    /// here, and the store puts back from the journal every entry that was acknowledged ([`AuditLog::repair`]).
+    /// Without `audit/durable` (a log written by a broker that made every entry durable at once, or restored from a
+    /// backup) only a torn last record is cut off, as before. Opening makes what it kept durable and records that
+    /// as the new durable point.
     pub fn open(dir: &Path) -> Result<Self, AuditError> {
         let path = Self::path(dir);
+        // Where damage stops being an error and ends the log instead.
+        let (tail, lenient_from) = match read_durable_mark(dir)? {
+            Some(durable_to) => (Tail::DurableTo(durable_to), durable_to),
+            None => (Tail::TornOnly, u64::MAX),
+        };
         let (mut tree, mut memory_index, scan_from, mut saved, fresh) = match cache::load(dir, &path) {
             Ok(loaded) => {
                 let saved = cache::Saved::from_meta(&loaded.meta);
@@ -260,17 +286,19 @@ impl AuditLog {
         let from_cache = tree.size();
         let mut next_sequence = from_cache;
         let mut problem = None;
-        let (log, recovery) = AppendLog::open(&path, scan_from, |offset, bytes| {
-            tree.push(bytes);
+        let (mut log, recovery) = AppendLog::open_until(&path, scan_from, tail, |offset, bytes| {
             if problem.is_none() {
                 match AuditEntry::decode(bytes) {
                     Ok(entry) if entry.sequence == next_sequence => memory_index.add(&entry, next_sequence, offset),
+                    // Past the durable point: bytes never made durable (see above).
+                    _ if offset >= lenient_from => return Ok(Keep::No),
                     Ok(entry) => {
                         problem = Some(AuditError::OutOfSequence { position: next_sequence, found: entry.sequence })
                     }
                     Err(reason) => problem = Some(AuditError::Malformed { sequence: next_sequence, reason }),
                 }
             }
+            tree.push(bytes);
             next_sequence += 1;
             // Reading a long log, write the cache as it grows (its postings would otherwise all wait in memory).
             if next_sequence % 65_536 == 0
@@ -282,13 +310,28 @@ impl AuditLog {
                     tracing::warn!(error = %error, "cannot write the audit log's start-up cache");
                 }
             }
-            Ok(())
+            Ok(Keep::Yes)
         })?;
         if let Some(problem) = problem {
             return Err(problem);
         }
-        let cache = files.and_then(|files| match cache::Writer::start(files) {
-            Ok(writer) => Some(writer),
+        if recovery.truncated_bytes > 0 {
+            tracing::warn!(
+                bytes = recovery.truncated_bytes,
+                "the audit log's tail past its durable point was cut off; the journal puts back what was acknowledged"
+            );
+        }
+        // What was kept may still be only in the page cache (after the process, not the machine, stopped).
+        log.sync()?;
+        write_durable_mark(dir, log.len())?;
+        let cache = files.and_then(|files| match log.sync_handle() {
+            Ok(log_sync) => match cache::Writer::start(files, log_sync) {
+                Ok(writer) => Some(writer),
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot start the audit log's start-up cache thread");
+                    None
+                }
+            },
             Err(error) => {
                 tracing::warn!(error = %error, "cannot start the audit log's start-up cache thread");
                 None
@@ -371,7 +414,9 @@ impl AuditLog {
         self.index.clone()
     }
 
-    /// Assigns sequence numbers, appends and makes the entries durable; returns their sequence numbers.
+    /// Assigns sequence numbers, appends and makes the entries durable (and records that in `audit/durable`);
+    /// returns their sequence numbers. For tools and tests: the broker's store writes entries with
+    /// [`AuditLog::write`] and makes them durable in its journal.
     pub fn append(&mut self, entries: Vec<AuditEntry>) -> Result<Vec<u64>, AuditError> {
         Ok(self.append_located(entries)?.into_iter().map(|(sequence, _)| sequence).collect())
     }
@@ -381,13 +426,15 @@ impl AuditLog {
     pub fn append_located(&mut self, entries: Vec<AuditEntry>) -> Result<Vec<(u64, u64)>, AuditError> {
         let written = self.write(entries)?;
         self.log.sync()?;
+        write_durable_mark(&self.dir, self.log.len())?;
         Ok(self.publish(written))
     }
 
     /// The first half of [`AuditLog::append`]: assigns sequence numbers and writes the entries, without making them
     /// durable. Nothing else may be written before [`AuditLog::publish`] is called with the result, and that only
-    /// once the entries are durable (through [`AuditLog::sync_handle`]). Lets the store make the audit log and its
-    /// journal durable at the same time.
+    /// once the entries are durable: the store copies [`Written::encoded`] into its journal record and makes that
+    /// durable (one `fdatasync` per commit); `entries.log` itself is made durable later ([`Durability`]) and
+    /// repaired from the journal on open ([`AuditLog::repair`]).
     pub fn write(&mut self, mut entries: Vec<AuditEntry>) -> Result<Written, AuditError> {
         let first = self.next_sequence;
         let mut encoded = Vec::with_capacity(entries.len());
@@ -414,9 +461,47 @@ impl AuditLog {
         Ok(())
     }
 
-    /// A handle that makes everything written to the log durable, usable from another thread.
-    pub fn sync_handle(&self) -> Result<crate::store::log::SyncHandle, AuditError> {
-        Ok(self.log.sync_handle()?)
+    /// What makes the log durable from another thread and records how far it is (see [`Durability`]).
+    pub fn durability(&self) -> Result<Durability, AuditError> {
+        Ok(Durability { log: self.log.sync_handle()?, dir: self.dir.clone() })
+    }
+
+    /// Puts back entries the journal carries (their encodings, from sequence number `first` on) that the log lost
+    /// past its durable point (see [`AuditLog::open`]); returns how many were put back. Entries the log already
+    /// holds must have exactly the same bytes (compared by leaf hash), and none may be missing before them. For
+    /// opening only: the caller makes the log durable (the store checkpoints after replay) before anything reads
+    /// what was put back.
+    pub fn repair(&mut self, first: u64, encoded: Vec<Vec<u8>>) -> Result<u64, AuditError> {
+        let mut entries = Vec::new();
+        let mut missing = Vec::new();
+        for (sequence, bytes) in (first..).zip(encoded) {
+            let next = self.next_sequence + missing.len() as u64;
+            if sequence < self.next_sequence {
+                let held = match self.tree.read() {
+                    Ok(tree) => tree.leaf_hash_at(sequence),
+                    Err(poisoned) => poisoned.into_inner().leaf_hash_at(sequence),
+                };
+                if held != Some(merkle::leaf_hash(&bytes)) {
+                    return Err(AuditError::JournalDisagrees { sequence });
+                }
+            } else if sequence == next {
+                let entry = AuditEntry::decode(&bytes).map_err(|reason| AuditError::Malformed { sequence, reason })?;
+                if entry.sequence != sequence {
+                    return Err(AuditError::OutOfSequence { position: sequence, found: entry.sequence });
+                }
+                entries.push(entry);
+                missing.push(bytes);
+            } else {
+                return Err(AuditError::Missing { from: next, to: sequence - 1 });
+            }
+        }
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let offsets = self.log.append(missing.iter().map(Vec::as_slice))?;
+        let repaired = missing.len() as u64;
+        self.publish(Written { entries, encoded: missing, offsets });
+        Ok(repaired)
     }
 
     /// The second half of [`AuditLog::append`]: the written entries, now durable, join the tree that checkpoints and
@@ -475,9 +560,81 @@ impl Written {
         self.entries.len()
     }
 
+    /// The entries' encodings, in sequence order (what the tree hashes and the store copies into the journal).
+    pub fn encoded(&self) -> &[Vec<u8>] {
+        &self.encoded
+    }
+
+    /// The first entry's sequence number (if there are any).
+    pub fn first_sequence(&self) -> Option<u64> {
+        self.entries.first().map(|entry| entry.sequence)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
+
+/// The file under the audit directory that records how far `entries.log` is known to be durable.
+const DURABLE_MARK: &str = "durable";
+const DURABLE_MARK_MAGIC: &[u8; 8] = b"SGAUDD01";
+
+/// Makes `entries.log` durable from another thread and then records how far it is (the store's checkpointer, every
+/// ten seconds and at close; see [`crate::store`]). Between two such points the audit log's newest entries are
+/// durable only in the journal, which carries them.
+pub struct Durability {
+    log: SyncHandle,
+    dir: PathBuf,
+}
+
+impl Durability {
+    /// `fdatasync`s `entries.log`, then records `up_to` (a record boundary no later than what was written before
+    /// this call) as its durable point.
+    pub fn make_durable(&self, up_to: u64) -> Result<(), AuditError> {
+        self.log.sync()?;
+        write_durable_mark(&self.dir, up_to)
+    }
+}
+
+/// The recorded durable point of `entries.log`, if any.
+fn read_durable_mark(dir: &Path) -> Result<Option<u64>, AuditError> {
+    let path = dir.join(DURABLE_MARK);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(LogError::Io { path, source }.into()),
+    };
+    let damaged = |reason: &str| AuditError::DurableMark { path: path.clone(), reason: reason.to_owned() };
+    let (Some(magic), Some(offset), Some(crc)) = (bytes.get(..8), bytes.get(8..16), bytes.get(16..20)) else {
+        return Err(damaged("too short"));
+    };
+    if bytes.len() != 20 || magic != DURABLE_MARK_MAGIC {
+        return Err(damaged("not a durable mark of this format"));
+    }
+    if crc32fast::hash(&bytes[..16]).to_le_bytes() != crc {
+        return Err(damaged("checksum mismatch"));
+    }
+    let mut value = [0u8; 8];
+    value.copy_from_slice(offset);
+    Ok(Some(u64::from_le_bytes(value)))
+}
+
+/// Records `offset` as the durable point of `entries.log` (write, `fsync`, rename, `fsync` the folder).
+pub(crate) fn write_durable_mark(dir: &Path, offset: u64) -> Result<(), AuditError> {
+    let path = dir.join(DURABLE_MARK);
+    let temporary = dir.join("durable.new");
+    let mut bytes = DURABLE_MARK_MAGIC.to_vec();
+    bytes.extend_from_slice(&offset.to_le_bytes());
+    bytes.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
+    let written = (|| {
+        use std::io::Write as _;
+        let mut file = std::fs::File::create(&temporary)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, &path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    written.map_err(|source| LogError::Io { path, source }.into())
 }
 
 /// Keyed pseudonyms of children's identifiers.

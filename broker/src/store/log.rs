@@ -46,6 +46,19 @@ pub enum Keep {
     No,
 }
 
+/// How [`AppendLog::open_until`] treats a record it cannot read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tail {
+    /// For a file made durable after every batch: only a torn last record (a partial frame, or a bad checksum
+    /// running to the end of the file) is cut off; a bad frame followed by more data is corruption.
+    TornOnly,
+    /// For a file made durable only now and then (the audit log, whose entries are also in the journal): every
+    /// record before this byte offset was made durable and must read back whole (any bad frame there, or a file
+    /// shorter than this, is corruption); from it on, the first bad frame ends the log and it and everything after
+    /// it are cut off, since a power loss may leave unsynced bytes with holes (zeros) or stale data in them.
+    DurableTo(u64),
+}
+
 /// What [`AppendLog::open`] found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Recovery {
@@ -63,15 +76,17 @@ impl AppendLog {
         scan_from: u64,
         mut visit: impl FnMut(u64, &[u8]) -> Result<(), LogError>,
     ) -> Result<(Self, Recovery), LogError> {
-        Self::open_until(path, scan_from, |offset, payload| visit(offset, payload).map(|()| Keep::Yes))
+        Self::open_until(path, scan_from, Tail::TornOnly, |offset, payload| visit(offset, payload).map(|()| Keep::Yes))
     }
 
-    /// As [`AppendLog::open`], but `visit` may answer [`Keep::No`]: that record and every one after it are cut off
-    /// like a torn tail (counted in [`Recovery::truncated_bytes`]). For records written but never acknowledged,
-    /// which the caller can tell from what they need (see [`crate::store`]).
+    /// As [`AppendLog::open`], with the treatment of unreadable records given by `tail`, and `visit` may answer
+    /// [`Keep::No`]: that record and every one after it are cut off like a torn tail (counted in
+    /// [`Recovery::truncated_bytes`]). For records written but never acknowledged, which the caller can tell from
+    /// what they need (see [`crate::store`]).
     pub fn open_until(
         path: &Path,
         scan_from: u64,
+        tail: Tail,
         mut visit: impl FnMut(u64, &[u8]) -> Result<Keep, LogError>,
     ) -> Result<(Self, Recovery), LogError> {
         let io_err = |source| LogError::Io { path: path.to_owned(), source };
@@ -80,6 +95,19 @@ impl AppendLog {
         }
         let mut file = OpenOptions::new().read(true).append(true).create(true).open(path).map_err(io_err)?;
         let file_len = file.metadata().map_err(io_err)?.len();
+        let durable_to = match tail {
+            Tail::TornOnly => 0,
+            Tail::DurableTo(durable_to) => durable_to,
+        };
+        if file_len < durable_to {
+            return Err(LogError::Corrupt {
+                path: path.to_owned(),
+                offset: file_len,
+                reason: format!("the file is shorter than the {durable_to} bytes recorded as durable"),
+            });
+        }
+        let corrupt =
+            |offset, reason: &str| LogError::Corrupt { path: path.to_owned(), offset, reason: reason.to_owned() };
         let mut recovery = Recovery::default();
         let scan_from = scan_from.min(file_len);
         let mut reader = BufReader::with_capacity(1 << 20, &mut file);
@@ -97,20 +125,22 @@ impl AppendLog {
                     recovery.records += 1;
                     offset += HEADER_BYTES + payload.len() as u64;
                 }
+                Ok(Frame::Torn) if offset < durable_to => {
+                    return Err(corrupt(offset, "a record made durable is incomplete"));
+                }
+                Ok(Frame::BadChecksum { .. }) if offset < durable_to => {
+                    return Err(corrupt(offset, "checksum mismatch in a record made durable"));
+                }
                 Ok(Frame::Torn) => {
                     recovery.truncated_bytes = file_len - offset;
                     break;
                 }
                 Ok(Frame::BadChecksum { frame_len }) => {
-                    if offset + frame_len >= file_len {
+                    if offset + frame_len >= file_len || matches!(tail, Tail::DurableTo(_)) {
                         recovery.truncated_bytes = file_len - offset;
                         break;
                     }
-                    return Err(LogError::Corrupt {
-                        path: path.to_owned(),
-                        offset,
-                        reason: "checksum mismatch before the end of the file".to_owned(),
-                    });
+                    return Err(corrupt(offset, "checksum mismatch before the end of the file"));
                 }
                 Err(source) => return Err(io_err(source)),
             }
@@ -349,7 +379,7 @@ mod tests {
         let path = dir.path().join("log");
         let offsets = log_of_three(&path);
         let mut seen = Vec::new();
-        let (mut log, recovery) = AppendLog::open_until(&path, 0, |_, record| {
+        let (mut log, recovery) = AppendLog::open_until(&path, 0, Tail::TornOnly, |_, record| {
             seen.push(record.to_vec());
             Ok(if record == b"b" { Keep::No } else { Keep::Yes })
         })
@@ -361,5 +391,48 @@ mod tests {
         drop(log);
         let (_, records, _) = collect(&path);
         assert_eq!(records, vec![b"a".to_vec(), b"d".to_vec()]);
+    }
+
+    /// Past the durable point, a hole of zeros or a bad frame followed by more data ends the log (bytes never made
+    /// durable); before it, the same damage is corruption, and so is a file shorter than the durable point.
+    #[test]
+    fn past_the_durable_point_any_bad_frame_ends_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let offsets = log_of_three(&path);
+        let read = |tail| {
+            let mut seen = Vec::new();
+            AppendLog::open_until(&path, 0, tail, |_, record| {
+                seen.push(record.to_vec());
+                Ok(Keep::Yes)
+            })
+            .map(|(log, recovery)| (log.len(), recovery, seen))
+        };
+        // The middle record's checksum is damaged, with a whole record after it.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let original = bytes.clone();
+        bytes[offsets[1] as usize + HEADER_BYTES as usize] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(read(Tail::TornOnly), Err(LogError::Corrupt { .. })));
+        assert!(matches!(read(Tail::DurableTo(offsets[2])), Err(LogError::Corrupt { .. })));
+        let (len, recovery, seen) = read(Tail::DurableTo(offsets[1])).unwrap();
+        assert_eq!((len, seen), (offsets[1], vec![b"a".to_vec()]));
+        assert_eq!(recovery.truncated_bytes, 2 * (HEADER_BYTES + 1));
+        // A hole of zeros where the last record was, and a length running past the end of the file.
+        let mut holed = original.clone();
+        holed[offsets[2] as usize..].fill(0);
+        std::fs::write(&path, &holed).unwrap();
+        let (_, _, seen) = read(Tail::DurableTo(offsets[2])).unwrap();
+        assert_eq!(seen.last().unwrap(), &Vec::<u8>::new(), "zeros read as an empty record, for the caller to refuse");
+        let mut long = original.clone();
+        long[offsets[1] as usize] = 200;
+        std::fs::write(&path, &long).unwrap();
+        assert!(matches!(read(Tail::DurableTo(offsets[2])), Err(LogError::Corrupt { .. })));
+        std::fs::write(&path, &long).unwrap();
+        let (len, _, _) = read(Tail::DurableTo(offsets[1])).unwrap();
+        assert_eq!(len, offsets[1]);
+        // Shorter than the durable point.
+        std::fs::write(&path, &original[..offsets[2] as usize]).unwrap();
+        assert!(matches!(read(Tail::DurableTo(offsets[2] + 1)), Err(LogError::Corrupt { .. })));
     }
 }
