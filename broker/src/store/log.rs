@@ -103,7 +103,9 @@ impl AppendLog {
             return Err(LogError::Corrupt {
                 path: path.to_owned(),
                 offset: file_len,
-                reason: format!("the file is shorter than the {durable_to} bytes recorded as durable"),
+                reason: format!(
+                    "the file is shorter than the {durable_to} bytes recorded as durable (for the audit log, in `durable` beside it)"
+                ),
             });
         }
         let corrupt =
