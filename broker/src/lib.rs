@@ -120,6 +120,7 @@ pub async fn run(
     // The audit log (its Merkle tree and the auditors' index, from their start-up cache and the entries after it) is
     // read on its own thread while sled opens (which replays sled's own log); they share nothing.
     let opening = std::time::Instant::now();
+    let _data_dir_lock = store::lock_data_dir(&config.data_dir)?;
     let audit_dir = config.data_dir.join("audit");
     let reading_audit = std::thread::Builder::new()
         .name("audit-open".to_owned())

@@ -52,7 +52,6 @@ use super::{
     index::MemoryIndex,
     merkle::{Hash, MerkleTree, leaf_hash},
 };
-use crate::store::log::SyncHandle;
 
 /// How often the cache thread makes what it was handed durable and names it in `meta`. A start after a crash reads at
 /// most about this much of the log's tail besides the cache.
@@ -531,7 +530,7 @@ pub struct Writer {
 impl Writer {
     /// Starts the thread; `log` makes `entries.log` durable before each `meta` is recorded (the store makes new
     /// entries durable in its journal, and `entries.log` only now and then).
-    pub fn start(mut files: Files, log: SyncHandle) -> io::Result<Self> {
+    pub fn start(mut files: Files, log: super::LogSync) -> io::Result<Self> {
         let (deltas, received) = mpsc::channel::<Delta>();
         let thread = thread::Builder::new().name("audit-cache".to_owned()).spawn(move || {
             // Deltas are written as they come (each is small); they are made durable and named in `meta` at most
@@ -562,7 +561,8 @@ impl Writer {
                                     report(error);
                                 }
                             }
-                            // Not recorded: the entries `meta` would name may not be durable in `entries.log`.
+                            // Not recorded, now or later (a failed `fdatasync` of the log stops every later one,
+                            // see `LogSync`): the entries `meta` would name may not be durable in `entries.log`.
                             Err(error) => tracing::warn!(error = %error, "could not save the audit log's start-up cache"),
                         }
                     }

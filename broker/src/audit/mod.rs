@@ -65,6 +65,11 @@ pub enum AuditError {
     Missing { from: u64, to: u64 },
     #[error("`{path}` is damaged: {reason}")]
     DurableMark { path: PathBuf, reason: String },
+    #[error(
+        "an earlier fdatasync of the audit log failed: nothing more is recorded as durable until the broker restarts \
+         (which puts back from the journal what the log lost)"
+    )]
+    WriteBackFailed,
 }
 
 /// What happened.
@@ -238,6 +243,8 @@ pub struct AuditLog {
     last_save: std::time::Instant,
     /// Entries loaded from the start-up cache on open (the rest were read from the log).
     from_cache: u64,
+    /// Set once any `fdatasync` of `entries.log` failed (see [`LogSync`]).
+    write_back_failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AuditLog {
@@ -254,8 +261,8 @@ impl AuditLog {
     /// sequence number) ends the log and is cut off with everything after it: those bytes were never made durable
     /// here, and the store puts back from the journal every entry that was acknowledged ([`AuditLog::repair`]).
     /// Without `audit/durable` (a log written by a broker that made every entry durable at once, or restored from a
-    /// backup) only a torn last record is cut off, as before. Opening makes what it kept durable and records that
-    /// as the new durable point.
+    /// backup) only a torn last record is cut off, as before. Opening does not move the durable point: the store's
+    /// checkpoint after its replay does (so a failed start leaves the point where it was).
     pub fn open(dir: &Path) -> Result<Self, AuditError> {
         let path = Self::path(dir);
         // Where damage stops being an error and ends the log instead.
@@ -286,7 +293,7 @@ impl AuditLog {
         let from_cache = tree.size();
         let mut next_sequence = from_cache;
         let mut problem = None;
-        let (mut log, recovery) = AppendLog::open_until(&path, scan_from, tail, |offset, bytes| {
+        let (log, recovery) = AppendLog::open_until(&path, scan_from, tail, |offset, bytes| {
             if problem.is_none() {
                 match AuditEntry::decode(bytes) {
                     Ok(entry) if entry.sequence == next_sequence => memory_index.add(&entry, next_sequence, offset),
@@ -321,10 +328,8 @@ impl AuditLog {
                 "the audit log's tail past its durable point was cut off; the journal puts back what was acknowledged"
             );
         }
-        // What was kept may still be only in the page cache (after the process, not the machine, stopped).
-        log.sync()?;
-        write_durable_mark(dir, log.len())?;
-        let cache = files.and_then(|files| match log.sync_handle() {
+        let write_back_failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cache = files.and_then(|files| match LogSync::new(&log, &write_back_failed) {
             Ok(log_sync) => match cache::Writer::start(files, log_sync) {
                 Ok(writer) => Some(writer),
                 Err(error) => {
@@ -353,6 +358,7 @@ impl AuditLog {
             saved,
             last_save: std::time::Instant::now(),
             from_cache,
+            write_back_failed,
         })
     }
 
@@ -425,7 +431,7 @@ impl AuditLog {
     /// query indexes point at).
     pub fn append_located(&mut self, entries: Vec<AuditEntry>) -> Result<Vec<(u64, u64)>, AuditError> {
         let written = self.write(entries)?;
-        self.log.sync()?;
+        self.sync()?;
         write_durable_mark(&self.dir, self.log.len())?;
         Ok(self.publish(written))
     }
@@ -449,7 +455,14 @@ impl AuditLog {
 
     /// Makes everything written durable.
     pub fn sync(&mut self) -> Result<(), AuditError> {
-        Ok(self.log.sync()?)
+        use std::sync::atomic::Ordering;
+        if self.write_back_failed.load(Ordering::Acquire) {
+            return Err(AuditError::WriteBackFailed);
+        }
+        self.log.sync().map_err(|error| {
+            self.write_back_failed.store(true, Ordering::Release);
+            error.into()
+        })
     }
 
     /// Takes back entries written but not made durable (their `fdatasync` failed): the log is cut back to where they
@@ -463,7 +476,7 @@ impl AuditLog {
 
     /// What makes the log durable from another thread and records how far it is (see [`Durability`]).
     pub fn durability(&self) -> Result<Durability, AuditError> {
-        Ok(Durability { log: self.log.sync_handle()?, dir: self.dir.clone() })
+        Ok(Durability { log: LogSync::new(&self.log, &self.write_back_failed)?, dir: self.dir.clone() })
     }
 
     /// Puts back entries the journal carries (their encodings, from sequence number `first` on) that the log lost
@@ -474,7 +487,10 @@ impl AuditLog {
     pub fn repair(&mut self, first: u64, encoded: Vec<Vec<u8>>) -> Result<u64, AuditError> {
         let mut entries = Vec::new();
         let mut missing = Vec::new();
-        for (sequence, bytes) in (first..).zip(encoded) {
+        for (index, bytes) in encoded.into_iter().enumerate() {
+            let Some(sequence) = first.checked_add(index as u64) else {
+                return Err(AuditError::Malformed { sequence: first, reason: "sequence numbers overflow".to_owned() });
+            };
             let next = self.next_sequence + missing.len() as u64;
             if sequence < self.next_sequence {
                 let held = match self.tree.read() {
@@ -579,11 +595,45 @@ impl Written {
 const DURABLE_MARK: &str = "durable";
 const DURABLE_MARK_MAGIC: &[u8; 8] = b"SGAUDD01";
 
+/// Makes `entries.log` durable from a thread other than the committer's (the store's checkpointer, the start-up
+/// cache's thread). Each has an open file of its own, so each is told of a failed write-back; and all of one log's
+/// share one flag with [`AuditLog::sync`]: once any `fdatasync` of the log has failed, none of them succeeds again
+/// until a restart. (Linux reports a failed write-back once and then marks the pages clean, so a later `fdatasync`
+/// can succeed although entries were lost; the journal still holds them, and the next start puts them back, but
+/// only if nothing recorded them as durable meanwhile.)
+pub struct LogSync {
+    handle: SyncHandle,
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LogSync {
+    fn new(log: &AppendLog, failed: &std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<Self, LogError> {
+        Ok(Self { handle: log.sync_handle()?, failed: failed.clone() })
+    }
+
+    pub fn sync(&self) -> Result<(), AuditError> {
+        use std::sync::atomic::Ordering;
+        if self.failed.load(Ordering::Acquire) {
+            return Err(AuditError::WriteBackFailed);
+        }
+        self.handle.sync().map_err(|error| {
+            self.failed.store(true, Ordering::Release);
+            error.into()
+        })
+    }
+
+    /// As if an `fdatasync` had failed (tests of what must then stop).
+    #[cfg(test)]
+    pub fn fail(&self) {
+        self.failed.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// Makes `entries.log` durable from another thread and then records how far it is (the store's checkpointer, every
-/// ten seconds and at close; see [`crate::store`]). Between two such points the audit log's newest entries are
-/// durable only in the journal, which carries them.
+/// ten seconds, after its replay on open and at close; see [`crate::store`]). Between two such points the audit
+/// log's newest entries are durable only in the journal, which carries them.
 pub struct Durability {
-    log: SyncHandle,
+    log: LogSync,
     dir: PathBuf,
 }
 
@@ -594,10 +644,16 @@ impl Durability {
         self.log.sync()?;
         write_durable_mark(&self.dir, up_to)
     }
+
+    /// As if an `fdatasync` of the log had failed (tests).
+    #[cfg(test)]
+    pub fn fail(&self) {
+        self.log.fail();
+    }
 }
 
 /// The recorded durable point of `entries.log`, if any.
-fn read_durable_mark(dir: &Path) -> Result<Option<u64>, AuditError> {
+pub(crate) fn read_durable_mark(dir: &Path) -> Result<Option<u64>, AuditError> {
     let path = dir.join(DURABLE_MARK);
     let bytes = match std::fs::read(&path) {
         Ok(bytes) => bytes,

@@ -1,13 +1,17 @@
-//! An append-only file of framed records, written in batches and made durable with one `fdatasync` per batch.
+//! An append-only file of framed records, written in batches and made durable with `fdatasync`.
 //!
-//! Frame: `len: u32 LE | crc32(payload): u32 LE | payload`. The broker keeps two such files: the state journal
-//! (`journal.log`, the source of truth for queues and message state, see [`super::Store`]) and the audit log
-//! (`audit/entries.log`, see [`crate::audit`]).
+//! Frame: `len: u32 LE | crc32(payload): u32 LE | payload`. The broker keeps such files: the state journal
+//! (`journal.log`, the source of truth for queues and message state, made durable after every batch, see
+//! [`super::Store`]), the audit log (`audit/entries.log`, see [`crate::audit`], made durable only now and then: its
+//! newest entries are durable in the journal) and the signed checkpoints.
 //!
-//! A crash can leave a torn last record (a partial frame, or a frame whose checksum fails and that runs to the end
-//! of the file). Opening the file truncates such a tail: it was never acknowledged, because acknowledgement waits for
-//! the `fdatasync` that follows a complete write. A bad frame followed by more data is corruption, not a torn write,
-//! and opening fails with [`LogError::Corrupt`].
+//! How opening treats a record it cannot read is the caller's choice ([`Tail`]). For a file made durable after every
+//! batch ([`Tail::TornOnly`]): a crash can leave a torn last record (a partial frame, or a frame whose checksum fails
+//! and that runs to the end of the file), which opening truncates (it was never acknowledged, because acknowledgement
+//! waits for the `fdatasync` that follows a complete write), while a bad frame followed by more data is corruption,
+//! not a torn write, and opening fails with [`LogError::Corrupt`]. For a file made durable only up to a recorded
+//! point ([`Tail::DurableTo`]), any bad frame before that point is corruption, and the first one after it ends the
+//! log.
 
 use std::{
     fs::{File, OpenOptions},
@@ -81,8 +85,9 @@ impl AppendLog {
 
     /// As [`AppendLog::open`], with the treatment of unreadable records given by `tail`, and `visit` may answer
     /// [`Keep::No`]: that record and every one after it are cut off like a torn tail (counted in
-    /// [`Recovery::truncated_bytes`]). For records written but never acknowledged, which the caller can tell from
-    /// what they need (see [`crate::store`]).
+    /// [`Recovery::truncated_bytes`]). For records the caller can tell were never acknowledged (see
+    /// [`crate::store`]), or were never made durable in this file (the audit log's tail past its durable point,
+    /// which the journal puts back).
     pub fn open_until(
         path: &Path,
         scan_from: u64,
@@ -199,18 +204,23 @@ impl AppendLog {
     }
 
     /// Cuts the log back to `len` bytes (a record boundary at or before its end): records written but never made
-    /// durable, after a failed `fdatasync`, so that the next batch does not follow them.
+    /// durable, after a failed `fdatasync`, so that the next batch does not follow them. The cut is made durable
+    /// before this returns: another thread's `fdatasync` may have made the records durable meanwhile, and the next
+    /// batch, written in their place, must never be followed by what is left of them after a power loss.
     pub fn truncate(&mut self, len: u64) -> Result<(), LogError> {
         let len = len.min(self.len);
-        self.file.set_len(len).map_err(|source| LogError::Io { path: self.path.clone(), source })?;
+        let io_err = |source| LogError::Io { path: self.path.clone(), source };
+        self.file.set_len(len).map_err(io_err)?;
         self.len = len;
-        Ok(())
+        self.file.sync_all().map_err(io_err)
     }
 
     /// A second handle on the file, for making it durable from another thread (`sync_data` on it covers everything
-    /// written through this one).
+    /// written through this one). It opens the file again rather than duplicating this handle, so that it is an open
+    /// file of its own: Linux reports a failed write-back once to each open file, and a duplicate would share (and
+    /// could use up) this one's report.
     pub fn sync_handle(&self) -> Result<SyncHandle, LogError> {
-        let file = self.file.try_clone().map_err(|source| LogError::Io { path: self.path.clone(), source })?;
+        let file = File::open(&self.path).map_err(|source| LogError::Io { path: self.path.clone(), source })?;
         Ok(SyncHandle { file, path: self.path.clone() })
     }
 }

@@ -88,6 +88,8 @@ pub enum StoreError {
     CommitFailed { message: String, disk_full: bool },
     #[error("the storage thread has stopped")]
     Stopped,
+    #[error("`{0}` is in use by another broker process (it holds `broker.lock` there)")]
+    InUse(PathBuf),
 }
 
 impl StoreError {
@@ -328,12 +330,10 @@ impl Store {
             applied: applied.clone(),
             audit_written: audit_written.clone(),
             audit: audit.durability()?,
-            failed: std::sync::atomic::AtomicBool::new(false),
         });
-        if replayed > 0 {
-            // What was replayed (and put back into the audit log) need not be replayed again.
-            checkpointer.checkpoint()?;
-        }
+        // What was replayed (and put back into the audit log) need not be replayed again, and the audit log's
+        // durable point moves to what it now holds (`AuditLog::open` leaves it alone).
+        checkpointer.checkpoint()?;
         let journal_path = data_dir.join("journal.log");
         let journal_reader =
             std::fs::File::open(&journal_path).map_err(|source| LogError::Io { path: journal_path.clone(), source })?;
@@ -492,6 +492,21 @@ impl Store {
     }
 }
 
+/// Takes the data directory for this process (an exclusive `flock` on `broker.lock` in it), before anything in it
+/// is opened: a second broker on the same folder would otherwise cut off what it takes for the live one's torn
+/// tails, and write over its files. Held while the returned file is open.
+pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, StoreError> {
+    let path = data_dir.join("broker.lock");
+    let io_err = |source| StoreError::Log(LogError::Io { path: path.clone(), source });
+    std::fs::create_dir_all(data_dir).map_err(io_err)?;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse(data_dir.to_owned())),
+        Err(std::fs::TryLockError::Error(error)) => Err(io_err(error)),
+    }
+}
+
 fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
     let array: [u8; 8] = bytes.try_into().map_err(|_| StoreError::Decode("bad journal offset".to_owned()))?;
     Ok(u64::from_be_bytes(array))
@@ -532,11 +547,10 @@ struct Checkpointer {
     applied: Arc<std::sync::atomic::AtomicU64>,
     /// How long `entries.log` was when `applied` was last updated (updated just before it).
     audit_written: Arc<std::sync::atomic::AtomicU64>,
+    /// Once making `entries.log` durable has failed, it fails every time until a restart ([`crate::audit::LogSync`]),
+    /// so no checkpoint is recorded again: the next start replays the journal from the last one and puts back
+    /// whatever `entries.log` lacks.
     audit: crate::audit::Durability,
-    /// Set when making `entries.log` durable failed. A later `fdatasync` may succeed without the pages the failed
-    /// one lost (Linux reports a writeback error once), so no checkpoint is recorded again until a restart, which
-    /// replays the journal from the last one and puts back whatever `entries.log` lacks.
-    failed: std::sync::atomic::AtomicBool,
 }
 
 impl Checkpointer {
@@ -547,18 +561,9 @@ impl Checkpointer {
     /// until then the previous one stands, which only means replaying a little more.
     fn checkpoint(&self) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering;
-        if self.failed.load(Ordering::Acquire) {
-            return Err(StoreError::CommitFailed {
-                message: "an earlier fdatasync of the audit log failed; checkpoints stop until a restart".to_owned(),
-                disk_full: false,
-            });
-        }
         let applied = self.applied.load(Ordering::Acquire);
         let audit_written = self.audit_written.load(Ordering::Acquire);
-        if let Err(error) = self.audit.make_durable(audit_written) {
-            self.failed.store(true, Ordering::Release);
-            return Err(error.into());
-        }
+        self.audit.make_durable(audit_written)?;
         self.db.flush()?;
         sync_sled_files(&self.index_dir)?;
         self.db.insert(JOURNAL_APPLIED_KEY, &applied.to_be_bytes())?;
@@ -891,6 +896,11 @@ mod tests {
     /// of the second group's entries there (given the log's bytes and where the second group starts).
     /// Returns the bytes `entries.log` had with all three entries.
     async fn after_power_loss(dir: &Path, damage: impl FnOnce(&mut Vec<u8>, usize)) -> Vec<u8> {
+        after_power_loss_of(dir, vec![Write::Put(b"k/2".to_vec(), b"two".to_vec())], damage).await
+    }
+
+    /// As [`after_power_loss`], with the second group's state writes given (none: a group of audit entries only).
+    async fn after_power_loss_of(dir: &Path, writes: Vec<Write>, damage: impl FnOnce(&mut Vec<u8>, usize)) -> Vec<u8> {
         let store = open(dir);
         store
             .commit(Commit { audit: vec![entry("m1")], writes: vec![Write::Put(b"k/1".to_vec(), b"one".to_vec())] })
@@ -903,17 +913,15 @@ mod tests {
         let durable = std::fs::metadata(AuditLog::path(&audit_dir)).unwrap().len();
 
         let store = open(dir);
-        let second = Commit {
-            audit: vec![entry("m2"), entry("m2")],
-            writes: vec![Write::Put(b"k/2".to_vec(), b"two".to_vec())],
-        };
+        let second = Commit { audit: vec![entry("m2"), entry("m2")], writes };
         assert_eq!(store.commit(second).await.unwrap(), vec![1, 2]);
         store.close();
         drop(store);
         restore_index(dir, &saved);
         crate::audit::write_durable_mark(&audit_dir, durable).unwrap();
-        // The start-up cache, saved at close, names the second group's entries: it makes `entries.log` durable before
-        // it does, so a power loss would have left it at or before the durable point.
+        // The start-up cache was saved at close, after the second group's entries were made durable, so it names them.
+        // In a power loss that loses them it could not (it makes `entries.log` durable before it records `meta`), so
+        // it goes here with them.
         std::fs::remove_dir_all(crate::audit::cache::dir(&audit_dir)).unwrap();
         let original = std::fs::read(AuditLog::path(&audit_dir)).unwrap();
         let mut bytes = original.clone();
@@ -935,11 +943,16 @@ mod tests {
             let half = (bytes.len() - durable) / 2;
             bytes[durable..durable + half].fill(0);
         };
+        let another_sequence: fn(&mut Vec<u8>, usize) = |bytes, durable| {
+            bytes.truncate(durable);
+            bytes.extend_from_slice(&frame(&AuditEntry { sequence: 7, ..entry("m2") }));
+        };
         for (what, damage) in [
             ("both lost", lost_both),
             ("one lost, one torn", lost_half),
             ("zeros", zeros),
             ("a hole, then an entry", zeros_then_second),
+            ("a whole entry with another sequence number", another_sequence),
         ] {
             let dir = tempfile::tempdir().unwrap();
             let original = after_power_loss(dir.path(), damage).await;
@@ -949,6 +962,11 @@ mod tests {
             let (store, report) = Store::open(dir.path(), audit, 1024 * 1024).unwrap();
             assert_eq!(report.audit_entries, 3, "{what}");
             assert_eq!(std::fs::read(&audit_path).unwrap(), original, "{what}: the same entries at the same places");
+            assert_eq!(
+                crate::audit::read_durable_mark(&dir.path().join("audit")).unwrap(),
+                Some(original.len() as u64),
+                "{what}: what was put back was made durable and recorded so"
+            );
             assert_eq!(store.get(b"k/2").unwrap(), Some(b"two".to_vec()), "{what}");
             let next =
                 Commit { audit: vec![entry("m3")], writes: vec![Write::Put(b"k/3".to_vec(), b"three".to_vec())] };
@@ -961,8 +979,70 @@ mod tests {
         }
     }
 
-    /// Damage before the durable point is an error, and so is an entry past it that differs from the one the journal
-    /// carries, or a gap the journal cannot fill: never silently dropped or replaced.
+    /// A group of audit entries alone (no state writes) is carried in a journal record of its own, and put back
+    /// from it.
+    #[tokio::test]
+    async fn an_audit_only_group_lost_past_the_durable_point_is_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let original = after_power_loss_of(dir.path(), Vec::new(), |bytes, durable| bytes.truncate(durable)).await;
+        let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
+        assert_eq!(audit.len(), 1);
+        let (store, report) = Store::open(dir.path(), audit, 1024 * 1024).unwrap();
+        assert_eq!(report.audit_entries, 3);
+        assert_eq!(std::fs::read(AuditLog::path(&dir.path().join("audit"))).unwrap(), original);
+        store.close();
+    }
+
+    /// Once an `fdatasync` of `entries.log` has failed, neither the durable point nor the start-up cache moves
+    /// again (a later `fdatasync` could succeed without the lost pages), while commits go on, durable in the journal.
+    #[tokio::test]
+    async fn after_a_failed_audit_sync_nothing_more_is_recorded_as_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit_dir = dir.path().join("audit");
+        let store = open(dir.path());
+        store.commit(Commit { audit: vec![entry("m1")], writes: Vec::new() }).await.unwrap();
+        store.close();
+        drop(store);
+        let mark = crate::audit::read_durable_mark(&audit_dir).unwrap();
+        assert_eq!(mark, Some(std::fs::metadata(AuditLog::path(&audit_dir)).unwrap().len()));
+
+        let store = open(dir.path());
+        store.commit(Commit { audit: vec![entry("m2")], writes: Vec::new() }).await.unwrap();
+        store.inner.checkpointer.audit.fail();
+        let sequences = store.commit(Commit { audit: vec![entry("m3")], writes: Vec::new() }).await.unwrap();
+        assert_eq!(sequences, vec![2], "commits go on");
+        assert!(store.inner.checkpointer.checkpoint().is_err());
+        store.close();
+        drop(store);
+        assert_eq!(crate::audit::read_durable_mark(&audit_dir).unwrap(), mark, "the durable point stayed");
+        let audit = AuditLog::open(&audit_dir).unwrap();
+        assert_eq!(audit.from_cache(), 1, "the start-up cache stayed at its last save");
+        assert_eq!(audit.len(), 3);
+    }
+
+    /// A second broker on a data directory in use is refused before it opens anything there; the folder is free
+    /// again once the first lets go.
+    #[test]
+    fn a_data_directory_in_use_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_data_dir(dir.path()).unwrap();
+        assert!(matches!(lock_data_dir(dir.path()), Err(StoreError::InUse(_))));
+        drop(held);
+        lock_data_dir(dir.path()).unwrap();
+    }
+
+    /// A record as `entries.log` frames it.
+    fn frame(entry: &AuditEntry) -> Vec<u8> {
+        let encoded = entry.encode().unwrap();
+        let mut bytes = (encoded.len() as u32).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&crc32fast::hash(&encoded).to_le_bytes());
+        bytes.extend_from_slice(&encoded);
+        bytes
+    }
+
+    /// Damage before the durable point is an error (a bad checksum, an entry with the wrong sequence number), and
+    /// so is an entry past it that differs from the one the journal carries, or a gap the journal cannot fill: never
+    /// silently dropped or replaced.
     #[tokio::test]
     async fn audit_damage_the_journal_cannot_explain_stops_the_open() {
         let dir = tempfile::tempdir().unwrap();
@@ -970,13 +1050,20 @@ mod tests {
         assert!(AuditLog::open(&dir.path().join("audit")).is_err(), "damage before the durable point");
 
         let dir = tempfile::tempdir().unwrap();
+        let wrong = frame(&AuditEntry { sequence: 5, ..entry("m1") });
+        let wrong_len = wrong.len() as u64;
+        after_power_loss(dir.path(), |bytes, durable| {
+            bytes.splice(..durable, wrong);
+        })
+        .await;
+        crate::audit::write_durable_mark(&dir.path().join("audit"), wrong_len).unwrap();
+        let error = AuditLog::open(&dir.path().join("audit")).err().unwrap();
+        assert!(matches!(error, AuditError::OutOfSequence { position: 0, found: 5 }), "{error}");
+
+        let dir = tempfile::tempdir().unwrap();
         after_power_loss(dir.path(), |bytes, durable| {
             bytes.truncate(durable);
-            let other = AuditEntry { sequence: 1, message_id: "another".to_owned(), ..AuditEntry::default() };
-            let encoded = other.encode().unwrap();
-            bytes.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(&crc32fast::hash(&encoded).to_le_bytes());
-            bytes.extend_from_slice(&encoded);
+            bytes.extend_from_slice(&frame(&AuditEntry { sequence: 1, ..entry("another") }));
         })
         .await;
         let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
