@@ -28,7 +28,9 @@
 //! those it holds are the same bytes). So a crash can leave a recorded decision whose message was never stored (the
 //! sender got no answer and retries), but never a stored message without its decision.
 //! The checkpointer makes `entries.log` durable *before* it records how far sled has got, so the entries of every
-//! record before the replay point are durable in `entries.log` and replay needs only the records after it.
+//! record before the replay point are durable in `entries.log` and replay needs only the records after it. Once an
+//! `fdatasync` of `entries.log` has failed, nothing records it as durable again until a restart
+//! ([`crate::audit::LogSync`]), so the replay point stays before every entry that might have been lost.
 //! Carrying the entries cost the journal their bytes a second time; it saved the second device flush on every
 //! commit's path (two `fdatasync`s issued together took a median 288 µs against 180 µs for one; PERFORMANCE.md).
 //! Records written by an older broker, which made both files durable on every commit, start with
