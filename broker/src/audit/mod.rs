@@ -325,7 +325,7 @@ impl AuditLog {
         if recovery.truncated_bytes > 0 {
             tracing::warn!(
                 bytes = recovery.truncated_bytes,
-                "the audit log's tail past its durable point was cut off; the journal puts back what was acknowledged"
+                "the audit log's torn or unsynced tail was cut off; the journal puts back what was acknowledged"
             );
         }
         let write_back_failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
