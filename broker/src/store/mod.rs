@@ -8,9 +8,9 @@
 //! 1. appends their audit entries to the audit log ([`crate::audit::AuditLog`]) and their writes to the state journal
 //!    (`journal.log`), the group's first journal record carrying the same audit entries' bytes,
 //! 2. `fdatasync`s the journal (one device flush per group),
-//! 3. applies the writes to sled, one by one, while readers of single keys wait (so a reader sees a group whole
-//!    or not at all),
-//! 4. and only then answers each waiting caller.
+//! 3. takes the lock readers of single keys take, answers each waiting caller,
+//! 4. and applies the writes to sled, one by one, before it lets readers in again (so a reader sees a group whole or
+//!    not at all, and a reader who heard of a commit sees it; the answer does not wait for sled).
 //!
 //! A failed `fdatasync` cuts the group back off both logs, so the next group does not follow unacknowledged
 //! records; if that cut fails, the store refuses further changes.
@@ -198,8 +198,9 @@ pub struct Store {
 
 struct Inner {
     tree: sled::Db,
-    /// Held for writing while the committer applies a group to sled, for reading by [`Store::get`] and
-    /// [`Store::get_blob`]: a reader of single keys sees a group's writes all or none.
+    /// Held for writing from before the committer answers a group's callers until it has applied the group to sled;
+    /// for reading by [`Store::get`], [`Store::get_blob`] and the seeks (a reader sees a group's writes all or none,
+    /// and sees a group it has heard of); scans only wait for a group being applied before they start.
     applying: Arc<std::sync::RwLock<()>>,
     /// Stops the checkpointer when dropped.
     checkpoints: std::sync::Mutex<Option<mpsc::Sender<()>>>,
@@ -421,8 +422,11 @@ impl Store {
         Ok(Some(value))
     }
 
-    /// Every key/value under `prefix`, in key order.
+    /// Every key/value under `prefix`, in key order. A group being applied when it starts is seen whole; one applied
+    /// while it runs may be seen in part.
     pub fn scan_prefix(&self, prefix: &[u8]) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
+        // Waits for a group being applied (its callers may have been answered already).
+        drop(self.inner.applying.read());
         self.inner
             .tree
             .scan_prefix(prefix)
@@ -432,6 +436,8 @@ impl Store {
     /// At most `limit` key/values under `prefix` that come after `after` (from the start of `prefix` without one), in
     /// key order: a long scan taken a page at a time, so that no iterator is held across pages.
     pub fn scan_page(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+        // Waits for a group being applied, as `scan_prefix` does, without holding commits up for the whole page.
+        drop(self.inner.applying.read());
         let start = match after {
             Some(after) => std::ops::Bound::Excluded(after.to_vec()),
             None => std::ops::Bound::Included(prefix.to_vec()),
@@ -449,11 +455,13 @@ impl Store {
 
     /// The first key/value after `key`, in key order (a seek, not a scan).
     pub fn next_after(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        let _whole_groups = self.inner.applying.read().map_err(|_| StoreError::Stopped)?;
         Ok(self.inner.tree.get_gt(key)?.map(|(key, value)| (key.to_vec(), value.to_vec())))
     }
 
     /// The last key/value under `prefix`, in key order (a seek, not a scan).
     pub fn last_under(&self, prefix: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        let _whole_groups = self.inner.applying.read().map_err(|_| StoreError::Stopped)?;
         match self.inner.tree.scan_prefix(prefix).next_back() {
             Some(item) => Ok(Some(item.map(|(key, value)| (key.to_vec(), value.to_vec()))?)),
             None => Ok(None),
@@ -605,9 +613,9 @@ struct Applier {
 }
 
 impl Applier {
-    fn stop_committing(&self, error: &StoreError) {
+    fn stop_committing(&self, error: &StoreError, what: &str) {
         self.stopped.store(true, std::sync::atomic::Ordering::Release);
-        tracing::error!(error = %error, "could not take back a commit that was not made durable; refusing further changes");
+        tracing::error!(error = %error, "{what}");
     }
 }
 
@@ -643,9 +651,12 @@ fn run_committer(jobs: mpsc::Receiver<Job>, mut journal: AppendLog, mut audit: A
         metrics.audit_entries.set(audit.len() as i64);
         metrics.audit_log_bytes.set(audit.byte_len() as i64);
         match result {
-            Ok(sequences) => {
+            Ok((sequences, applying)) => {
                 for (job, sequences) in group.into_iter().zip(sequences) {
                     let _ = job.reply.send(Ok(sequences));
+                }
+                if let Some(applying) = applying {
+                    applying.apply(&applier);
                 }
             }
             Err(error) => {
@@ -710,16 +721,18 @@ fn audit_needed(writes: &[Write]) -> Option<u64> {
     }
 }
 
-fn commit_group(
+/// Makes a group durable and returns each commit's audit sequence numbers, with the group's writes still to be
+/// applied to sled once its callers are answered.
+fn commit_group<'a>(
     group: &mut [Job],
     journal: &mut AppendLog,
     audit: &mut AuditLog,
-    applier: &Applier,
-) -> Result<Vec<Vec<u64>>, StoreError> {
+    applier: &'a Applier,
+) -> Result<(Vec<Vec<u64>>, Option<Applying<'a>>), StoreError> {
     if applier.stopped.load(std::sync::atomic::Ordering::Acquire) {
         return Err(StoreError::CommitFailed {
             message:
-                "storage stopped accepting changes after a failed fsync could not be taken back; restart the broker"
+                "storage stopped accepting changes after an earlier failure (see the broker's log); restart the broker"
                     .to_owned(),
             disk_full: false,
         });
@@ -777,31 +790,68 @@ fn commit_group(
             let rolled_back =
                 audit.unwrite(written).map_err(StoreError::from).and_then(|()| Ok(journal.truncate(journal_start)?));
             if let Err(rollback) = rolled_back {
-                applier.stop_committing(&rollback);
+                applier.stop_committing(
+                    &rollback,
+                    "could not take back a commit that was not made durable; refusing further changes",
+                );
             }
             return Err(error);
         }
     };
     audit.publish(written);
-    if !offsets.is_empty() {
-        // 3. The index. If this fails the group is reported as failed although it is durable in the journal (the
-        // sender's retry is recognised by its idempotency key); how far sled has got stops advancing, so the next
-        // start replays this group and everything after it.
-        let _whole_group = applier.applying.write().map_err(|_| StoreError::Stopped)?;
+    // 3. The index, once the callers are answered (see `Applying`).
+    let applying = if offsets.is_empty() {
+        None
+    } else {
+        Some(Applying {
+            whole_group: applier.applying.write().map_err(|_| StoreError::Stopped)?,
+            records,
+            offsets,
+            journal_len: journal.len(),
+            audit_len: audit.byte_len(),
+        })
+    };
+    Ok((per_job, applying))
+}
+
+/// A durable group whose writes are not in sled yet. It holds the lock that single-key readers take
+/// ([`Store::get`], [`Store::get_blob`]) from before its callers are answered until its writes are applied, so a
+/// reader who has heard of the group (from an answer) sees it whole, while the answer goes out without waiting for
+/// sled (about 40 µs per commit with one message in flight).
+struct Applying<'a> {
+    whole_group: std::sync::RwLockWriteGuard<'a, ()>,
+    records: Vec<(Vec<Write>, Vec<usize>)>,
+    offsets: Vec<u64>,
+    /// The journal's and the audit log's lengths after the group.
+    journal_len: u64,
+    audit_len: u64,
+}
+
+impl Applying<'_> {
+    /// Applies the group to sled. If that fails, the group, durable in the journal and already acknowledged, is
+    /// missing from the index until a restart replays it: how far sled has got stops advancing, and the store
+    /// refuses further changes (readers would not see this one).
+    fn apply(self, applier: &Applier) {
+        let Applying { whole_group, records, offsets, journal_len, audit_len } = self;
         for ((writes, value_starts), offset) in records.into_iter().zip(offsets) {
             if let Err(error) = apply_writes(&applier.db, writes, offset, &value_starts) {
                 applier.failed.store(true, std::sync::atomic::Ordering::Release);
-                return Err(error.into());
+                applier.stop_committing(
+                    &error.into(),
+                    "could not apply an acknowledged commit to the index; refusing further changes until a restart \
+                     replays it from the journal",
+                );
+                return;
             }
         }
         if !applier.failed.load(std::sync::atomic::Ordering::Acquire) {
             // The audit log's length first: the checkpointer reads `applied` and then this, and must make durable
             // every entry the records before `applied` carry.
-            applier.audit_written.store(audit.byte_len(), std::sync::atomic::Ordering::Release);
-            applier.applied.store(journal.len(), std::sync::atomic::Ordering::Release);
+            applier.audit_written.store(audit_len, std::sync::atomic::Ordering::Release);
+            applier.applied.store(journal_len, std::sync::atomic::Ordering::Release);
         }
+        drop(whole_group);
     }
-    Ok(per_job)
 }
 
 #[cfg(test)]
@@ -1020,6 +1070,19 @@ mod tests {
         let audit = AuditLog::open(&audit_dir).unwrap();
         assert_eq!(audit.from_cache(), 1, "the start-up cache stayed at its last save");
         assert_eq!(audit.len(), 3);
+    }
+
+    /// The committer answers before it applies a group to sled, holding the readers' lock meanwhile: a reader who
+    /// heard of the commit sees all of it (a group big enough that applying it takes a while, read at once).
+    #[tokio::test]
+    async fn a_reader_answered_after_a_commit_sees_all_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let writes: Vec<Write> =
+            (0..20_000u32).map(|n| Write::Put(format!("k/{n:05}").into_bytes(), n.to_be_bytes().to_vec())).collect();
+        store.commit(Commit { audit: vec![entry("m1")], writes }).await.unwrap();
+        assert_eq!(store.get(b"k/19999").unwrap(), Some(19_999u32.to_be_bytes().to_vec()));
+        store.close();
     }
 
     /// A second broker on a data directory in use is refused before it opens anything there; the folder is free
