@@ -49,11 +49,38 @@ pub struct Authenticator {
     exchange: Exchange,
     tokens: CurrentTokens,
     store: Store,
+    /// The agency each client certificate seen so far names, by the certificate's exact bytes (see
+    /// [`Authenticator::agency_of`]).
+    agencies: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Vec<u8>, String>>>,
 }
+
+/// How many certificates [`Authenticator::agency_of`] remembers before it starts again (an area has tens of
+/// agencies, each with a few certificates over time).
+const REMEMBERED_CERTIFICATES: usize = 4096;
 
 impl Authenticator {
     pub fn new(exchange: Exchange, tokens: CurrentTokens, store: Store) -> Self {
-        Self { exchange, tokens, store }
+        Self { exchange, tokens, store, agencies: Default::default() }
+    }
+
+    /// The agency a verified client certificate names ([`auth::agency_from_certificate`]), remembered by the
+    /// certificate's exact bytes: the same bytes always name the same agency, and parsing the certificate on every
+    /// request was ~3% of the broker's CPU with 64 sends in flight (PERFORMANCE.md). Only what the certificate says
+    /// is remembered; whether the policy set knows the agency, and the token, are checked on every request.
+    fn agency_of(&self, der: &[u8]) -> Result<String, AuthError> {
+        let mut agencies = match self.agencies.lock() {
+            Ok(agencies) => agencies,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(agency) = agencies.get(der) {
+            return Ok(agency.clone());
+        }
+        let agency = auth::agency_from_certificate(der)?;
+        if agencies.len() >= REMEMBERED_CERTIFICATES {
+            agencies.clear();
+        }
+        agencies.insert(der.to_vec(), agency.clone());
+        Ok(agency)
     }
 
     /// Who is calling: the agency from the verified client certificate, which the policy set must know, and the
@@ -61,7 +88,7 @@ impl Authenticator {
     pub async fn caller<T>(&self, request: &Request<T>, operation: &str) -> Result<Caller, Status> {
         let certificates = request.peer_certs().ok_or(AuthError::NoCertificate)?;
         let leaf = certificates.first().ok_or(AuthError::NoCertificate)?;
-        let agency = auth::agency_from_certificate(leaf.as_ref())?;
+        let agency = self.agency_of(leaf.as_ref())?;
         if self.exchange.policy().agency(&agency).is_none() {
             tracing::warn!(%agency, "refused a certificate naming an agency the policy set does not know");
             return Err(AuthError::UnknownAgency(agency).into());
