@@ -110,16 +110,19 @@ impl StoreError {
 /// A key and its value, as read back.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 
-/// One key/value change.
+/// One key/value change. Keys and values are (de)serialized as byte strings (`serde_bytes`): postcard writes a
+/// byte string exactly as it writes a sequence of `u8` (a varint length, then one byte each), so the journal's
+/// format is unchanged, but it is copied whole instead of element by element (which was ~1.5% of the broker's CPU
+/// at 64 in flight).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Write {
-    Put(Vec<u8>, Vec<u8>),
-    Delete(Vec<u8>),
+    Put(#[serde(with = "serde_bytes")] Vec<u8>, #[serde(with = "serde_bytes")] Vec<u8>),
+    Delete(#[serde(with = "serde_bytes")] Vec<u8>),
     /// A large value written once and read back rarely (a recipient's copy): its bytes stay in the journal, and the
     /// index holds only where to find them (a [`BlobRef`]); read it with [`Store::get_blob`]. Keeping copies out of
     /// sled took sled's node rewrites and log writes of every copy off the commit path (sled was ~40% of the
     /// broker's CPU when sending) and left sled's cache to the small records.
-    PutBlob(Vec<u8>, Vec<u8>),
+    PutBlob(#[serde(with = "serde_bytes")] Vec<u8>, #[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// Marks an index value as a [`BlobRef`]. A recipient's copy (a `pb::Delivery`) written as a plain value by an
@@ -1083,6 +1086,32 @@ mod tests {
         store.commit(Commit { audit: vec![entry("m1")], writes }).await.unwrap();
         assert_eq!(store.get(b"k/19999").unwrap(), Some(19_999u32.to_be_bytes().to_vec()));
         store.close();
+    }
+
+    /// Writes encode exactly as they did when keys and values were plain sequences of `u8` (journals written
+    /// before still replay, and re-encode to their own bytes), and decode back.
+    #[test]
+    fn writes_encode_as_before_byte_strings() {
+        #[derive(Serialize)]
+        enum Before {
+            Put(Vec<u8>, Vec<u8>),
+            Delete(Vec<u8>),
+            PutBlob(Vec<u8>, Vec<u8>),
+        }
+        let long: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+        let now = vec![
+            Write::Put(b"m/1".to_vec(), long.clone()),
+            Write::Delete(Vec::new()),
+            Write::PutBlob(b"c/1".to_vec(), vec![0, 0x80, 0xff]),
+        ];
+        let before = vec![
+            Before::Put(b"m/1".to_vec(), long),
+            Before::Delete(Vec::new()),
+            Before::PutBlob(b"c/1".to_vec(), vec![0, 0x80, 0xff]),
+        ];
+        let encoded = postcard::to_stdvec(&now).unwrap();
+        assert_eq!(encoded, postcard::to_stdvec(&before).unwrap());
+        assert_eq!(postcard::from_bytes::<Vec<Write>>(&encoded).unwrap(), now);
     }
 
     /// A second broker on a data directory in use is refused before it opens anything there; the folder is free
