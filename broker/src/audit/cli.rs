@@ -216,9 +216,38 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         }
         Err(failure) => {
             print_failure(&failure);
+            let audit_dir = args.data_dir.join("audit");
+            let durable_to = super::read_durable_mark(&audit_dir).ok().flatten();
+            let log_len = std::fs::metadata(super::AuditLog::path(&audit_dir)).map(|metadata| metadata.len()).ok();
+            if let Some(note) = unsynced_tail_note(&failure, durable_to, log_len) {
+                println!("{note}");
+            }
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// What to tell an auditor whose check failed where `entries.log` was not yet durable (past the point in
+/// `audit/durable`): after a crash or power loss that part may be torn or missing, and the broker puts it back from
+/// its journal when it next starts. Nothing when the failure is before that point, or the log is shorter than it
+/// (durable entries gone: never explained by a crash).
+fn unsynced_tail_note(failure: &VerifyFailure, durable_to: Option<u64>, log_len: Option<u64>) -> Option<String> {
+    let (durable_to, log_len) = (durable_to?, log_len?);
+    failure.first_bad_sequence()?;
+    let past_durable_point = match failure {
+        VerifyFailure::Damaged { offset, .. } => *offset >= durable_to,
+        VerifyFailure::Truncated { .. } => true,
+        _ => log_len > durable_to,
+    };
+    if log_len < durable_to || !past_durable_point {
+        return None;
+    }
+    Some(format!(
+        "note: `entries.log` is recorded durable up to byte {durable_to} (`audit/durable`) and is {log_len} bytes long. \
+         Newer entries are made durable in the broker's journal first, so after a crash or power loss the log may \
+         end short or torn after that point, and the broker puts those entries back from its journal when it next \
+         starts. If the broker has not started since, start it and verify again; a failure that remains is real."
+    ))
 }
 
 fn print_failure(failure: &VerifyFailure) {
@@ -631,4 +660,26 @@ fn report_checkpoint(checkpoint: Option<&pb::SignedCheckpoint>, count: usize, qu
          entry {query_sequence}",
         if signed { " (signature verified)" } else { " (signature not checked: give --verifier-key)" }
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The note on a failure past the durable point appears only where a crash could explain it.
+    #[test]
+    fn the_unsynced_tail_note_appears_only_where_a_crash_explains_the_failure() {
+        let damaged = |offset| VerifyFailure::Damaged { sequence: 3, offset, reason: "checksum mismatch".into() };
+        let truncated = VerifyFailure::Truncated { index: 1, size: 9, entries: 5 };
+        let out_of_sequence = VerifyFailure::OutOfSequence { position: 4, found: 9 };
+        assert!(unsynced_tail_note(&damaged(1_000), Some(900), Some(1_200)).is_some());
+        assert!(unsynced_tail_note(&damaged(800), Some(900), Some(1_200)).is_none(), "before the durable point");
+        assert!(unsynced_tail_note(&truncated, Some(900), Some(900)).is_some(), "the whole unsynced tail lost");
+        assert!(unsynced_tail_note(&truncated, Some(900), Some(700)).is_none(), "durable entries gone");
+        assert!(unsynced_tail_note(&out_of_sequence, Some(900), Some(1_200)).is_some());
+        assert!(unsynced_tail_note(&out_of_sequence, Some(900), Some(900)).is_none(), "nothing past the point");
+        assert!(unsynced_tail_note(&damaged(1_000), None, Some(1_200)).is_none(), "no durable point recorded");
+        let signature = VerifyFailure::BadSignature { index: 0, reason: "bad".into() };
+        assert!(unsynced_tail_note(&signature, Some(900), Some(1_200)).is_none(), "not about entries");
+    }
 }
