@@ -120,7 +120,7 @@ pub async fn run(
     // The audit log (its Merkle tree and the auditors' index, from their start-up cache and the entries after it) is
     // read on its own thread while sled opens (which replays sled's own log); they share nothing.
     let opening = std::time::Instant::now();
-    let _data_dir_lock = store::lock_data_dir(&config.data_dir)?;
+    let data_dir_lock = store::lock_data_dir(&config.data_dir)?;
     let audit_dir = config.data_dir.join("audit");
     let reading_audit = std::thread::Builder::new()
         .name("audit-open".to_owned())
@@ -143,6 +143,7 @@ pub async fn run(
         audit::checkpoints::Checkpointer::open_in(&config.data_dir, audit.tree(), audit::checkpoints::DEFAULT_ORIGIN)
             .map_err(audit::AuditError::from)?;
     let (store, report) = Store::open_with(index?, &config.data_dir, audit)?;
+    store.hold_lock(data_dir_lock);
     tracing::info!(
         millis = opening.elapsed().as_millis() as u64,
         journal_records_replayed = report.journal_records_replayed,

@@ -235,9 +235,12 @@ fn unsynced_tail_note(failure: &VerifyFailure, durable_to: Option<u64>, log_len:
     let (durable_to, log_len) = (durable_to?, log_len?);
     failure.first_bad_sequence()?;
     let past_durable_point = match failure {
-        VerifyFailure::Damaged { offset, .. } => *offset >= durable_to,
+        VerifyFailure::Damaged { offset, .. }
+        | VerifyFailure::Undecodable { offset, .. }
+        | VerifyFailure::OutOfSequence { offset, .. } => *offset >= durable_to,
         VerifyFailure::Truncated { .. } => true,
-        _ => log_len > durable_to,
+        // An entry rewritten with a valid checksum and sequence number: never a crash.
+        _ => false,
     };
     if log_len < durable_to || !past_durable_point {
         return None;
@@ -671,13 +674,18 @@ mod tests {
     fn the_unsynced_tail_note_appears_only_where_a_crash_explains_the_failure() {
         let damaged = |offset| VerifyFailure::Damaged { sequence: 3, offset, reason: "checksum mismatch".into() };
         let truncated = VerifyFailure::Truncated { index: 1, size: 9, entries: 5 };
-        let out_of_sequence = VerifyFailure::OutOfSequence { position: 4, found: 9 };
+        let out_of_sequence = |offset| VerifyFailure::OutOfSequence { position: 4, offset, found: 9 };
+        let zeros = |offset| VerifyFailure::Undecodable { sequence: 4, offset, reason: "empty".into() };
         assert!(unsynced_tail_note(&damaged(1_000), Some(900), Some(1_200)).is_some());
         assert!(unsynced_tail_note(&damaged(800), Some(900), Some(1_200)).is_none(), "before the durable point");
         assert!(unsynced_tail_note(&truncated, Some(900), Some(900)).is_some(), "the whole unsynced tail lost");
         assert!(unsynced_tail_note(&truncated, Some(900), Some(700)).is_none(), "durable entries gone");
-        assert!(unsynced_tail_note(&out_of_sequence, Some(900), Some(1_200)).is_some());
-        assert!(unsynced_tail_note(&out_of_sequence, Some(900), Some(900)).is_none(), "nothing past the point");
+        assert!(unsynced_tail_note(&out_of_sequence(950), Some(900), Some(1_200)).is_some());
+        assert!(unsynced_tail_note(&out_of_sequence(100), Some(900), Some(1_200)).is_none(), "an early entry edited");
+        assert!(unsynced_tail_note(&zeros(900), Some(900), Some(1_200)).is_some(), "a hole of zeros past the point");
+        assert!(unsynced_tail_note(&zeros(10), Some(900), Some(1_200)).is_none());
+        let rewritten = VerifyFailure::RootMismatch { index: 2, size: 9, first_suspect: 5, last_suspect: 8 };
+        assert!(unsynced_tail_note(&rewritten, Some(900), Some(1_200)).is_none(), "a valid-looking rewrite");
         assert!(unsynced_tail_note(&damaged(1_000), None, Some(1_200)).is_none(), "no durable point recorded");
         let signature = VerifyFailure::BadSignature { index: 0, reason: "bad".into() };
         assert!(unsynced_tail_note(&signature, Some(900), Some(1_200)).is_none(), "not about entries");

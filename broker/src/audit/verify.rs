@@ -48,10 +48,13 @@ pub enum VerifyFailure {
     BadVerifierKey(String),
     #[error("entry {sequence} (byte offset {offset}) is damaged: {reason}")]
     Damaged { sequence: u64, offset: u64, reason: String },
-    #[error("entry {sequence} does not decode: {reason}")]
-    Undecodable { sequence: u64, reason: String },
-    #[error("the entry at position {position} has sequence number {found}: entries were dropped or reordered")]
-    OutOfSequence { position: u64, found: u64 },
+    #[error("entry {sequence} (byte offset {offset}) does not decode: {reason}")]
+    Undecodable { sequence: u64, offset: u64, reason: String },
+    #[error(
+        "the entry at position {position} (byte offset {offset}) has sequence number {found}: entries were dropped or \
+         reordered"
+    )]
+    OutOfSequence { position: u64, offset: u64, found: u64 },
     #[error("checkpoint {index} is not validly signed: {reason}")]
     BadSignature { index: u64, reason: String },
     #[error("checkpoint {index} has origin `{origin}`, not the verifier key's name `{expected}`")]
@@ -183,8 +186,8 @@ pub fn verify_entries(
                     builder.push_leaf_hash(leaf_hash(bytes));
                     check_due(&builder, &mut next_checkpoint)
                 }
-                Ok(found) => Err(VerifyFailure::OutOfSequence { position: sequence, found }),
-                Err(reason) => Err(VerifyFailure::Undecodable { sequence, reason }),
+                Ok(found) => Err(VerifyFailure::OutOfSequence { position: sequence, offset, found }),
+                Err(reason) => Err(VerifyFailure::Undecodable { sequence, offset, reason }),
             };
             if sequence.is_multiple_of(65_536) {
                 progress(offset, total);

@@ -92,6 +92,8 @@ pub enum StoreError {
     Stopped,
     #[error("`{0}` is in use by another broker process (it holds `broker.lock` there)")]
     InUse(PathBuf),
+    #[error("the index could not apply an acknowledged change; restart the broker, which replays it from the journal")]
+    IndexBroken,
 }
 
 impl StoreError {
@@ -209,6 +211,11 @@ struct Inner {
     checkpoints: std::sync::Mutex<Option<mpsc::Sender<()>>>,
     checkpoint_thread: std::sync::Mutex<Option<thread::JoinHandle<()>>>,
     checkpointer: Arc<Checkpointer>,
+    /// Set when applying an answered group to sled failed: sled may hold part of it, so every read is refused until
+    /// a restart replays the group from the journal.
+    index_broken: Arc<std::sync::atomic::AtomicBool>,
+    /// The data directory's lock ([`lock_data_dir`]), held as long as the store, if the caller gave it.
+    data_dir_lock: std::sync::Mutex<Option<std::fs::File>>,
     /// A read-only handle on `journal.log`, for [`Store::get_blob`] (positioned reads, shared by all readers).
     journal_reader: std::fs::File,
     journal_path: PathBuf,
@@ -350,12 +357,13 @@ impl Store {
             audit_entries: audit.len(),
         };
         let applying = Arc::new(std::sync::RwLock::new(()));
+        let index_broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (sender, receiver) = mpsc::channel::<Job>();
         let committer = Applier {
             db: db.clone(),
             applying: applying.clone(),
             applied: applied.clone(),
-            failed: std::sync::atomic::AtomicBool::new(false),
+            failed: index_broken.clone(),
             stopped: std::sync::atomic::AtomicBool::new(false),
             audit_written,
         };
@@ -375,6 +383,8 @@ impl Store {
             checkpoints: std::sync::Mutex::new(Some(stop_checkpoints)),
             checkpoint_thread: std::sync::Mutex::new(Some(checkpoint_thread)),
             checkpointer,
+            index_broken,
+            data_dir_lock: std::sync::Mutex::new(None),
             journal_reader,
             journal_path,
             audit_index,
@@ -401,8 +411,26 @@ impl Store {
         }
     }
 
+    /// Keeps the data directory's lock ([`lock_data_dir`]) for as long as the store lives (its committer and
+    /// checkpointer threads included), not just for as long as the caller's scope.
+    pub fn hold_lock(&self, lock: std::fs::File) {
+        if let Ok(mut held) = self.inner.data_dir_lock.lock() {
+            *held = Some(lock);
+        }
+    }
+
+    /// Waits for a group being applied to sled, then holds it off while the guard lives; refuses when sled could not
+    /// apply an answered group (it may hold part of it).
+    fn whole_groups(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>, StoreError> {
+        let guard = self.inner.applying.read().map_err(|_| StoreError::Stopped)?;
+        if self.inner.index_broken.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StoreError::IndexBroken);
+        }
+        Ok(guard)
+    }
+
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let _whole_groups = self.inner.applying.read().map_err(|_| StoreError::Stopped)?;
+        let _whole_groups = self.whole_groups()?;
         Ok(self.inner.tree.get(key)?.map(|value| value.to_vec()))
     }
 
@@ -429,18 +457,24 @@ impl Store {
     /// while it runs may be seen in part.
     pub fn scan_prefix(&self, prefix: &[u8]) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
         // Waits for a group being applied (its callers may have been answered already).
-        drop(self.inner.applying.read());
-        self.inner
-            .tree
-            .scan_prefix(prefix)
-            .map(|item| item.map(|(key, value)| (key.to_vec(), value.to_vec())).map_err(StoreError::from))
+        let refused = self.whole_groups().err();
+        let items = match refused {
+            Some(_) => None,
+            None => Some(
+                self.inner
+                    .tree
+                    .scan_prefix(prefix)
+                    .map(|item| item.map(|(key, value)| (key.to_vec(), value.to_vec())).map_err(StoreError::from)),
+            ),
+        };
+        refused.map(Err).into_iter().chain(items.into_iter().flatten())
     }
 
     /// At most `limit` key/values under `prefix` that come after `after` (from the start of `prefix` without one), in
     /// key order: a long scan taken a page at a time, so that no iterator is held across pages.
     pub fn scan_page(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
         // Waits for a group being applied, as `scan_prefix` does, without holding commits up for the whole page.
-        drop(self.inner.applying.read());
+        drop(self.whole_groups()?);
         let start = match after {
             Some(after) => std::ops::Bound::Excluded(after.to_vec()),
             None => std::ops::Bound::Included(prefix.to_vec()),
@@ -458,13 +492,13 @@ impl Store {
 
     /// The first key/value after `key`, in key order (a seek, not a scan).
     pub fn next_after(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
-        let _whole_groups = self.inner.applying.read().map_err(|_| StoreError::Stopped)?;
+        let _whole_groups = self.whole_groups()?;
         Ok(self.inner.tree.get_gt(key)?.map(|(key, value)| (key.to_vec(), value.to_vec())))
     }
 
     /// The last key/value under `prefix`, in key order (a seek, not a scan).
     pub fn last_under(&self, prefix: &[u8]) -> Result<Option<KeyValue>, StoreError> {
-        let _whole_groups = self.inner.applying.read().map_err(|_| StoreError::Stopped)?;
+        let _whole_groups = self.whole_groups()?;
         match self.inner.tree.scan_prefix(prefix).next_back() {
             Some(item) => Ok(Some(item.map(|(key, value)| (key.to_vec(), value.to_vec()))?)),
             None => Ok(None),
@@ -606,8 +640,9 @@ struct Applier {
     db: sled::Db,
     applying: Arc<std::sync::RwLock<()>>,
     applied: Arc<std::sync::atomic::AtomicU64>,
-    /// Set when applying a group to sled failed: from then on `applied` stays where it was.
-    failed: std::sync::atomic::AtomicBool,
+    /// Set when applying a group to sled failed: from then on `applied` stays where it was, and reads are refused
+    /// (shared with [`Store`]).
+    failed: Arc<std::sync::atomic::AtomicBool>,
     /// Set when a group whose `fdatasync` failed could not be cut back off the logs: no further commit is accepted
     /// (what the files hold past that point is unknown; a restart recovers from what is durable).
     stopped: std::sync::atomic::AtomicBool,
@@ -807,7 +842,8 @@ fn commit_group<'a>(
         None
     } else {
         Some(Applying {
-            whole_group: applier.applying.write().map_err(|_| StoreError::Stopped)?,
+            // A poisoned lock (a reader panicked) still guards nothing but sled's consistency, which is intact.
+            whole_group: applier.applying.write().unwrap_or_else(std::sync::PoisonError::into_inner),
             records,
             offsets,
             journal_len: journal.len(),
@@ -831,9 +867,9 @@ struct Applying<'a> {
 }
 
 impl Applying<'_> {
-    /// Applies the group to sled. If that fails, the group, durable in the journal and already acknowledged, is
-    /// missing from the index until a restart replays it: how far sled has got stops advancing, and the store
-    /// refuses further changes (readers would not see this one).
+    /// Applies the group to sled. If that fails, the group, durable in the journal and already acknowledged, may be
+    /// in the index in part until a restart replays it: how far sled has got stops advancing, and the store refuses
+    /// every read and every further change.
     fn apply(self, applier: &Applier) {
         let Applying { whole_group, records, offsets, journal_len, audit_len } = self;
         for ((writes, value_starts), offset) in records.into_iter().zip(offsets) {
