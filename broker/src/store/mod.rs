@@ -694,7 +694,9 @@ fn run_committer(jobs: mpsc::Receiver<Job>, mut journal: AppendLog, mut audit: A
                     let _ = job.reply.send(Ok(sequences));
                 }
                 if let Some(applying) = applying {
+                    let applying_started = std::time::Instant::now();
                     applying.apply(&applier);
+                    metrics.apply_seconds.observe(applying_started.elapsed().as_secs_f64());
                 }
             }
             Err(error) => {
