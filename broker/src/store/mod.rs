@@ -769,7 +769,9 @@ fn commit_group<'a>(
     audit: &mut AuditLog,
     applier: &'a Applier,
 ) -> Result<(Vec<Vec<u64>>, Option<Applying<'a>>), StoreError> {
-    if applier.stopped.load(std::sync::atomic::Ordering::Acquire) {
+    if applier.stopped.load(std::sync::atomic::Ordering::Acquire)
+        || applier.failed.load(std::sync::atomic::Ordering::Acquire)
+    {
         return Err(StoreError::CommitFailed {
             message:
                 "storage stopped accepting changes after an earlier failure (see the broker's log); restart the broker"
@@ -1150,6 +1152,26 @@ mod tests {
         let encoded = postcard::to_stdvec(&now).unwrap();
         assert_eq!(encoded, postcard::to_stdvec(&before).unwrap());
         assert_eq!(postcard::from_bytes::<Vec<Write>>(&encoded).unwrap(), now);
+    }
+
+    /// Once sled could not apply an answered group (it may hold part of it), every read is refused, scans and seeks
+    /// included, and so is every change.
+    #[tokio::test]
+    async fn after_a_failed_apply_reads_and_changes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let put = |key: &[u8]| Commit { audit: Vec::new(), writes: vec![Write::Put(key.to_vec(), b"v".to_vec())] };
+        store.commit(put(b"k/1")).await.unwrap();
+        // What `Applying::apply` does when sled fails.
+        store.inner.index_broken.store(true, std::sync::atomic::Ordering::Release);
+        assert!(matches!(store.get(b"k/1"), Err(StoreError::IndexBroken)));
+        assert!(matches!(store.get_blob(b"k/1"), Err(StoreError::IndexBroken)));
+        assert!(matches!(store.next_after(b"k/"), Err(StoreError::IndexBroken)));
+        assert!(matches!(store.last_under(b"k/"), Err(StoreError::IndexBroken)));
+        assert!(matches!(store.scan_page(b"k/", None, 10), Err(StoreError::IndexBroken)));
+        assert!(matches!(store.scan_prefix(b"k/").next(), Some(Err(StoreError::IndexBroken))));
+        assert!(matches!(store.commit(put(b"k/2")).await, Err(StoreError::CommitFailed { .. })));
+        store.close();
     }
 
     /// A second broker on a data directory in use is refused before it opens anything there; the folder is free
