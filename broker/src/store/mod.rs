@@ -210,7 +210,7 @@ struct Inner {
     /// Stops the checkpointer when dropped.
     checkpoints: std::sync::Mutex<Option<mpsc::Sender<()>>>,
     checkpoint_thread: std::sync::Mutex<Option<thread::JoinHandle<()>>>,
-    checkpointer: Arc<Checkpointer>,
+    checkpointer: Arc<IndexCheckpointer>,
     /// Set when applying an answered group to sled failed: sled may hold part of it, so every read is refused until
     /// a restart replays the group from the journal.
     index_broken: Arc<std::sync::atomic::AtomicBool>,
@@ -337,7 +337,7 @@ impl Store {
         }
         let applied = Arc::new(std::sync::atomic::AtomicU64::new(journal.len()));
         let audit_written = Arc::new(std::sync::atomic::AtomicU64::new(audit.byte_len()));
-        let checkpointer = Arc::new(Checkpointer {
+        let checkpointer = Arc::new(IndexCheckpointer {
             db: db.clone(),
             index_dir: index_dir.clone(),
             applied: applied.clone(),
@@ -363,7 +363,7 @@ impl Store {
             db: db.clone(),
             applying: applying.clone(),
             applied: applied.clone(),
-            failed: index_broken.clone(),
+            index_broken: index_broken.clone(),
             stopped: std::sync::atomic::AtomicBool::new(false),
             audit_written,
         };
@@ -587,7 +587,7 @@ fn apply_writes(db: &sled::Db, writes: Vec<Write>, record_offset: u64, value_sta
 
 /// Records how far into the journal sled has durably got (see "How far sled has got" in the module documentation),
 /// from the checkpointer thread, after replay and at close.
-struct Checkpointer {
+struct IndexCheckpointer {
     db: sled::Db,
     index_dir: PathBuf,
     /// How far into the journal sled holds every write (updated by the committer after each group).
@@ -600,7 +600,7 @@ struct Checkpointer {
     audit: crate::audit::Durability,
 }
 
-impl Checkpointer {
+impl IndexCheckpointer {
     /// Makes `entries.log` durable as far as the applied records need (recording that in `audit/durable`), makes
     /// every write applied so far durable in sled, then records how far into the journal that is. sled's `flush`
     /// writes its buffers with `sync_file_range`, which neither writes the file's metadata nor empties the disk's
@@ -642,11 +642,11 @@ struct Applier {
     applied: Arc<std::sync::atomic::AtomicU64>,
     /// Set when applying a group to sled failed: from then on `applied` stays where it was, and reads are refused
     /// (shared with [`Store`]).
-    failed: Arc<std::sync::atomic::AtomicBool>,
+    index_broken: Arc<std::sync::atomic::AtomicBool>,
     /// Set when a group whose `fdatasync` failed could not be cut back off the logs: no further commit is accepted
     /// (what the files hold past that point is unknown; a restart recovers from what is durable).
     stopped: std::sync::atomic::AtomicBool,
-    /// How long `entries.log` was after the last group applied (see [`Checkpointer`]).
+    /// How long `entries.log` was after the last group applied (see [`IndexCheckpointer`]).
     audit_written: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -657,7 +657,7 @@ impl Applier {
     }
 }
 
-fn run_checkpointer(stop: mpsc::Receiver<()>, checkpointer: &Checkpointer) {
+fn run_checkpointer(stop: mpsc::Receiver<()>, checkpointer: &IndexCheckpointer) {
     let mut recorded = checkpointer.applied.load(std::sync::atomic::Ordering::Acquire);
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
         let now = checkpointer.applied.load(std::sync::atomic::Ordering::Acquire);
@@ -770,7 +770,7 @@ fn commit_group<'a>(
     applier: &'a Applier,
 ) -> Result<(Vec<Vec<u64>>, Option<Applying<'a>>), StoreError> {
     if applier.stopped.load(std::sync::atomic::Ordering::Acquire)
-        || applier.failed.load(std::sync::atomic::Ordering::Acquire)
+        || applier.index_broken.load(std::sync::atomic::Ordering::Acquire)
     {
         return Err(StoreError::CommitFailed {
             message:
@@ -878,7 +878,7 @@ impl Applying<'_> {
         let Applying { whole_group, records, offsets, journal_len, audit_len } = self;
         for ((writes, value_starts), offset) in records.into_iter().zip(offsets) {
             if let Err(error) = apply_writes(&applier.db, writes, offset, &value_starts) {
-                applier.failed.store(true, std::sync::atomic::Ordering::Release);
+                applier.index_broken.store(true, std::sync::atomic::Ordering::Release);
                 applier.stop_committing(
                     &error.into(),
                     "could not apply an acknowledged commit to the index; refusing further changes until a restart \
@@ -887,7 +887,7 @@ impl Applying<'_> {
                 return;
             }
         }
-        if !applier.failed.load(std::sync::atomic::Ordering::Acquire) {
+        if !applier.index_broken.load(std::sync::atomic::Ordering::Acquire) {
             // The audit log's length first: the checkpointer reads `applied` and then this, and must make durable
             // every entry the records before `applied` carry.
             applier.audit_written.store(audit_len, std::sync::atomic::Ordering::Release);
