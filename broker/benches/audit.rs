@@ -22,7 +22,7 @@ use broker::{
         query::{AuditFilter, search},
         verify::verify_data_dir,
     },
-    store::{Commit, Store},
+    store::{Commit, Store, StoreOptions},
 };
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
@@ -60,7 +60,9 @@ fn durable_append(criterion: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
-    let (store, _) = Store::open(dir.path(), audit, 64 * 1024 * 1024).unwrap();
+    let (store, _) =
+        Store::open(dir.path(), audit, StoreOptions { index_cache_bytes: 64 * 1024 * 1024, ..StoreOptions::default() })
+            .unwrap();
     let store = Arc::new(store);
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut group = criterion.benchmark_group("audit_durable_append");
@@ -105,7 +107,12 @@ fn build_log(count: u64) -> (tempfile::TempDir, Store, Arc<Checkpointer>) {
     let dir = tempfile::tempdir().unwrap();
     let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
     let tree = audit.tree();
-    let (store, _) = Store::open(dir.path(), audit, 256 * 1024 * 1024).unwrap();
+    let (store, _) = Store::open(
+        dir.path(),
+        audit,
+        StoreOptions { index_cache_bytes: 256 * 1024 * 1024, ..StoreOptions::default() },
+    )
+    .unwrap();
     let started = Instant::now();
     runtime.block_on(async {
         let mut index = 0;

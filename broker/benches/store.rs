@@ -17,7 +17,7 @@ use std::{
 
 use broker::{
     audit::{Actor, AuditEntry, AuditLog, EventType},
-    store::{Commit, Store, Write},
+    store::{Commit, Store, StoreOptions, Write},
 };
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
@@ -54,7 +54,9 @@ fn group_commit(criterion: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
-    let (store, _) = Store::open(dir.path(), audit, 64 * 1024 * 1024).unwrap();
+    let (store, _) =
+        Store::open(dir.path(), audit, StoreOptions { index_cache_bytes: 64 * 1024 * 1024, ..StoreOptions::default() })
+            .unwrap();
     let store = Arc::new(store);
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut group = criterion.benchmark_group("store_commit");

@@ -5,14 +5,17 @@
 //! from the start. Files are copied in an order that keeps the copy consistent without stopping the broker:
 //!
 //! 1. `audit/checkpoints.log`: every checkpoint copied covers only entries already durable (in the journal),
-//! 2. `journal.log`: state, each change carrying its audit entries,
+//! 2. the journal's segments (`journal/*.seg`, and `journal.log` from older brokers), in order: state, each change
+//!    carrying its audit entries,
 //! 3. `audit/entries.log`: a superset of the entries the copied journal and checkpoints rely on (each group's
 //!    entries are written there before its journal record; and replaying the journal on restore puts back any
 //!    entry it lacks),
 //! 4. `keys/`: the pseudonymisation and checkpoint signing keys.
 //!
-//! Each file is copied up to the length it had when its copy began; a record being written at that moment is
-//! copied torn and cut off on restore, exactly as after a crash.
+//! Each audit file is copied up to the length it had when its copy began; a record being written at that moment is
+//! copied torn and cut off on restore, exactly as after a crash. Each journal segment is copied up to the end of
+//! its whole records (see [`crate::store::journal::whole_records_len`]): segments are written full of zeros ahead
+//! of use, so their length says nothing about where their records end.
 
 use std::{
     fs::File,
@@ -20,14 +23,18 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// Files copied, in this order (relative to the data directory); missing ones are skipped.
-const LOG_FILES: [&str; 3] = ["audit/checkpoints.log", "journal.log", "audit/entries.log"];
+use crate::store::journal;
+
+/// The checkpoints, copied first (relative to the data directory; skipped if missing).
+const CHECKPOINTS_FILE: &str = "audit/checkpoints.log";
+/// The audit entries, copied after the journal.
+const ENTRIES_FILE: &str = "audit/entries.log";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
     #[error("`{path}`: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("`{0}` is not a broker data directory (no journal.log)")]
+    #[error("`{0}` is not a broker data directory (no journal)")]
     NotADataDirectory(PathBuf),
     #[error("`{0}` already holds data: restore into an empty or new folder")]
     NotEmpty(PathBuf),
@@ -59,24 +66,41 @@ pub fn backup_to<W: Write>(data_dir: &Path, out: W) -> Result<BackupReport, Back
 }
 
 fn write_archive<W: Write>(data_dir: &Path, out: W) -> Result<(BackupReport, W), BackupError> {
-    if !data_dir.join("journal.log").exists() {
+    let journal_dir = data_dir.join(journal::DIR);
+    let segments = journal::segment_files(data_dir).map_err(io(&journal_dir))?;
+    if segments.is_empty() {
         return Err(BackupError::NotADataDirectory(data_dir.to_owned()));
     }
     let out_path = PathBuf::from("backup output");
     let mut archive = tar::Builder::new(out);
     let mut report = BackupReport::default();
-    for name in LOG_FILES {
-        let path = data_dir.join(name);
-        let Ok(mut source) = File::open(&path) else { continue };
-        let length = source.metadata().map_err(io(&path))?.len();
+    let mut copy = |name: String, path: &Path, length: Option<u64>| -> Result<(), BackupError> {
+        let Ok(mut source) = File::open(path) else { return Ok(()) };
+        let length = match length {
+            Some(length) => length,
+            None => source.metadata().map_err(io(path))?.len(),
+        };
         let mut header = tar::Header::new_gnu();
         header.set_size(length);
         header.set_mode(0o600);
         header.set_cksum();
         let mut prefix = Read::take(&mut source, length);
-        archive.append_data(&mut header, name, &mut prefix).map_err(io(&path))?;
-        report.files.push((name.to_owned(), length));
+        archive.append_data(&mut header, &name, &mut prefix).map_err(io(path))?;
+        report.files.push((name, length));
+        Ok(())
+    };
+    copy(CHECKPOINTS_FILE.to_owned(), &data_dir.join(CHECKPOINTS_FILE), None)?;
+    for (_, path) in &segments {
+        let Some(file_name) = path.file_name().and_then(|name| name.to_str()) else { continue };
+        let name = if file_name == journal::LEGACY_FILE {
+            file_name.to_owned()
+        } else {
+            format!("{}/{file_name}", journal::DIR)
+        };
+        let whole = journal::whole_records_len(path).map_err(io(path))?;
+        copy(name, path, Some(whole))?;
     }
+    copy(ENTRIES_FILE.to_owned(), &data_dir.join(ENTRIES_FILE), None)?;
     let keys = data_dir.join("keys");
     if let Ok(entries) = std::fs::read_dir(&keys) {
         let mut names: Vec<PathBuf> = entries.filter_map(|entry| entry.ok().map(|entry| entry.path())).collect();
@@ -105,13 +129,18 @@ pub fn restore(backup_file: &Path, data_dir: &Path) -> Result<BackupReport, Back
     }
     std::fs::create_dir_all(data_dir.join("audit")).map_err(io(data_dir))?;
     std::fs::create_dir_all(data_dir.join("keys")).map_err(io(data_dir))?;
+    std::fs::create_dir_all(data_dir.join(journal::DIR)).map_err(io(data_dir))?;
     let file = File::open(backup_file).map_err(io(backup_file))?;
     let mut archive = tar::Archive::new(file);
     let mut report = BackupReport::default();
     for entry in archive.entries().map_err(io(backup_file))? {
         let mut entry = entry.map_err(io(backup_file))?;
         let name = entry.path().map_err(io(backup_file))?.to_string_lossy().into_owned();
-        let allowed = LOG_FILES.contains(&name.as_str())
+        let allowed = [CHECKPOINTS_FILE, ENTRIES_FILE, journal::LEGACY_FILE].contains(&name.as_str())
+            || name
+                .strip_prefix(journal::DIR)
+                .and_then(|rest| rest.strip_prefix('/'))
+                .is_some_and(|rest| journal::segment_start(rest).is_some())
             || name
                 .strip_prefix("keys/")
                 .is_some_and(|rest| !rest.is_empty() && !rest.contains('/') && !rest.contains(".."));
@@ -119,12 +148,10 @@ pub fn restore(backup_file: &Path, data_dir: &Path) -> Result<BackupReport, Back
             return Err(BackupError::UnexpectedEntry(name));
         }
         let target = data_dir.join(&name);
-        let mut bytes = Vec::new();
-        entry.read_to_end(&mut bytes).map_err(io(&target))?;
         let mut out = File::create(&target).map_err(io(&target))?;
-        out.write_all(&bytes).map_err(io(&target))?;
+        let length = std::io::copy(&mut entry, &mut out).map_err(io(&target))?;
         out.sync_all().map_err(io(&target))?;
-        report.files.push((name, bytes.len() as u64));
+        report.files.push((name, length));
     }
     Ok(report)
 }
@@ -133,26 +160,40 @@ pub fn restore(backup_file: &Path, data_dir: &Path) -> Result<BackupReport, Back
 mod tests {
     use super::*;
 
+    /// The journal's segments are copied up to the end of their whole records (not the zeros written ahead of
+    /// use, nor a record being written), the audit files and keys whole; the index is not copied.
     #[test]
     fn a_backup_restores_the_same_files_and_refuses_a_non_empty_target() {
         let source = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(source.path().join("audit")).unwrap();
         std::fs::create_dir_all(source.path().join("keys")).unwrap();
-        std::fs::write(source.path().join("journal.log"), b"journal").unwrap();
+        std::fs::create_dir_all(source.path().join("journal")).unwrap();
+        let legacy = crate::test_support::framed(&[b"older"]);
+        std::fs::write(source.path().join("journal.log"), &legacy).unwrap();
+        let records = crate::test_support::framed(&[b"first", b"second"]);
+        let mut segment = records.clone();
+        segment.extend_from_slice(&[0x55, 0x01, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1]); // a record being written
+        segment.resize(4096, 0);
+        let segment_name = format!("journal/{}", journal::segment_name(legacy.len() as u64));
+        std::fs::write(source.path().join(&segment_name), &segment).unwrap();
+        std::fs::write(source.path().join("journal/next.ready"), vec![0u8; 4096]).unwrap();
         std::fs::write(source.path().join("audit/entries.log"), b"entries").unwrap();
         std::fs::write(source.path().join("keys/pseudonym-v1.key"), b"key").unwrap();
         std::fs::create_dir_all(source.path().join("index")).unwrap();
         std::fs::write(source.path().join("index/db"), b"not copied").unwrap();
         let out = source.path().join("backup.tar");
         let report = backup(source.path(), &out).unwrap();
-        assert_eq!(report.files.len(), 3);
+        let names: Vec<&str> = report.files.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, ["journal.log", segment_name.as_str(), "audit/entries.log", "keys/pseudonym-v1.key"]);
         let target = tempfile::tempdir().unwrap();
         let restored = target.path().join("data");
         restore(&out, &restored).unwrap();
-        assert_eq!(std::fs::read(restored.join("journal.log")).unwrap(), b"journal");
+        assert_eq!(std::fs::read(restored.join("journal.log")).unwrap(), legacy);
+        assert_eq!(std::fs::read(restored.join(&segment_name)).unwrap(), records);
         assert_eq!(std::fs::read(restored.join("audit/entries.log")).unwrap(), b"entries");
         assert_eq!(std::fs::read(restored.join("keys/pseudonym-v1.key")).unwrap(), b"key");
         assert!(!restored.join("index").exists());
+        assert!(!restored.join("journal/next.ready").exists());
         assert!(matches!(restore(&out, &restored), Err(BackupError::NotEmpty(_))));
         assert!(matches!(backup(target.path(), &out), Err(BackupError::NotADataDirectory(_))));
     }

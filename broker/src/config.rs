@@ -72,6 +72,9 @@ pub struct DeliveryFile {
 pub struct StorageFile {
     /// Memory sled may use as cache (default 8 MiB: the index holds small records; copies stay in the journal).
     pub index_cache_bytes: Option<u64>,
+    /// Size of each journal segment file (default 64 MiB, at least 64 KiB): segments are written full of zeros ahead
+    /// of use, so that a commit's `fdatasync` does not also write the file's size (ARCHITECTURE.md "Durability").
+    pub journal_segment_bytes: Option<u64>,
 }
 
 /// Environment variables that override the file, with the setting each overrides.
@@ -98,7 +101,8 @@ pub struct Config {
     pub tls: TlsPaths,
     pub max_message_bytes: usize,
     pub delivery: DeliveryConfig,
-    pub index_cache_bytes: u64,
+    /// sled's cache and the journal's segment size.
+    pub storage: crate::store::StoreOptions,
     pub tokens: TokensFile,
     /// Folder that relative paths in `tokens` are resolved against (the configuration file's).
     pub base_dir: PathBuf,
@@ -242,6 +246,14 @@ impl Config {
         if max_message_bytes < 1024 {
             problems.push("`limits.max_message_bytes` must be at least 1024".to_owned());
         }
+        let journal_segment_bytes =
+            file.storage.journal_segment_bytes.unwrap_or(crate::store::journal::DEFAULT_SEGMENT_BYTES);
+        if journal_segment_bytes < crate::store::journal::MIN_SEGMENT_BYTES {
+            problems.push(format!(
+                "`storage.journal_segment_bytes` must be at least {}",
+                crate::store::journal::MIN_SEGMENT_BYTES
+            ));
+        }
         match listen {
             Some(listen) if problems.is_empty() => Ok(Self {
                 listen,
@@ -251,7 +263,10 @@ impl Config {
                 tls,
                 max_message_bytes,
                 delivery,
-                index_cache_bytes: file.storage.index_cache_bytes.unwrap_or(8 * 1024 * 1024),
+                storage: crate::store::StoreOptions {
+                    index_cache_bytes: file.storage.index_cache_bytes.unwrap_or(8 * 1024 * 1024),
+                    journal_segment_bytes,
+                },
                 tokens: file.tokens,
                 base_dir: base.to_owned(),
             }),

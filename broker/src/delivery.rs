@@ -1167,7 +1167,7 @@ mod tests {
     async fn a_loading_queue_delivers_in_order_up_to_where_it_has_loaded() {
         let dir = tempfile::tempdir().unwrap();
         let audit = crate::audit::AuditLog::open(&dir.path().join("audit")).unwrap();
-        let (store, _) = Store::open(dir.path(), audit, 8 * 1024 * 1024).unwrap();
+        let (store, _) = Store::open(dir.path(), audit, crate::store::StoreOptions::for_tests()).unwrap();
         let (_stop, stopping) = watch::channel(false);
         let deliveries = Deliveries::start(store.clone(), DeliveryConfig::default(), stopping).unwrap();
         // Copies 1, 2 and 3 were stored before the "restart"; copy 4 comes from a send after it.
@@ -1248,7 +1248,7 @@ mod tests {
     async fn queued_agencies_are_found_by_seeking() {
         let dir = tempfile::tempdir().unwrap();
         let audit = crate::audit::AuditLog::open(&dir.path().join("audit")).unwrap();
-        let (store, _) = Store::open(dir.path(), audit, 8 * 1024 * 1024).unwrap();
+        let (store, _) = Store::open(dir.path(), audit, crate::store::StoreOptions::for_tests()).unwrap();
         assert!(queued_agencies(&store).unwrap().is_empty());
         let mut writes = Vec::new();
         for (agency, seq) in [("a", 5), ("a", 12), ("a-b", 3), ("ab", 40), ("ab", 7), ("b9", 100_000_000_000)] {

@@ -132,7 +132,7 @@ pub fn prepare(
         tls: TlsPaths { ca_cert, cert: server_cert, key: server_key },
         max_message_bytes: crate::config::DEFAULT_MAX_MESSAGE_BYTES,
         delivery: DeliveryConfig::default(),
-        index_cache_bytes: 8 * 1024 * 1024,
+        storage: crate::store::StoreOptions::default(),
         tokens,
         base_dir: PathBuf::from("."),
     };

@@ -655,7 +655,7 @@ mod tests {
     async fn an_unacknowledged_copy_escalates_to_the_sender_and_the_named_agency() {
         let dir = tempfile::tempdir().unwrap();
         let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
-        let (store, _) = Store::open(dir.path(), audit, 8 * 1024 * 1024).unwrap();
+        let (store, _) = Store::open(dir.path(), audit, crate::store::StoreOptions::for_tests()).unwrap();
         let policy_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
         let policy = Arc::new(RwLock::new(Arc::new(PolicySet::load_dir(&policy_dir).unwrap())));
         let (_stop, stopping) = watch::channel(false);

@@ -129,7 +129,7 @@ pub async fn run(
             (audit, opening.elapsed())
         })
         .map_err(|source| store::StoreError::Log(store::log::LogError::Io { path: config.data_dir.clone(), source }))?;
-    let index = Store::open_index(&config.data_dir, config.index_cache_bytes);
+    let index = Store::open_index(&config.data_dir, config.storage);
     tracing::info!(millis = opening.elapsed().as_millis() as u64, "index opened");
     let (audit, audit_took) = reading_audit.join().map_err(|_| audit::AuditError::Stopped)?;
     let audit = audit?;

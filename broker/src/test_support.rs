@@ -16,3 +16,14 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Records framed as the journal and the other append-only files frame them (`len | crc32 | payload`).
+pub fn framed(records: &[&[u8]]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for record in records {
+        bytes.extend_from_slice(&(record.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(record).to_le_bytes());
+        bytes.extend_from_slice(record);
+    }
+    bytes
+}

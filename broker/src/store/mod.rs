@@ -54,6 +54,7 @@
 //! flight.
 //! The journal is never truncated yet (see ARCHITECTURE.md, "known limits").
 
+pub mod journal;
 pub mod log;
 
 use std::{
@@ -66,7 +67,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::audit::{AuditEntry, AuditError, AuditLog};
-use log::{AppendLog, LogError};
+use journal::{Journal, JournalReader};
+use log::LogError;
 
 const JOURNAL_APPLIED_KEY: &[u8] = b"\x00journal-applied";
 /// How often the checkpointer records how far into the journal sled has durably got. This bounds the journal replayed
@@ -216,9 +218,8 @@ struct Inner {
     index_broken: Arc<std::sync::atomic::AtomicBool>,
     /// The data directory's lock ([`lock_data_dir`]), held as long as the store, if the caller gave it.
     data_dir_lock: std::sync::Mutex<Option<std::fs::File>>,
-    /// A read-only handle on `journal.log`, for [`Store::get_blob`] (positioned reads, shared by all readers).
-    journal_reader: std::fs::File,
-    journal_path: PathBuf,
+    /// Read-only handles on the journal's segments, for [`Store::get_blob`] (positioned reads, shared by all readers).
+    journal_reader: JournalReader,
     /// The audit log's in-memory index, for auditors' queries (the log itself belongs to the committer thread).
     audit_index: crate::audit::index::SharedIndex,
     jobs: std::sync::Mutex<Option<mpsc::Sender<Job>>>,
@@ -234,29 +235,52 @@ pub struct OpenReport {
     pub audit_entries: u64,
 }
 
+/// How the store uses memory and disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Memory sled may use as cache.
+    pub index_cache_bytes: u64,
+    /// The size of each journal segment (see [`journal`]).
+    pub journal_segment_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { index_cache_bytes: 8 * 1024 * 1024, journal_segment_bytes: journal::DEFAULT_SEGMENT_BYTES }
+    }
+}
+
+impl StoreOptions {
+    /// For tests: the smallest segments, so that tests move between segments often and fill little disk.
+    pub fn for_tests() -> Self {
+        Self { index_cache_bytes: 1024 * 1024, journal_segment_bytes: journal::MIN_SEGMENT_BYTES }
+    }
+}
+
 /// sled, opened but not yet caught up with the journal (see [`Store::open_index`]).
 pub struct OpenedIndex {
     db: sled::Db,
     index_dir: PathBuf,
     applied: u64,
+    journal_segment_bytes: u64,
 }
 
 impl Store {
     /// Opens the data directory: sled under `index/`, the journal `journal.log`, and the audit log, replaying the
     /// journal into sled.
-    pub fn open(data_dir: &Path, audit: AuditLog, sled_cache_bytes: u64) -> Result<(Self, OpenReport), StoreError> {
-        Self::open_with(Self::open_index(data_dir, sled_cache_bytes)?, data_dir, audit)
+    pub fn open(data_dir: &Path, audit: AuditLog, options: StoreOptions) -> Result<(Self, OpenReport), StoreError> {
+        Self::open_with(Self::open_index(data_dir, options)?, data_dir, audit)
     }
 
     /// The first half of [`Store::open`], which does not need the audit log: opens sled, which replays its own log
     /// (long after a long run: sled 0.34 writes its snapshot only when it opens), so the broker does it while the
     /// audit log is read.
-    pub fn open_index(data_dir: &Path, sled_cache_bytes: u64) -> Result<OpenedIndex, StoreError> {
+    pub fn open_index(data_dir: &Path, options: StoreOptions) -> Result<OpenedIndex, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|source| LogError::Io { path: data_dir.to_owned(), source })?;
         let index_dir = data_dir.join("index");
         let config = sled::Config::new()
             .path(&index_dir)
-            .cache_capacity(sled_cache_bytes)
+            .cache_capacity(options.index_cache_bytes)
             // Our checkpointer flushes sled (see "How far sled has got"); sled's own background flush would only compete
             // with the journal's fsyncs.
             .flush_every_ms(None);
@@ -279,7 +303,7 @@ impl Store {
             Some(bytes) => decode_u64(&bytes)?,
             None => 0,
         };
-        Ok(OpenedIndex { db, index_dir, applied })
+        Ok(OpenedIndex { db, index_dir, applied, journal_segment_bytes: options.journal_segment_bytes })
     }
 
     /// The second half of [`Store::open`]: replays the journal into the index opened by [`Store::open_index`].
@@ -288,47 +312,45 @@ impl Store {
         data_dir: &Path,
         mut audit: AuditLog,
     ) -> Result<(Self, OpenReport), StoreError> {
-        let OpenedIndex { db, index_dir, applied } = index;
+        let OpenedIndex { db, index_dir, applied, journal_segment_bytes } = index;
         let mut replayed = 0;
         let mut repaired = 0;
         let mut repair_error = None;
-        let journal_file = data_dir.join("journal.log");
-        let (journal, recovery) =
-            AppendLog::open_until(&journal_file, applied, log::Tail::TornOnly, |offset, payload| {
-                let corrupt = |reason: String| LogError::Corrupt { path: journal_file.clone(), offset, reason };
-                let record: JournalRecord = postcard::from_bytes(payload)
-                    .map_err(|error| corrupt(format!("undecodable journal record: {error}")))?;
-                let (again, value_starts) =
-                    encode_record(&record.writes).map_err(|error| corrupt(error.to_string()))?;
-                if again != payload {
-                    return Err(corrupt("a journal record does not re-encode to its own bytes".to_owned()));
-                }
-                if audit_needed(&record.writes).is_some_and(|needed| needed > audit.len()) {
-                    // Written by an older broker: its group's audit entries did not all become durable, so the group was
-                    // never acknowledged.
-                    return Ok(log::Keep::No);
-                }
-                if let Some((first, entries)) = audit_entries(&record.writes).map_err(corrupt)? {
-                    match audit.repair(first, entries) {
-                        Ok(count) => repaired += count,
-                        Err(error) => {
-                            repair_error = Some(error);
-                            return Err(corrupt("the audit log does not agree with the journal".to_owned()));
-                        }
+        let journal_dir = data_dir.join(journal::DIR);
+        let (journal, recovery) = Journal::open(data_dir, applied, journal_segment_bytes, |offset, payload| {
+            let corrupt = |reason: String| LogError::Corrupt { path: journal_dir.clone(), offset, reason };
+            let record: JournalRecord = postcard::from_bytes(payload)
+                .map_err(|error| corrupt(format!("undecodable journal record: {error}")))?;
+            let (again, value_starts) = encode_record(&record.writes).map_err(|error| corrupt(error.to_string()))?;
+            if again != payload {
+                return Err(corrupt("a journal record does not re-encode to its own bytes".to_owned()));
+            }
+            if audit_needed(&record.writes).is_some_and(|needed| needed > audit.len()) {
+                // Written by an older broker: its group's audit entries did not all become durable, so the group was
+                // never acknowledged.
+                return Ok(log::Keep::No);
+            }
+            if let Some((first, entries)) = audit_entries(&record.writes).map_err(corrupt)? {
+                match audit.repair(first, entries) {
+                    Ok(count) => repaired += count,
+                    Err(error) => {
+                        repair_error = Some(error);
+                        return Err(corrupt("the audit log does not agree with the journal".to_owned()));
                     }
                 }
-                apply_writes(&db, record.writes, offset, &value_starts).map_err(|error| LogError::Corrupt {
-                    path: data_dir.join("index"),
-                    offset,
-                    reason: format!("could not replay into the index: {error}"),
-                })?;
-                replayed += 1;
-                Ok(log::Keep::Yes)
-            })
-            .map_err(|error| match repair_error.take() {
-                Some(audit_error) => StoreError::Audit(audit_error),
-                None => StoreError::Log(error),
+            }
+            apply_writes(&db, record.writes, offset, &value_starts).map_err(|error| LogError::Corrupt {
+                path: data_dir.join("index"),
+                offset,
+                reason: format!("could not replay into the index: {error}"),
             })?;
+            replayed += 1;
+            Ok(log::Keep::Yes)
+        })
+        .map_err(|error| match repair_error.take() {
+            Some(audit_error) => StoreError::Audit(audit_error),
+            None => StoreError::Log(error),
+        })?;
         if repaired > 0 {
             tracing::warn!(
                 entries = repaired,
@@ -347,9 +369,7 @@ impl Store {
         // What was replayed (and put back into the audit log) need not be replayed again, and the audit log's
         // durable point moves to what it now holds (`AuditLog::open` leaves it alone).
         checkpointer.checkpoint()?;
-        let journal_path = data_dir.join("journal.log");
-        let journal_reader =
-            std::fs::File::open(&journal_path).map_err(|source| LogError::Io { path: journal_path.clone(), source })?;
+        let journal_reader = journal.reader();
         let audit_index = audit.index();
         let report = OpenReport {
             journal_records_replayed: replayed,
@@ -386,7 +406,6 @@ impl Store {
             index_broken,
             data_dir_lock: std::sync::Mutex::new(None),
             journal_reader,
-            journal_path,
             audit_index,
             jobs: std::sync::Mutex::new(Some(sender)),
             committer: std::sync::Mutex::new(Some(handle)),
@@ -436,17 +455,13 @@ impl Store {
 
     /// The value of a [`Write::PutBlob`], read back from the journal (only its bytes, checked against their CRC).
     pub fn get_blob(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        use std::os::unix::fs::FileExt;
         let Some(stored) = self.get(key)? else { return Ok(None) };
         let Some(blob) = BlobRef::decode(&stored) else {
             // Written as a plain value (by a broker from before blobs).
             return Ok(Some(stored));
         };
         let mut value = vec![0u8; blob.len as usize];
-        self.inner
-            .journal_reader
-            .read_exact_at(&mut value, blob.offset)
-            .map_err(|source| LogError::Io { path: self.inner.journal_path.clone(), source })?;
+        self.inner.journal_reader.read_exact_at(&mut value, blob.offset)?;
         if crc32fast::hash(&value) != blob.crc {
             return Err(StoreError::Decode("a journal reference does not point at its value".to_owned()));
         }
@@ -672,7 +687,7 @@ fn run_checkpointer(stop: mpsc::Receiver<()>, checkpointer: &IndexCheckpointer) 
     }
 }
 
-fn run_committer(jobs: mpsc::Receiver<Job>, mut journal: AppendLog, mut audit: AuditLog, applier: Applier) {
+fn run_committer(jobs: mpsc::Receiver<Job>, mut journal: Journal, mut audit: AuditLog, applier: Applier) {
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -765,7 +780,7 @@ fn audit_needed(writes: &[Write]) -> Option<u64> {
 /// applied to sled once its callers are answered.
 fn commit_group<'a>(
     group: &mut [Job],
-    journal: &mut AppendLog,
+    journal: &mut Journal,
     audit: &mut AuditLog,
     applier: &'a Applier,
 ) -> Result<(Vec<Vec<u64>>, Option<Applying<'a>>), StoreError> {
@@ -903,7 +918,7 @@ mod tests {
 
     fn open(dir: &Path) -> Store {
         let audit = AuditLog::open(&dir.join("audit")).unwrap();
-        Store::open(dir, audit, 1024 * 1024).unwrap().0
+        Store::open(dir, audit, StoreOptions::for_tests()).unwrap().0
     }
 
     /// A copy written as a blob is read back from the journal, including after sled's index is lost and rebuilt by
@@ -1054,7 +1069,7 @@ mod tests {
             let audit_path = AuditLog::path(&dir.path().join("audit"));
             let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
             assert!(audit.len() < 3, "{what}: the damaged tail is cut off");
-            let (store, report) = Store::open(dir.path(), audit, 1024 * 1024).unwrap();
+            let (store, report) = Store::open(dir.path(), audit, StoreOptions::for_tests()).unwrap();
             assert_eq!(report.audit_entries, 3, "{what}");
             assert_eq!(std::fs::read(&audit_path).unwrap(), original, "{what}: the same entries at the same places");
             assert_eq!(
@@ -1082,7 +1097,7 @@ mod tests {
         let original = after_power_loss_of(dir.path(), Vec::new(), |bytes, durable| bytes.truncate(durable)).await;
         let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
         assert_eq!(audit.len(), 1);
-        let (store, report) = Store::open(dir.path(), audit, 1024 * 1024).unwrap();
+        let (store, report) = Store::open(dir.path(), audit, StoreOptions::for_tests()).unwrap();
         assert_eq!(report.audit_entries, 3);
         assert_eq!(std::fs::read(AuditLog::path(&dir.path().join("audit"))).unwrap(), original);
         store.close();
@@ -1221,7 +1236,7 @@ mod tests {
         })
         .await;
         let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
-        let error = Store::open(dir.path(), audit, 1024 * 1024).err().unwrap();
+        let error = Store::open(dir.path(), audit, StoreOptions::for_tests()).err().unwrap();
         assert!(matches!(error, StoreError::Audit(AuditError::JournalDisagrees { sequence: 1 })), "{error}");
 
         // The first group's entry lost although sled had recorded the group as applied: its record is not replayed,
@@ -1234,48 +1249,59 @@ mod tests {
         std::fs::write(AuditLog::path(&audit_dir), bytes).unwrap();
         crate::audit::write_durable_mark(&audit_dir, 0).unwrap();
         let audit = AuditLog::open(&audit_dir).unwrap();
-        let error = Store::open(dir.path(), audit, 1024 * 1024).err().unwrap();
+        let error = Store::open(dir.path(), audit, StoreOptions::for_tests()).err().unwrap();
         assert!(matches!(error, StoreError::Audit(AuditError::Missing { from: 0, to: 0 })), "{error}");
     }
 
-    /// A journal record written by an older broker (which made the audit log durable with every commit) says how
-    /// many audit entries its group needs; if they were lost, the group was never acknowledged, and opening cuts it
-    /// off the journal (with what follows).
+    /// A journal record written by an older broker (which made the audit log durable with every commit, and wrote
+    /// the journal to one file, `journal.log`) says how many audit entries its group needs; if they were lost, the
+    /// group was never acknowledged, and opening cuts it off the journal (with what follows). New records then go
+    /// into segments after what is left of `journal.log`, and both are read on the next open.
     #[tokio::test]
     async fn an_older_record_whose_audit_entries_were_lost_is_cut_off() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path());
-        store
-            .commit(Commit { audit: vec![entry("m1")], writes: vec![Write::Put(b"k/1".to_vec(), b"one".to_vec())] })
-            .await
-            .unwrap();
-        store.close();
-        drop(store);
-        let journal_path = dir.path().join("journal.log");
-        let journal_len = std::fs::metadata(&journal_path).unwrap().len();
-        let (mut journal, _) = AppendLog::open(&journal_path, 0, |_, _| Ok(())).unwrap();
+        let journal_path = dir.path().join(journal::LEGACY_FILE);
+        let (mut journal, _) = log::AppendLog::open(&journal_path, 0, |_, _| Ok(())).unwrap();
         let older = |needed: u64, key: &[u8]| {
             encode_record(&[
                 Write::Put(AUDIT_NEEDED_KEY.to_vec(), needed.to_be_bytes().to_vec()),
                 Write::Put(key.to_vec(), b"v".to_vec()),
+                Write::PutBlob(key.iter().chain(b"/copy").copied().collect(), b"older copy".to_vec()),
             ])
             .unwrap()
             .0
         };
-        journal.append([older(1, b"k/ok").as_slice()]).unwrap();
+        journal.append([older(0, b"k/ok").as_slice()]).unwrap();
         let kept_len = journal.len();
-        journal.append([older(3, b"k/2").as_slice(), older(1, b"k/after").as_slice()]).unwrap();
+        journal.append([older(3, b"k/2").as_slice(), older(0, b"k/after").as_slice()]).unwrap();
         journal.sync().unwrap();
         drop(journal);
-        assert!(kept_len > journal_len);
 
         let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
-        let (store, report) = Store::open(dir.path(), audit, 1024 * 1024).unwrap();
+        let (store, report) = Store::open(dir.path(), audit, StoreOptions::for_tests()).unwrap();
         assert!(report.journal_bytes_truncated > 0);
         assert_eq!(std::fs::metadata(&journal_path).unwrap().len(), kept_len);
         assert_eq!(store.get(b"k/ok").unwrap(), Some(b"v".to_vec()));
+        assert_eq!(store.get_blob(b"k/ok/copy").unwrap(), Some(b"older copy".to_vec()));
         assert_eq!(store.get(b"k/2").unwrap(), None);
         assert_eq!(store.get(b"k/after").unwrap(), None);
+        store
+            .commit(Commit {
+                audit: vec![entry("m1")],
+                writes: vec![Write::PutBlob(b"k/new".to_vec(), b"new copy".to_vec())],
+            })
+            .await
+            .unwrap();
+        store.close();
+        drop(store);
+
+        std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+        let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
+        let (store, report) = Store::open(dir.path(), audit, StoreOptions::for_tests()).unwrap();
+        assert_eq!(report.journal_bytes_truncated, 0);
+        assert_eq!(std::fs::metadata(&journal_path).unwrap().len(), kept_len, "new records go after it, elsewhere");
+        assert_eq!(store.get_blob(b"k/ok/copy").unwrap(), Some(b"older copy".to_vec()));
+        assert_eq!(store.get_blob(b"k/new").unwrap(), Some(b"new copy".to_vec()));
         store.close();
     }
 
@@ -1316,7 +1342,11 @@ mod tests {
         store.commit(Commit { audit: Vec::new(), writes: vec![Write::Put(b"c/moved".to_vec(), moved)] }).await.unwrap();
         assert!(store.get_blob(b"c/moved").is_err());
         // One flipped byte in the journal where the copy is.
-        let journal = dir.path().join("journal.log");
+        let (_, journal) = journal::segment_files(dir.path())
+            .unwrap()
+            .into_iter()
+            .find(|(_, path)| std::fs::read(path).unwrap().windows(10).any(|window| window == b"first copy"))
+            .unwrap();
         let mut bytes = std::fs::read(&journal).unwrap();
         let at = bytes.windows(10).position(|window| window == b"first copy").unwrap();
         bytes[at] ^= 0x01;

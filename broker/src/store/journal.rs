@@ -1,0 +1,943 @@
+//! The state journal: framed records (the frame of [`super::log`]) in segment files that are written full of zeros
+//! before they are used.
+//!
+//! # Why segments written ahead
+//! On ext4, an `fdatasync` after an append waits for the data and then writes the inode, because the file's size
+//! changed: two device round trips in series. Overwriting bytes a file already has needs only the first (1 KiB write
+//! and `fdatasync` on this project's machine: p50 130–147 µs appending, 90–102 µs into a file already written full of
+//! zeros; PERFORMANCE.md). So the journal is written into segments that a background thread has already filled with
+//! zeros and made durable (`fallocate` would not do: the first write into an allocated but unwritten extent changes
+//! the extent tree, which `fdatasync` writes too). An `fdatasync` of a file waits for every dirty page of that file,
+//! so the zeros are written into a separate file, never ahead in the one being committed to.
+//!
+//! # Layout
+//! `journal/<start>.seg`, where `<start>` (20 decimal digits) is the journal offset of the segment's first byte: the
+//! journal is one sequence of bytes, and an offset into it (what sled's replay point and the copies' references
+//! record) names the segment whose start is the greatest not after it. A data directory written by an older broker
+//! holds `journal.log`, read as the segment that starts at offset 0; new records go into segments after it.
+//! `journal/next.ready` is a segment filled with zeros and made durable, waiting to be used (kept across restarts);
+//! `journal/*.tmp` is one being filled (removed on open).
+//!
+//! # Where the records end
+//! A segment's records end at the first frame that is not a whole record with a valid checksum: zeros (the journal
+//! never writes an empty record, so a zero header is never a record), a torn frame, or a bad checksum. Every segment
+//! but the last must end exactly where the next begins (the committer moves to a new segment only when everything
+//! before it is durable). In the last segment, what follows the end is a group that was never made durable, so
+//! never acknowledged: opening writes zeros over it (durably) before anything new is written there, so that no
+//! record of it can ever be read back after a later, shorter group. One exception: a bad frame directly followed by a
+//! whole valid record is corruption (a torn write leaves no record whole after its damage... except within the group
+//! it tore, see ARCHITECTURE.md "Known limits"), and opening fails.
+
+use std::{
+    collections::BTreeMap,
+    fs::{File, OpenOptions},
+    io::{self, BufReader, Read, Seek, SeekFrom},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Condvar, Mutex, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+};
+
+use super::log::{HEADER_BYTES, Keep, LogError, MAX_RECORD_BYTES, Recovery};
+
+/// The default size of a segment.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The smallest segment size accepted (a smaller one would switch segments for nearly every group).
+pub const MIN_SEGMENT_BYTES: u64 = 64 * 1024;
+
+/// The journal written by older brokers, read as the segment at offset 0.
+pub const LEGACY_FILE: &str = "journal.log";
+
+/// The folder of segments, in the data directory.
+pub const DIR: &str = "journal";
+
+const READY_FILE: &str = "next.ready";
+
+/// Zeros written at a time when filling a segment, and how many bytes between its `fdatasync`s (so that filling one
+/// never puts much in the device's queue ahead of a commit's write).
+const FILL_CHUNK: usize = 1024 * 1024;
+const FILL_SYNC_EVERY: u64 = 4 * 1024 * 1024;
+
+/// The file name of the segment starting at `start`.
+pub fn segment_name(start: u64) -> String {
+    format!("{start:020}.seg")
+}
+
+/// The start of a segment, from its file name.
+pub fn segment_start(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".seg")?;
+    if digits.len() != 20 || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Every segment file of the data directory `data_dir`, in journal order: `journal.log` (if any) first, then the
+/// segments by start.
+pub fn segment_files(data_dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut segments = Vec::new();
+    let legacy = data_dir.join(LEGACY_FILE);
+    if legacy.exists() {
+        segments.push((0, legacy));
+    }
+    let dir = data_dir.join(DIR);
+    let mut found = Vec::new();
+    match std::fs::read_dir(&dir) {
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry?;
+                if let Some(start) = entry.file_name().to_str().and_then(segment_start) {
+                    found.push((start, entry.path()));
+                }
+            }
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    found.sort();
+    segments.extend(found);
+    Ok(segments)
+}
+
+/// How many bytes at the start of a segment file are whole records with valid checksums (where a copy of it may
+/// end: `broker backup` copies only those, so that a group being written while it copies, or the zeros after it, do
+/// not come along as a damaged record followed by whole ones).
+pub fn whole_records_len(path: &Path) -> io::Result<u64> {
+    let file = File::open(path)?;
+    let file_len = file.metadata()?.len();
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut payload = Vec::new();
+    let mut at = 0;
+    while let Frame::Record = read_frame(&mut reader, &mut payload, file_len - at)? {
+        at += HEADER_BYTES + payload.len() as u64;
+    }
+    Ok(at)
+}
+
+/// Read-only handles on the segments, for reading a value back at its journal offset from any thread (shared with
+/// the committer, which adds each new segment before writing into it).
+#[derive(Clone, Default)]
+pub struct JournalReader {
+    segments: Arc<RwLock<BTreeMap<u64, ReadableSegment>>>,
+}
+
+/// A segment's path (for errors) and a read-only handle on it.
+type ReadableSegment = (PathBuf, Arc<File>);
+
+impl JournalReader {
+    /// Reads `buf.len()` bytes at journal offset `offset` (within one record).
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), LogError> {
+        let (start, path, file) = {
+            let segments = self.segments.read().map_err(|_| LogError::Io {
+                path: PathBuf::from(DIR),
+                source: io::Error::other("the journal's segment list is poisoned"),
+            })?;
+            let Some((start, (path, file))) = segments.range(..=offset).next_back() else {
+                return Err(LogError::Io {
+                    path: PathBuf::from(DIR),
+                    source: io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("no journal segment holds offset {offset}"),
+                    ),
+                });
+            };
+            (*start, path.clone(), file.clone())
+        };
+        file.read_exact_at(buf, offset - start).map_err(|source| LogError::Io { path, source })
+    }
+
+    fn insert(&self, start: u64, path: PathBuf, file: File) {
+        if let Ok(mut segments) = self.segments.write() {
+            segments.insert(start, (path, Arc::new(file)));
+        }
+    }
+}
+
+/// The segment being written.
+struct Current {
+    file: File,
+    path: PathBuf,
+    /// Journal offset of its first byte.
+    start: u64,
+    /// Bytes it can hold without growing (its length when it was opened; an older broker's `journal.log` and a
+    /// segment made when none was ready grow).
+    capacity: u64,
+    legacy: bool,
+}
+
+/// The journal, positioned at its end, owned by the committer.
+pub struct Journal {
+    dir: PathBuf,
+    current: Current,
+    /// Journal offset of the end of the last record written.
+    len: u64,
+    reader: JournalReader,
+    preparer: Preparer,
+    scratch: Vec<u8>,
+    /// Set when a failed move to a new segment could not be undone: the files no longer say where the records end,
+    /// so nothing more may be written (see [`Journal::truncate`]).
+    broken: bool,
+}
+
+impl Journal {
+    /// Opens (creating if needed) the journal of `data_dir`, hands every record from journal offset `scan_from` on to
+    /// `visit` with its offset, and writes zeros over a tail that was never made durable (see the module
+    /// documentation). As with [`super::log::AppendLog::open_until`], `visit` may answer [`Keep::No`]: that record
+    /// and everything after it are cut off like a torn tail.
+    pub fn open(
+        data_dir: &Path,
+        scan_from: u64,
+        segment_bytes: u64,
+        mut visit: impl FnMut(u64, &[u8]) -> Result<Keep, LogError>,
+    ) -> Result<(Self, Recovery), LogError> {
+        let dir = data_dir.join(DIR);
+        let io_at = |path: &Path| {
+            let path = path.to_owned();
+            move |source| LogError::Io { path, source }
+        };
+        std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        remove_unfinished(&dir)?;
+        let mut segments = segment_files(data_dir).map_err(io_at(&dir))?;
+        if segments.is_empty() {
+            let path = dir.join(segment_name(0));
+            File::create(&path).map_err(io_at(&path))?;
+            sync_dir(&dir)?;
+            segments.push((0, path));
+        }
+        let corrupt =
+            |path: &Path, offset: u64, reason: String| LogError::Corrupt { path: path.to_owned(), offset, reason };
+        let first = segments.iter().rposition(|(start, _)| *start <= scan_from).ok_or_else(|| {
+            corrupt(
+                &segments[0].1,
+                scan_from,
+                format!("the journal's first segment starts at {}, after where replay must begin", segments[0].0),
+            )
+        })?;
+        let reader = JournalReader::default();
+        let mut recovery = Recovery::default();
+        let last = segments.len() - 1;
+        let mut end: Option<u64> = None;
+        for (index, (start, path)) in segments.iter().enumerate() {
+            let file = OpenOptions::new().read(true).write(index == last).open(path).map_err(io_at(path))?;
+            let legacy = path.ends_with(LEGACY_FILE);
+            if index >= first {
+                let from = match end {
+                    None => scan_from,
+                    Some(previous) if previous == *start => *start,
+                    Some(previous) => {
+                        return Err(corrupt(
+                            path,
+                            previous,
+                            format!(
+                                "the previous segment's records end at journal offset {previous}, not where this one begins"
+                            ),
+                        ));
+                    }
+                };
+                let scan = scan_segment(&file, path, *start, from, &mut visit)?;
+                recovery.records += scan.records;
+                if index < last {
+                    if scan.refused {
+                        return Err(corrupt(path, scan.end, "a record refused before the last segment".to_owned()));
+                    }
+                } else {
+                    recovery.truncated_bytes = clear_tail(&file, path, *start, scan.end, legacy)?;
+                }
+                end = Some(scan.end);
+            }
+            reader.insert(*start, path.clone(), file.try_clone().map_err(io_at(path))?);
+            if index == last {
+                let end = end.unwrap_or(scan_from);
+                let file_len = file.metadata().map_err(io_at(path))?.len();
+                let capacity = if legacy { end - start } else { file_len };
+                let current = Current { file, path: path.clone(), start: *start, capacity, legacy };
+                let preparer = Preparer::start(&dir, segment_bytes)?;
+                let journal = Self { dir, current, len: end, reader, preparer, scratch: Vec::new(), broken: false };
+                return Ok((journal, recovery));
+            }
+        }
+        // Not reached: the loop returns at the last segment, and there is at least one.
+        Err(LogError::Io { path: dir, source: io::Error::other("the journal has no segment") })
+    }
+
+    /// Journal offset of the end of the last record, which is also the offset the next record will have.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// A handle for reading values back (see [`JournalReader`]).
+    pub fn reader(&self) -> JournalReader {
+        self.reader.clone()
+    }
+
+    /// Writes the records (not yet durable) and returns the journal offset of each. They go into the current segment,
+    /// or into the next one when they do not fit and a segment filled with zeros is ready.
+    pub fn append<'a>(&mut self, records: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<u64>, LogError> {
+        if self.broken {
+            return Err(self.broken_error());
+        }
+        self.scratch.clear();
+        let mut sizes = Vec::new();
+        for record in records {
+            if record.len() > MAX_RECORD_BYTES {
+                return Err(LogError::TooLarge(record.len()));
+            }
+            if record.is_empty() {
+                return Err(LogError::Io {
+                    path: self.current.path.clone(),
+                    source: io::Error::new(io::ErrorKind::InvalidInput, "the journal never holds an empty record"),
+                });
+            }
+            sizes.push(HEADER_BYTES + record.len() as u64);
+            self.scratch.extend_from_slice(&(record.len() as u32).to_le_bytes());
+            self.scratch.extend_from_slice(&crc32fast::hash(record).to_le_bytes());
+            self.scratch.extend_from_slice(record);
+        }
+        let used = self.len - self.current.start;
+        if used + self.scratch.len() as u64 > self.current.capacity {
+            self.next_segment()?;
+        }
+        let at = self.len - self.current.start;
+        self.current
+            .file
+            .write_all_at(&self.scratch, at)
+            .map_err(|source| LogError::Io { path: self.current.path.clone(), source })?;
+        let mut offsets = Vec::with_capacity(sizes.len());
+        for size in sizes {
+            offsets.push(self.len);
+            self.len += size;
+        }
+        Ok(offsets)
+    }
+
+    /// Makes everything written so far durable.
+    pub fn sync(&mut self) -> Result<(), LogError> {
+        self.current.file.sync_data().map_err(|source| LogError::Io { path: self.current.path.clone(), source })
+    }
+
+    /// Takes records written but never made durable back off the journal (after a failed write or `fdatasync`): the
+    /// journal ends at `len` again (a record boundary in the current segment), and zeros are written, durably, where
+    /// they were, so that the next group, written in their place, is never followed by what is left of them after a
+    /// power loss (another thread's `fdatasync` may have made them durable meanwhile).
+    pub fn truncate(&mut self, len: u64) -> Result<(), LogError> {
+        if self.broken {
+            return Err(self.broken_error());
+        }
+        let len = len.clamp(self.current.start, self.len);
+        let io_err = |source| LogError::Io { path: self.current.path.clone(), source };
+        let from = len - self.current.start;
+        if self.current.legacy {
+            self.current.file.set_len(from).map_err(io_err)?;
+            self.current.file.sync_all().map_err(io_err)?;
+        } else {
+            let written = self.len - self.current.start;
+            write_zeros(&self.current.file, from, written).map_err(io_err)?;
+            self.current.file.sync_data().map_err(io_err)?;
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    fn broken_error(&self) -> LogError {
+        LogError::Io {
+            path: self.dir.clone(),
+            source: io::Error::other("an earlier move to a new journal segment failed and could not be undone"),
+        }
+    }
+
+    /// Moves to the segment filled with zeros that is ready, if one is: it is renamed to its place (or put in place of
+    /// the current segment, if that holds nothing yet) and the folder made durable before anything is written to it.
+    fn next_segment(&mut self) -> Result<(), LogError> {
+        let Some(ready) = self.preparer.take() else { return Ok(()) };
+        let start = self.len;
+        let replaces_empty = !self.current.legacy && self.current.start == start;
+        let path = if replaces_empty { self.current.path.clone() } else { self.dir.join(segment_name(start)) };
+        let io_at = |path: &Path| {
+            let path = path.to_owned();
+            move |source| LogError::Io { path, source }
+        };
+        std::fs::rename(&ready, &path).map_err(io_at(&ready))?;
+        let opened = sync_dir(&self.dir)
+            .and_then(|()| OpenOptions::new().read(true).write(true).open(&path).map_err(io_at(&path)))
+            .and_then(|file| Ok((file.metadata().map_err(io_at(&path))?.len(), file)));
+        let (capacity, file) = match opened {
+            Ok(opened) => opened,
+            Err(error) => {
+                // Unless the new segment goes again, it would begin where the current one goes on.
+                if !replaces_empty && (std::fs::remove_file(&path).is_err() || sync_dir(&self.dir).is_err()) {
+                    self.broken = true;
+                }
+                return Err(error);
+            }
+        };
+        let reading = file.try_clone().map_err(io_at(&path))?;
+        self.reader.insert(start, path.clone(), reading);
+        self.current = Current { file, path, start, capacity, legacy: false };
+        self.preparer.want();
+        Ok(())
+    }
+}
+
+/// What scanning one segment found.
+struct Scan {
+    records: u64,
+    /// Journal offset where its records end.
+    end: u64,
+    /// Whether the reader refused a record ([`Keep::No`]).
+    refused: bool,
+}
+
+/// Reads the records of the segment starting at journal offset `start`, from journal offset `from` on.
+fn scan_segment(
+    file: &File,
+    path: &Path,
+    start: u64,
+    from: u64,
+    visit: &mut impl FnMut(u64, &[u8]) -> Result<Keep, LogError>,
+) -> Result<Scan, LogError> {
+    let io_err = |source| LogError::Io { path: path.to_owned(), source };
+    let file_len = file.metadata().map_err(io_err)?.len();
+    let mut at = (from - start).min(file_len);
+    let mut reading = file;
+    let mut reader = BufReader::with_capacity(1 << 20, &mut reading);
+    reader.seek(SeekFrom::Start(at)).map_err(io_err)?;
+    let mut payload = Vec::new();
+    let mut scan = Scan { records: 0, end: start + at, refused: false };
+    loop {
+        match read_frame(&mut reader, &mut payload, file_len - at).map_err(io_err)? {
+            Frame::Record => {
+                if visit(start + at, &payload)? == Keep::No {
+                    scan.refused = true;
+                    break;
+                }
+                scan.records += 1;
+                at += HEADER_BYTES + payload.len() as u64;
+            }
+            Frame::End => break,
+            Frame::Bad { frame_len } => {
+                let next = at + frame_len;
+                if frame_len > HEADER_BYTES && record_at(file, next, file_len).map_err(io_err)? {
+                    return Err(LogError::Corrupt {
+                        path: path.to_owned(),
+                        offset: start + at,
+                        reason: "a damaged record followed by a whole one".to_owned(),
+                    });
+                }
+                break;
+            }
+        }
+    }
+    scan.end = start + at;
+    Ok(scan)
+}
+
+enum Frame {
+    Record,
+    /// The end of the file, or a zero header.
+    End,
+    /// A torn frame or a bad checksum; `frame_len` is what its header claims (header included), or the header's size
+    /// when that runs past the end of the file.
+    Bad {
+        frame_len: u64,
+    },
+}
+
+fn read_frame(reader: &mut impl Read, payload: &mut Vec<u8>, remaining: u64) -> io::Result<Frame> {
+    if remaining == 0 {
+        return Ok(Frame::End);
+    }
+    if remaining < HEADER_BYTES {
+        return Ok(Frame::Bad { frame_len: HEADER_BYTES });
+    }
+    let mut header = [0u8; 8];
+    reader.read_exact(&mut header)?;
+    if header == [0u8; 8] {
+        return Ok(Frame::End);
+    }
+    let len = u64::from(u32::from_le_bytes([header[0], header[1], header[2], header[3]]));
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if len == 0 || len > remaining - HEADER_BYTES || len as usize > MAX_RECORD_BYTES {
+        return Ok(Frame::Bad { frame_len: HEADER_BYTES });
+    }
+    payload.resize(len as usize, 0);
+    reader.read_exact(payload)?;
+    if crc32fast::hash(payload) != crc {
+        return Ok(Frame::Bad { frame_len: HEADER_BYTES + len });
+    }
+    Ok(Frame::Record)
+}
+
+/// Whether a whole record with a valid checksum starts at byte `at` of the file.
+fn record_at(file: &File, at: u64, file_len: u64) -> io::Result<bool> {
+    if at + HEADER_BYTES > file_len {
+        return Ok(false);
+    }
+    let mut header = [0u8; 8];
+    file.read_exact_at(&mut header, at)?;
+    let len = u64::from(u32::from_le_bytes([header[0], header[1], header[2], header[3]]));
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if len == 0 || at + HEADER_BYTES + len > file_len || len as usize > MAX_RECORD_BYTES {
+        return Ok(false);
+    }
+    let mut payload = vec![0u8; len as usize];
+    file.read_exact_at(&mut payload, at + HEADER_BYTES)?;
+    Ok(crc32fast::hash(&payload) == crc)
+}
+
+/// Makes the last segment end at journal offset `end` for good: zeros over any bytes left after it (written
+/// durably), or, for an older broker's `journal.log`, the file cut there. Returns how many bytes were cleared.
+fn clear_tail(file: &File, path: &Path, start: u64, end: u64, legacy: bool) -> Result<u64, LogError> {
+    let io_err = |source| LogError::Io { path: path.to_owned(), source };
+    let file_len = file.metadata().map_err(io_err)?.len();
+    let from = end - start;
+    if legacy {
+        if file_len > from {
+            file.set_len(from).map_err(io_err)?;
+            file.sync_all().map_err(io_err)?;
+        }
+        return Ok(file_len.saturating_sub(from));
+    }
+    // Where the last non-zero byte after the end is.
+    let mut buffer = vec![0u8; FILL_CHUNK];
+    let mut at = from;
+    let mut dirty_to = from;
+    while at < file_len {
+        let chunk = (file_len - at).min(FILL_CHUNK as u64) as usize;
+        file.read_exact_at(&mut buffer[..chunk], at).map_err(io_err)?;
+        if let Some(last) = buffer[..chunk].iter().rposition(|byte| *byte != 0) {
+            dirty_to = at + last as u64 + 1;
+        }
+        at += chunk as u64;
+    }
+    if dirty_to > from {
+        write_zeros(file, from, dirty_to).map_err(io_err)?;
+        file.sync_data().map_err(io_err)?;
+    }
+    Ok(dirty_to - from)
+}
+
+/// Writes zeros over bytes `from..to` of the file.
+fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
+    let zeros = vec![0u8; FILL_CHUNK.min(to.saturating_sub(from) as usize)];
+    let mut at = from;
+    while at < to {
+        let chunk = (to - at).min(FILL_CHUNK as u64) as usize;
+        file.write_all_at(&zeros[..chunk], at)?;
+        at += chunk as u64;
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir).and_then(|folder| folder.sync_all()).map_err(|source| LogError::Io { path: dir.to_owned(), source })
+}
+
+/// Removes segments left half-filled by a run that stopped while filling one.
+fn remove_unfinished(dir: &Path) -> Result<(), LogError> {
+    let io_err = |source| LogError::Io { path: dir.to_owned(), source };
+    for entry in std::fs::read_dir(dir).map_err(io_err)? {
+        let path = entry.map_err(io_err)?.path();
+        if path.extension().is_some_and(|extension| extension == "tmp") {
+            std::fs::remove_file(&path).map_err(io_err)?;
+        }
+    }
+    Ok(())
+}
+
+/// The thread that fills the next segment with zeros, one at a time, ahead of need.
+struct Preparer {
+    shared: Arc<Prepared>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Prepared {
+    state: Mutex<PreparedState>,
+    changed: Condvar,
+    stop: AtomicBool,
+}
+
+#[derive(Default)]
+struct PreparedState {
+    ready: Option<PathBuf>,
+    wanted: bool,
+}
+
+impl Preparer {
+    /// Starts the thread; a segment left ready by the previous run (of the same size) is used as it is.
+    fn start(dir: &Path, segment_bytes: u64) -> Result<Self, LogError> {
+        let segment_bytes = segment_bytes.max(MIN_SEGMENT_BYTES);
+        let ready_path = dir.join(READY_FILE);
+        let ready = match std::fs::metadata(&ready_path) {
+            Ok(metadata) if metadata.len() == segment_bytes => Some(ready_path.clone()),
+            Ok(_) => {
+                std::fs::remove_file(&ready_path)
+                    .map_err(|source| LogError::Io { path: ready_path.clone(), source })?;
+                None
+            }
+            Err(_) => None,
+        };
+        let wanted = ready.is_none();
+        let shared = Arc::new(Prepared {
+            state: Mutex::new(PreparedState { ready, wanted }),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let worker = shared.clone();
+        let dir = dir.to_owned();
+        let thread = thread::Builder::new()
+            .name("journal-segments".to_owned())
+            .spawn(move || run_preparer(&worker, &dir, segment_bytes))
+            .map_err(|source| LogError::Io { path: PathBuf::from(DIR), source })?;
+        Ok(Self { shared, thread: Some(thread) })
+    }
+
+    /// The segment ready for use, if there is one.
+    fn take(&self) -> Option<PathBuf> {
+        self.shared.state.lock().ok().and_then(|mut state| state.ready.take())
+    }
+
+    /// Asks for the next one.
+    fn want(&self) {
+        if let Ok(mut state) = self.shared.state.lock() {
+            state.wanted = true;
+            self.shared.changed.notify_one();
+        }
+    }
+}
+
+impl Drop for Preparer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Ok(_state) = self.shared.state.lock() {
+            self.shared.changed.notify_one();
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run_preparer(shared: &Prepared, dir: &Path, segment_bytes: u64) {
+    loop {
+        {
+            let Ok(mut state) = shared.state.lock() else { return };
+            while !(state.wanted && state.ready.is_none()) {
+                if shared.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                state = match shared.changed.wait(state) {
+                    Ok(state) => state,
+                    Err(_) => return,
+                };
+            }
+            if shared.stop.load(Ordering::Acquire) {
+                return;
+            }
+            state.wanted = false;
+        }
+        match fill_segment(dir, segment_bytes, &shared.stop) {
+            Ok(Some(path)) => {
+                if let Ok(mut state) = shared.state.lock() {
+                    state.ready = Some(path);
+                }
+            }
+            Ok(None) => return,
+            Err(error) => {
+                // The committer goes on growing the current segment (appends, slower) and asks again at its next move.
+                tracing::warn!(error = %error, "could not prepare the next journal segment; retrying in ten seconds");
+                let stopped = shared
+                    .state
+                    .lock()
+                    .ok()
+                    .and_then(|state| shared.changed.wait_timeout(state, std::time::Duration::from_secs(10)).ok())
+                    .is_none();
+                if stopped {
+                    return;
+                }
+                if let Ok(mut state) = shared.state.lock() {
+                    state.wanted = true;
+                }
+            }
+        }
+    }
+}
+
+/// Writes a segment full of zeros, makes it durable and names it `next.ready`; `None` if asked to stop meanwhile.
+fn fill_segment(dir: &Path, segment_bytes: u64, stop: &AtomicBool) -> Result<Option<PathBuf>, LogError> {
+    let filling = dir.join("next.tmp");
+    let io_err = |source| LogError::Io { path: filling.clone(), source };
+    let file = File::create(&filling).map_err(io_err)?;
+    let zeros = vec![0u8; FILL_CHUNK];
+    let mut at = 0;
+    while at < segment_bytes {
+        if stop.load(Ordering::Acquire) {
+            drop(file);
+            let _ = std::fs::remove_file(&filling);
+            return Ok(None);
+        }
+        let chunk = (segment_bytes - at).min(FILL_CHUNK as u64) as usize;
+        file.write_all_at(&zeros[..chunk], at).map_err(io_err)?;
+        at += chunk as u64;
+        if at % FILL_SYNC_EVERY == 0 {
+            file.sync_data().map_err(io_err)?;
+        }
+    }
+    file.sync_all().map_err(io_err)?;
+    let ready = dir.join(READY_FILE);
+    std::fs::rename(&filling, &ready).map_err(io_err)?;
+    Ok(Some(ready))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEGMENT: u64 = MIN_SEGMENT_BYTES;
+
+    impl Journal {
+        /// Waits until the next segment is ready, so that tests move between segments when they expect to.
+        fn wait_until_ready(&self) {
+            for _ in 0..1000 {
+                if self.preparer.shared.state.lock().unwrap().ready.is_some() {
+                    return;
+                }
+                thread::sleep(std::time::Duration::from_millis(10));
+            }
+            panic!("no segment became ready");
+        }
+    }
+
+    fn open(dir: &Path) -> (Journal, Vec<(u64, Vec<u8>)>, Recovery) {
+        let mut seen = Vec::new();
+        let (journal, recovery) = Journal::open(dir, 0, SEGMENT, |offset, record| {
+            seen.push((offset, record.to_vec()));
+            Ok(Keep::Yes)
+        })
+        .unwrap();
+        (journal, seen, recovery)
+    }
+
+    fn record(index: usize, len: usize) -> Vec<u8> {
+        (0..len).map(|at| (index * 31 + at) as u8 | 1).collect()
+    }
+
+    fn segment_paths(dir: &Path) -> Vec<PathBuf> {
+        segment_files(dir).unwrap().into_iter().map(|(_, path)| path).collect()
+    }
+
+    /// Records spread over several segments read back in order, at the offsets they were given, both on open and
+    /// through the reader; segments filled ahead keep their length as they are written.
+    #[test]
+    fn records_span_segments_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, seen, _) = open(dir.path());
+        assert!(seen.is_empty());
+        let mut written = Vec::new();
+        for index in 0..24 {
+            journal.wait_until_ready();
+            let bytes = record(index, 10_000);
+            let offsets = journal.append([bytes.as_slice()]).unwrap();
+            journal.sync().unwrap();
+            written.push((offsets[0], bytes));
+        }
+        let reader = journal.reader();
+        drop(journal);
+        let segments = segment_paths(dir.path());
+        assert!(segments.len() >= 4, "{segments:?}");
+        for path in &segments {
+            assert_eq!(std::fs::metadata(path).unwrap().len(), SEGMENT, "{path:?} kept the length it was filled to");
+        }
+        let (journal, seen, recovery) = open(dir.path());
+        assert_eq!(seen, written);
+        assert_eq!(recovery, Recovery { records: 24, truncated_bytes: 0 });
+        let (last_offset, last) = written.last().unwrap();
+        assert_eq!(journal.len(), last_offset + HEADER_BYTES + last.len() as u64);
+        for (offset, bytes) in &written {
+            let mut back = vec![0u8; bytes.len()];
+            reader.read_exact_at(&mut back, offset + HEADER_BYTES).unwrap();
+            assert_eq!(&back, bytes);
+            journal.reader().read_exact_at(&mut back, offset + HEADER_BYTES).unwrap();
+            assert_eq!(&back, bytes);
+        }
+    }
+
+    /// A record larger than a segment makes its segment grow; the next record goes into the next one.
+    #[test]
+    fn a_record_larger_than_a_segment_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _, _) = open(dir.path());
+        let large = record(1, 3 * SEGMENT as usize);
+        journal.wait_until_ready();
+        journal.append([b"small".as_slice(), large.as_slice()]).unwrap();
+        journal.wait_until_ready();
+        journal.append([b"after".as_slice()]).unwrap();
+        journal.sync().unwrap();
+        drop(journal);
+        let (_, seen, _) = open(dir.path());
+        let records: Vec<Vec<u8>> = seen.into_iter().map(|(_, record)| record).collect();
+        assert_eq!(records, vec![b"small".to_vec(), large, b"after".to_vec()]);
+    }
+
+    /// A group that never became durable, damaged so that a later, shorter group could end where one of its records
+    /// begins, is zeroed on open: nothing of it is read back after the group written in its place.
+    #[test]
+    fn a_torn_tail_is_zeroed_and_never_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _, _) = open(dir.path());
+        journal.wait_until_ready();
+        journal.append([b"acknowledged".as_slice()]).unwrap();
+        journal.sync().unwrap();
+        let torn = journal.append([b"torn one".as_slice(), b"stale two".as_slice()]).unwrap();
+        drop(journal);
+        let path = segment_paths(dir.path()).pop().unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[torn[0] as usize..torn[0] as usize + 8].fill(0); // the first record's header never reached the disk
+        std::fs::write(&path, &bytes).unwrap();
+
+        let (mut journal, seen, recovery) = open(dir.path());
+        assert_eq!(seen.iter().map(|(_, record)| record.as_slice()).collect::<Vec<_>>(), [b"acknowledged".as_slice()]);
+        assert_eq!(
+            recovery.truncated_bytes,
+            torn[1] + HEADER_BYTES + 9 - torn[0],
+            "from the zeroed header to the end of `stale two`"
+        );
+        assert_eq!(journal.len(), torn[0]);
+        journal.append([b"new  one".as_slice()]).unwrap(); // as long as the torn one: ends where `stale two` began
+        journal.sync().unwrap();
+        drop(journal);
+        let (_, seen, recovery) = open(dir.path());
+        let records: Vec<&[u8]> = seen.iter().map(|(_, record)| record.as_slice()).collect();
+        assert_eq!(records, [b"acknowledged".as_slice(), b"new  one".as_slice()]);
+        assert_eq!(recovery.truncated_bytes, 0);
+    }
+
+    /// A damaged record followed by a whole one is not a torn write: opening refuses.
+    #[test]
+    fn a_damaged_record_followed_by_a_whole_one_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _, _) = open(dir.path());
+        journal.wait_until_ready();
+        let offsets = journal.append([b"first".as_slice(), b"second".as_slice(), b"third".as_slice()]).unwrap();
+        journal.sync().unwrap();
+        drop(journal);
+        let path = segment_paths(dir.path()).pop().unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[offsets[1] as usize + 9] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let result = Journal::open(dir.path(), 0, SEGMENT, |_, _| Ok(Keep::Yes));
+        assert!(matches!(result, Err(LogError::Corrupt { offset, .. }) if offset == offsets[1]));
+    }
+
+    /// Every segment but the last must end where the next begins.
+    #[test]
+    fn a_segment_that_ends_short_of_the_next_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _, _) = open(dir.path());
+        let mut last_in_first = 0;
+        for index in 0..8 {
+            journal.wait_until_ready();
+            let offsets = journal.append([record(index, 20_000).as_slice()]).unwrap();
+            if segment_paths(dir.path()).len() == 1 {
+                last_in_first = offsets[0];
+            }
+            journal.sync().unwrap();
+        }
+        drop(journal);
+        let first = segment_paths(dir.path()).remove(0);
+        let mut bytes = std::fs::read(&first).unwrap();
+        bytes[last_in_first as usize..last_in_first as usize + 8].fill(0);
+        std::fs::write(&first, &bytes).unwrap();
+        let result = Journal::open(dir.path(), 0, SEGMENT, |_, _| Ok(Keep::Yes));
+        assert!(
+            matches!(result, Err(LogError::Corrupt { offset, .. }) if offset == last_in_first),
+            "{:?}",
+            result.err()
+        );
+    }
+
+    /// A group taken back after a failed `fdatasync` is zeroed where it was, and the next group takes its place.
+    #[test]
+    fn a_group_taken_back_is_zeroed_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _, _) = open(dir.path());
+        journal.wait_until_ready();
+        journal.append([b"kept".as_slice()]).unwrap();
+        journal.sync().unwrap();
+        let before = journal.len();
+        journal.append([b"taken back".as_slice(), b"with it".as_slice()]).unwrap();
+        journal.truncate(before).unwrap();
+        assert_eq!(journal.len(), before);
+        journal.append([b"in its place".as_slice()]).unwrap();
+        journal.sync().unwrap();
+        drop(journal);
+        let (_, seen, recovery) = open(dir.path());
+        let records: Vec<&[u8]> = seen.iter().map(|(_, record)| record.as_slice()).collect();
+        assert_eq!(records, [b"kept".as_slice(), b"in its place".as_slice()]);
+        assert_eq!(recovery.truncated_bytes, 0, "nothing of the group taken back was left to clear");
+    }
+
+    /// A segment filled ahead is kept for the next run; one left half-filled is removed.
+    #[test]
+    fn a_ready_segment_is_kept_and_an_unfinished_one_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _, _) = open(dir.path());
+        journal.wait_until_ready();
+        drop(journal);
+        let journal_dir = dir.path().join(DIR);
+        assert_eq!(std::fs::metadata(journal_dir.join(READY_FILE)).unwrap().len(), SEGMENT);
+        std::fs::write(journal_dir.join("next.tmp"), b"half").unwrap();
+        let (mut journal, _, _) = open(dir.path());
+        assert!(!journal_dir.join("next.tmp").exists());
+        assert!(journal.preparer.shared.state.lock().unwrap().ready.is_some(), "the ready segment is used as it is");
+        journal.append([b"first".as_slice()]).unwrap();
+        journal.sync().unwrap();
+        drop(journal);
+        let segments = segment_paths(dir.path());
+        assert_eq!(segments.len(), 1, "the empty first segment was replaced by the ready one");
+        assert_eq!(std::fs::metadata(&segments[0]).unwrap().len(), SEGMENT);
+    }
+
+    /// Scanning can start in any segment; the ones before it are still read through the reader.
+    #[test]
+    fn scanning_starts_at_an_offset_in_a_later_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _, _) = open(dir.path());
+        let mut written = Vec::new();
+        for index in 0..8 {
+            journal.wait_until_ready();
+            let bytes = record(index, 20_000);
+            written.push((journal.append([bytes.as_slice()]).unwrap()[0], bytes));
+            journal.sync().unwrap();
+        }
+        drop(journal);
+        let from = written[6].0;
+        let mut seen = Vec::new();
+        let (journal, _) = Journal::open(dir.path(), from, SEGMENT, |offset, record| {
+            seen.push((offset, record.to_vec()));
+            Ok(Keep::Yes)
+        })
+        .unwrap();
+        assert_eq!(seen, written[6..].to_vec());
+        let mut back = vec![0u8; 20_000];
+        journal.reader().read_exact_at(&mut back, written[0].0 + HEADER_BYTES).unwrap();
+        assert_eq!(back, written[0].1);
+    }
+
+    #[test]
+    fn segment_names_round_trip() {
+        assert_eq!(segment_name(1234), "00000000000000001234.seg");
+        assert_eq!(segment_start(&segment_name(u64::MAX)), Some(u64::MAX));
+        assert_eq!(segment_start("1234.seg"), None);
+        assert_eq!(segment_start("0000000000000000123x.seg"), None);
+        assert_eq!(segment_start("next.ready"), None);
+    }
+}
