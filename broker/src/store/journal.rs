@@ -164,10 +164,9 @@ struct Current {
     path: PathBuf,
     /// Journal offset of its first byte.
     start: u64,
-    /// Bytes it can hold without growing (its length when it was opened; an older broker's `journal.log` and a
-    /// segment made when none was ready grow).
+    /// Bytes it can hold without growing (its length when it was opened; it grows when a group larger than a segment
+    /// is written into it, or when the next segment is not ready in time).
     capacity: u64,
-    legacy: bool,
 }
 
 /// The journal, positioned at its end, owned by the committer.
@@ -208,14 +207,7 @@ impl Journal {
         if segments.is_empty() {
             // A new journal: its first segment is filled now (once), so that the first commits already overwrite zeros.
             let path = dir.join(segment_name(0));
-            let ready = dir.join(READY_FILE);
-            let ready_len = std::fs::metadata(&ready).map(|metadata| metadata.len()).ok();
-            if ready_len != Some(segment_bytes.max(MIN_SEGMENT_BYTES)) {
-                fill_segment(&dir, segment_bytes.max(MIN_SEGMENT_BYTES), &AtomicBool::new(false), false)?;
-                // (It stops early only when asked to, and nothing asks this one.)
-            }
-            std::fs::rename(&ready, &path).map_err(io_at(&ready))?;
-            sync_dir(&dir)?;
+            place_filled_segment(&dir, segment_bytes, &path)?;
             segments.push((0, path));
         }
         let corrupt =
@@ -262,11 +254,20 @@ impl Journal {
             reader.insert(*start, path.clone(), file.try_clone().map_err(io_at(path))?);
             if index == last {
                 let end = end.unwrap_or(scan_from);
-                let file_len = file.metadata().map_err(io_at(path))?.len();
-                let capacity = if legacy { end - start } else { file_len };
-                let current = Current { file, path: path.clone(), start: *start, capacity, legacy };
-                // The next segment is filled once this one is half full (or now, if this one cannot hold more).
-                let asked_next = legacy || (end - start) * 2 > capacity;
+                let current = if legacy {
+                    // An older broker's `journal.log` is not written again: new records go into segments after it.
+                    let path = dir.join(segment_name(end));
+                    place_filled_segment(&dir, segment_bytes, &path)?;
+                    let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io_at(&path))?;
+                    reader.insert(end, path.clone(), file.try_clone().map_err(io_at(&path))?);
+                    let capacity = file.metadata().map_err(io_at(&path))?.len();
+                    Current { file, path, start: end, capacity }
+                } else {
+                    let capacity = file.metadata().map_err(io_at(path))?.len();
+                    Current { file, path: path.clone(), start: *start, capacity }
+                };
+                // The next segment is filled once this one is half full (or at once, if it already is).
+                let asked_next = (end - current.start) * 2 > current.capacity;
                 let preparer = Preparer::start(&dir, segment_bytes, asked_next)?;
                 let journal =
                     Self { dir, current, len: end, reader, preparer, asked_next, scratch: Vec::new(), broken: false };
@@ -351,14 +352,9 @@ impl Journal {
         let len = len.clamp(self.current.start, self.len);
         let io_err = |source| LogError::Io { path: self.current.path.clone(), source };
         let from = len - self.current.start;
-        if self.current.legacy {
-            self.current.file.set_len(from).map_err(io_err)?;
-            self.current.file.sync_all().map_err(io_err)?;
-        } else {
-            let written = self.len - self.current.start;
-            write_zeros(&self.current.file, from, written).map_err(io_err)?;
-            self.current.file.sync_data().map_err(io_err)?;
-        }
+        let written = self.len - self.current.start;
+        write_zeros(&self.current.file, from, written).map_err(io_err)?;
+        self.current.file.sync_data().map_err(io_err)?;
         self.len = len;
         Ok(())
     }
@@ -374,7 +370,7 @@ impl Journal {
     /// renamed to its place and the folder made durable before anything is written to it.
     fn next_segment(&mut self) -> Result<(), LogError> {
         let start = self.len;
-        if !self.current.legacy && self.current.start == start {
+        if self.current.start == start {
             return Ok(());
         }
         let Some(ready) = self.preparer.take() else {
@@ -405,7 +401,7 @@ impl Journal {
         };
         let reading = file.try_clone().map_err(io_at(&path))?;
         self.reader.insert(start, path.clone(), reading);
-        self.current = Current { file, path, start, capacity, legacy: false };
+        self.current = Current { file, path, start, capacity };
         self.asked_next = false;
         Ok(())
     }
@@ -547,6 +543,19 @@ fn clear_tail(file: &File, path: &Path, start: u64, end: u64, legacy: bool) -> R
         file.sync_data().map_err(io_err)?;
     }
     Ok(dirty_to - from)
+}
+
+/// Puts a segment filled with zeros at `path` (the one ready, or one filled now) and makes the folder durable.
+fn place_filled_segment(dir: &Path, segment_bytes: u64, path: &Path) -> Result<(), LogError> {
+    let segment_bytes = segment_bytes.max(MIN_SEGMENT_BYTES);
+    let ready = dir.join(READY_FILE);
+    let ready_len = std::fs::metadata(&ready).map(|metadata| metadata.len()).ok();
+    if ready_len != Some(segment_bytes) {
+        // It stops early only when asked to, and nothing asks this one.
+        fill_segment(dir, segment_bytes, &AtomicBool::new(false), false)?;
+    }
+    std::fs::rename(&ready, path).map_err(|source| LogError::Io { path: ready.clone(), source })?;
+    sync_dir(dir)
 }
 
 /// Writes zeros over bytes `from..to` of the file.
