@@ -6,14 +6,15 @@
 //! thread takes every commit waiting in its queue (group commit), then
 //!
 //! 1. appends their audit entries to the audit log ([`crate::audit::AuditLog`]) and their writes to the state journal
-//!    (`journal.log`), the group's first journal record carrying the same audit entries' bytes,
+//!    ([`journal`]: segment files filled with zeros ahead of use), the group's first journal record carrying the same
+//!    audit entries' bytes,
 //! 2. `fdatasync`s the journal (one device flush per group),
 //! 3. takes the lock readers of single keys take, answers each waiting caller,
 //! 4. and applies the writes to sled, one by one, before it lets readers in again (so a reader sees a group whole or
 //!    not at all, and a reader who heard of a commit sees it; the answer does not wait for sled).
 //!
-//! A failed `fdatasync` cuts the group back off both logs, so the next group does not follow unacknowledged
-//! records; if that cut fails, the store refuses further changes.
+//! A failed write or `fdatasync` takes the group back off both logs, so the next group does not follow
+//! unacknowledged records; if that fails, the store refuses further changes.
 //!
 //! INVARIANT: nothing is acknowledged to a sender, delivered or reported before its journal record, which carries its
 //! audit entries, is durable (DESIGN.md invariants 4 and 5).
@@ -133,7 +134,7 @@ pub enum Write {
 /// older broker starts with a field tag, never with 0xFF.
 const BLOB_REF_MAGIC: &[u8] = b"\xffjref";
 
-/// Where a [`Write::PutBlob`] value is in `journal.log`: `len` bytes at byte `offset`, with their CRC-32 (so that
+/// Where a [`Write::PutBlob`] value is in the journal: `len` bytes at journal offset `offset`, with their CRC-32 (so that
 /// reading one copy reads only that copy, not the whole commit it came in: a message to 64 recipients would
 /// otherwise decode all 64 copies for each delivery).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

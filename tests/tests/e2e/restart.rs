@@ -1,11 +1,12 @@
 //! The broker killed (SIGKILL, the process, not a task) and restarted: every acknowledged send is still delivered,
-//! exactly once into the recipient's inbox, and the audit log reopens intact.
+//! exactly once into the recipient's inbox, and the audit log reopens intact; also when the journal has moved
+//! between segments.
 
 use std::{collections::BTreeSet, time::Duration};
 
 use anyhow::Result;
 use proto::pb;
-use tests::{Area, BrokerProcess, eventually, example};
+use tests::{Area, BrokerProcess, BrokerSettings, eventually, example};
 
 const POLICE: &str = "beds-police";
 const SCHOOL: &str = "luton-oakwood-primary";
@@ -24,12 +25,14 @@ fn inbox_message_ids(inbox: &std::path::Path) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_messages_survive_kill_9_and_are_all_delivered_after_restart() -> Result<()> {
-    let area = Area::new()?;
+    // The smallest journal segments, so that the messages span several and the kills come after moves between them.
+    let segment_bytes = broker::store::journal::MIN_SEGMENT_BYTES;
+    let area = Area::with_settings(BrokerSettings { journal_segment_bytes: segment_bytes, ..BrokerSettings::default() })?;
     let broker = BrokerProcess::start(BROKER, &area, "127.0.0.1:0".parse()?)?;
     let address = broker.address;
     let mut police = area.client(POLICE, address).await?;
     let mut acknowledged = BTreeSet::new();
-    for index in 0..25 {
+    for index in 0..60 {
         let mut envelope = example("operation-encompass-notification.json")?;
         envelope.idempotency_key = format!("kill-{index}");
         let receipt = police.send(pb::SendRequest { envelope: Some(envelope) }).await?.into_inner();
@@ -37,6 +40,8 @@ async fn queued_messages_survive_kill_9_and_are_all_delivered_after_restart() ->
     }
     // Killed straight after the last answer: no shutdown code runs.
     broker.kill()?;
+    let segments = broker::store::journal::segment_files(&area.data_dir())?;
+    assert!(segments.len() >= 2, "the journal moved between segments: {segments:?}");
 
     let broker = BrokerProcess::start(BROKER, &area, address)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
