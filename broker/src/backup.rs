@@ -38,6 +38,11 @@ pub enum BackupError {
     NotADataDirectory(PathBuf),
     #[error("`{0}` already holds data: restore into an empty or new folder")]
     NotEmpty(PathBuf),
+    #[error(
+        "`{path}`: the journal segment's whole records end at journal offset {end}, not where the next segment begins \
+         ({next}); the journal is damaged (the broker refuses to start on it): restore from an earlier backup"
+    )]
+    JournalDamaged { path: PathBuf, end: u64, next: u64 },
     #[error("`{0}` in the backup is not a file this broker writes")]
     UnexpectedEntry(String),
 }
@@ -90,7 +95,7 @@ fn write_archive<W: Write>(data_dir: &Path, out: W) -> Result<(BackupReport, W),
         Ok(())
     };
     copy(CHECKPOINTS_FILE.to_owned(), &data_dir.join(CHECKPOINTS_FILE), None)?;
-    for (_, path) in &segments {
+    for (index, (start, path)) in segments.iter().enumerate() {
         let Some(file_name) = path.file_name().and_then(|name| name.to_str()) else { continue };
         let name = if file_name == journal::LEGACY_FILE {
             file_name.to_owned()
@@ -98,6 +103,11 @@ fn write_archive<W: Write>(data_dir: &Path, out: W) -> Result<(BackupReport, W),
             format!("{}/{file_name}", journal::DIR)
         };
         let whole = journal::whole_records_len(path).map_err(io(path))?;
+        if let Some((next, _)) = segments.get(index + 1)
+            && start + whole != *next
+        {
+            return Err(BackupError::JournalDamaged { path: path.clone(), end: start + whole, next: *next });
+        }
         copy(name, path, Some(whole))?;
     }
     copy(ENTRIES_FILE.to_owned(), &data_dir.join(ENTRIES_FILE), None)?;
@@ -153,6 +163,10 @@ pub fn restore(backup_file: &Path, data_dir: &Path) -> Result<BackupReport, Back
         out.sync_all().map_err(io(&target))?;
         report.files.push((name, length));
     }
+    for dir in ["audit", "keys", journal::DIR, ""] {
+        let dir = data_dir.join(dir);
+        File::open(&dir).and_then(|folder| folder.sync_all()).map_err(io(&dir))?;
+    }
     Ok(report)
 }
 
@@ -196,5 +210,24 @@ mod tests {
         assert!(!restored.join("journal/next.ready").exists());
         assert!(matches!(restore(&out, &restored), Err(BackupError::NotEmpty(_))));
         assert!(matches!(backup(target.path(), &out), Err(BackupError::NotADataDirectory(_))));
+    }
+
+    /// A segment whose whole records stop short of the next segment fails the backup: its copy would not open.
+    #[test]
+    fn a_journal_segment_that_stops_short_of_the_next_fails_the_backup() {
+        let source = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(source.path().join("journal")).unwrap();
+        let mut first = crate::test_support::framed(&[b"first", b"second"]);
+        let next_start = first.len() as u64;
+        first[9] ^= 0x01; // the first record's payload, so its whole records end at 0
+        std::fs::write(source.path().join("journal").join(journal::segment_name(0)), &first).unwrap();
+        std::fs::write(
+            source.path().join("journal").join(journal::segment_name(next_start)),
+            crate::test_support::framed(&[b"third"]),
+        )
+        .unwrap();
+        let out = source.path().join("backup.tar");
+        let error = backup(source.path(), &out).unwrap_err();
+        assert!(matches!(error, BackupError::JournalDamaged { end: 0, next, .. } if next == next_start), "{error}");
     }
 }

@@ -119,15 +119,20 @@ pub fn whole_records_len(path: &Path) -> io::Result<u64> {
     Ok(at)
 }
 
-/// Read-only handles on the segments, for reading a value back at its journal offset from any thread (shared with
-/// the committer, which adds each new segment before writing into it).
+/// Read-only access to the segments, for reading a value back at its journal offset from any thread (shared with
+/// the committer, which adds each new segment before writing into it). Handles are kept open on the newest
+/// [`OPEN_SEGMENTS`] segments only (the journal is not compacted yet, and one descriptor per segment would reach
+/// the process's limit on a long-lived broker); an older one is opened for each read.
 #[derive(Clone, Default)]
 pub struct JournalReader {
     segments: Arc<RwLock<BTreeMap<u64, ReadableSegment>>>,
 }
 
-/// A segment's path (for errors) and a read-only handle on it.
-type ReadableSegment = (PathBuf, Arc<File>);
+/// Segments whose read handles are kept open.
+const OPEN_SEGMENTS: usize = 16;
+
+/// A segment's path and, for the newest ones, a read-only handle on it.
+type ReadableSegment = (PathBuf, Option<Arc<File>>);
 
 impl JournalReader {
     /// Reads `buf.len()` bytes at journal offset `offset` (within one record).
@@ -148,12 +153,21 @@ impl JournalReader {
             };
             (*start, path.clone(), file.clone())
         };
+        let file = match file {
+            Some(file) => file,
+            None => Arc::new(File::open(&path).map_err(|source| LogError::Io { path: path.clone(), source })?),
+        };
         file.read_exact_at(buf, offset - start).map_err(|source| LogError::Io { path, source })
     }
 
-    fn insert(&self, start: u64, path: PathBuf, file: File) {
+    /// Adds a segment (or replaces one with the same start), with `file` as its handle, and closes the handle of the
+    /// newest segment no longer among the [`OPEN_SEGMENTS`] newest.
+    fn insert(&self, start: u64, path: PathBuf, file: Option<File>) {
         if let Ok(mut segments) = self.segments.write() {
-            segments.insert(start, (path, Arc::new(file)));
+            segments.insert(start, (path, file.map(Arc::new)));
+            if let Some((_, (_, handle))) = segments.iter_mut().rev().nth(OPEN_SEGMENTS) {
+                *handle = None;
+            }
         }
     }
 }
@@ -164,9 +178,12 @@ struct Current {
     path: PathBuf,
     /// Journal offset of its first byte.
     start: u64,
-    /// Bytes it can hold without growing (its length when it was opened; it grows when a group larger than a segment
-    /// is written into it, or when the next segment is not ready in time).
+    /// Bytes it can hold without growing (its length when it was opened; the file grows past it when a group larger
+    /// than a segment is written into it, or when the next segment is not ready in time).
     capacity: u64,
+    /// How far into it writes may have reached, including a write that failed part way: what [`Journal::truncate`]
+    /// must clear.
+    written_to: u64,
 }
 
 /// The journal, positioned at its end, owned by the committer.
@@ -183,6 +200,9 @@ pub struct Journal {
     /// Set when a failed move to a new segment could not be undone: the files no longer say where the records end,
     /// so nothing more may be written (see [`Journal::truncate`]).
     broken: bool,
+    /// For tests: the next write puts its bytes in the file and then reports a failure.
+    #[cfg(test)]
+    fail_next_write: bool,
 }
 
 impl Journal {
@@ -201,7 +221,10 @@ impl Journal {
             let path = path.to_owned();
             move |source| LogError::Io { path, source }
         };
-        std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+            sync_dir(data_dir)?;
+        }
         remove_unfinished(&dir)?;
         let mut segments = segment_files(data_dir).map_err(io_at(&dir))?;
         if segments.is_empty() {
@@ -251,7 +274,8 @@ impl Journal {
                 }
                 end = Some(scan.end);
             }
-            reader.insert(*start, path.clone(), file.try_clone().map_err(io_at(path))?);
+            let handle = if last - index < OPEN_SEGMENTS { Some(file.try_clone().map_err(io_at(path))?) } else { None };
+            reader.insert(*start, path.clone(), handle);
             if index == last {
                 let end = end.unwrap_or(scan_from);
                 let current = if legacy {
@@ -259,18 +283,28 @@ impl Journal {
                     let path = dir.join(segment_name(end));
                     place_filled_segment(&dir, segment_bytes, &path)?;
                     let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io_at(&path))?;
-                    reader.insert(end, path.clone(), file.try_clone().map_err(io_at(&path))?);
+                    reader.insert(end, path.clone(), Some(file.try_clone().map_err(io_at(&path))?));
                     let capacity = file.metadata().map_err(io_at(&path))?.len();
-                    Current { file, path, start: end, capacity }
+                    Current { file, path, start: end, capacity, written_to: 0 }
                 } else {
                     let capacity = file.metadata().map_err(io_at(path))?.len();
-                    Current { file, path: path.clone(), start: *start, capacity }
+                    Current { file, path: path.clone(), start: *start, capacity, written_to: end - start }
                 };
                 // The next segment is filled once this one is half full (or at once, if it already is).
                 let asked_next = (end - current.start) * 2 > current.capacity;
                 let preparer = Preparer::start(&dir, segment_bytes, asked_next)?;
-                let journal =
-                    Self { dir, current, len: end, reader, preparer, asked_next, scratch: Vec::new(), broken: false };
+                let journal = Self {
+                    dir,
+                    current,
+                    len: end,
+                    reader,
+                    preparer,
+                    asked_next,
+                    scratch: Vec::new(),
+                    broken: false,
+                    #[cfg(test)]
+                    fail_next_write: false,
+                };
                 return Ok((journal, recovery));
             }
         }
@@ -320,6 +354,14 @@ impl Journal {
             self.next_segment()?;
         }
         let at = self.len - self.current.start;
+        // Before writing: a write that fails may still have put some of the bytes in the file.
+        self.current.written_to = self.current.written_to.max(at + self.scratch.len() as u64);
+        #[cfg(test)]
+        if self.fail_next_write {
+            self.fail_next_write = false;
+            let _ = self.current.file.write_all_at(&self.scratch, at);
+            return Err(LogError::Io { path: self.current.path.clone(), source: io::Error::other("injected failure") });
+        }
         self.current
             .file
             .write_all_at(&self.scratch, at)
@@ -342,9 +384,10 @@ impl Journal {
     }
 
     /// Takes records written but never made durable back off the journal (after a failed write or `fdatasync`): the
-    /// journal ends at `len` again (a record boundary in the current segment), and zeros are written, durably, where
-    /// they were, so that the next group, written in their place, is never followed by what is left of them after a
-    /// power loss (another thread's `fdatasync` may have made them durable meanwhile).
+    /// journal ends at `len` again (a record boundary in the current segment), and zeros are written, durably, over
+    /// everything a write may have put after it (a failed write included), so that the next group, written in their
+    /// place, is never followed by what is left of them after a power loss (another thread's `fdatasync` may have
+    /// made them durable meanwhile).
     pub fn truncate(&mut self, len: u64) -> Result<(), LogError> {
         if self.broken {
             return Err(self.broken_error());
@@ -352,10 +395,11 @@ impl Journal {
         let len = len.clamp(self.current.start, self.len);
         let io_err = |source| LogError::Io { path: self.current.path.clone(), source };
         let from = len - self.current.start;
-        let written = self.len - self.current.start;
+        let written = self.current.written_to.max(self.len - self.current.start);
         write_zeros(&self.current.file, from, written).map_err(io_err)?;
         self.current.file.sync_data().map_err(io_err)?;
         self.len = len;
+        self.current.written_to = from;
         Ok(())
     }
 
@@ -385,23 +429,34 @@ impl Journal {
             let path = path.to_owned();
             move |source| LogError::Io { path, source }
         };
-        std::fs::rename(&ready, &path).map_err(io_at(&ready))?;
+        if let Err(error) = std::fs::rename(&ready, &path) {
+            // Nothing changed: go on in the current segment (it grows), and ask for another.
+            tracing::warn!(error = %error, "could not move to the next journal segment; going on in the current one");
+            self.preparer.want();
+            return Ok(());
+        }
         let opened = sync_dir(&self.dir)
             .and_then(|()| OpenOptions::new().read(true).write(true).open(&path).map_err(io_at(&path)))
-            .and_then(|file| Ok((file.metadata().map_err(io_at(&path))?.len(), file)));
-        let (capacity, file) = match opened {
+            .and_then(|file| {
+                let capacity = file.metadata().map_err(io_at(&path))?.len();
+                let reading = file.try_clone().map_err(io_at(&path))?;
+                Ok((capacity, file, reading))
+            });
+        let (capacity, file, reading) = match opened {
             Ok(opened) => opened,
             Err(error) => {
                 // Unless the new segment goes again, it would begin where the current one goes on.
                 if std::fs::remove_file(&path).is_err() || sync_dir(&self.dir).is_err() {
                     self.broken = true;
+                    return Err(error);
                 }
-                return Err(error);
+                tracing::warn!(error = %error, "could not move to the next journal segment; going on in the current one");
+                self.preparer.want();
+                return Ok(());
             }
         };
-        let reading = file.try_clone().map_err(io_at(&path))?;
-        self.reader.insert(start, path.clone(), reading);
-        self.current = Current { file, path, start, capacity };
+        self.reader.insert(start, path.clone(), Some(reading));
+        self.current = Current { file, path, start, capacity, written_to: 0 };
         self.asked_next = false;
         Ok(())
     }
@@ -539,6 +594,25 @@ fn clear_tail(file: &File, path: &Path, start: u64, end: u64, legacy: bool) -> R
         at += chunk as u64;
     }
     if dirty_to > from {
+        // What is cleared is a group never made durable, unless damage in an acknowledged record made it look like
+        // one (ARCHITECTURE.md "Known limits"): its bytes are kept beside the journal first, for whoever looks into it.
+        let mut cleared = vec![0u8; (dirty_to - from) as usize];
+        file.read_exact_at(&mut cleared, from).map_err(io_err)?;
+        let kept = path.with_file_name(format!("cleared-{:020}.bin", end));
+        let keep = File::create(&kept).and_then(|mut out| {
+            io::Write::write_all(&mut out, &cleared)?;
+            out.sync_all()
+        });
+        keep.map_err(|source| LogError::Io { path: kept.clone(), source })?;
+        if let Some(dir) = path.parent() {
+            sync_dir(dir)?;
+        }
+        tracing::warn!(
+            journal_offset = end,
+            bytes = dirty_to - from,
+            kept = %kept.display(),
+            "the journal's last segment ends in bytes never made durable; they were cleared (a copy is kept)"
+        );
         write_zeros(file, from, dirty_to).map_err(io_err)?;
         file.sync_data().map_err(io_err)?;
     }
@@ -642,7 +716,9 @@ impl Preparer {
 
     /// Asks for the next one.
     fn want(&self) {
-        if let Ok(mut state) = self.shared.state.lock() {
+        if let Ok(mut state) = self.shared.state.lock()
+            && state.ready.is_none()
+        {
             state.wanted = true;
             self.shared.changed.notify_one();
         }
@@ -689,13 +765,15 @@ fn run_preparer(shared: &Prepared, dir: &Path, segment_bytes: u64) {
             Err(error) => {
                 // The committer goes on growing the current segment (appends, slower) and asks again at its next move.
                 tracing::warn!(error = %error, "could not prepare the next journal segment; retrying in ten seconds");
-                let stopped = shared
-                    .state
-                    .lock()
-                    .ok()
-                    .and_then(|state| shared.changed.wait_timeout(state, std::time::Duration::from_secs(10)).ok())
-                    .is_none();
-                if stopped {
+                let waited = shared.state.lock().ok().and_then(|state| {
+                    shared
+                        .changed
+                        .wait_timeout_while(state, std::time::Duration::from_secs(10), |_| {
+                            !shared.stop.load(Ordering::Acquire)
+                        })
+                        .ok()
+                });
+                if waited.is_none() || shared.stop.load(Ordering::Acquire) {
                     return;
                 }
                 if let Ok(mut state) = shared.state.lock() {
@@ -845,6 +923,8 @@ mod tests {
 
         let (mut journal, seen, recovery) = open(dir.path());
         assert_eq!(seen.iter().map(|(_, record)| record.as_slice()).collect::<Vec<_>>(), [b"acknowledged".as_slice()]);
+        let kept = std::fs::read(dir.path().join(DIR).join(format!("cleared-{:020}.bin", torn[0]))).unwrap();
+        assert_eq!(kept, bytes[torn[0] as usize..(torn[1] + HEADER_BYTES + 9) as usize], "the cleared bytes are kept");
         assert_eq!(
             recovery.truncated_bytes,
             torn[1] + HEADER_BYTES + 9 - torn[0],
@@ -916,13 +996,62 @@ mod tests {
         journal.append([b"taken back".as_slice(), b"with it".as_slice()]).unwrap();
         journal.truncate(before).unwrap();
         assert_eq!(journal.len(), before);
-        journal.append([b"in its place".as_slice()]).unwrap();
+        // As long as the first record taken back: ends where `with it` began.
+        journal.append([b"in itplace".as_slice()]).unwrap();
         journal.sync().unwrap();
         drop(journal);
         let (_, seen, recovery) = open(dir.path());
         let records: Vec<&[u8]> = seen.iter().map(|(_, record)| record.as_slice()).collect();
-        assert_eq!(records, [b"kept".as_slice(), b"in its place".as_slice()]);
+        assert_eq!(records, [b"kept".as_slice(), b"in itplace".as_slice()]);
         assert_eq!(recovery.truncated_bytes, 0, "nothing of the group taken back was left to clear");
+    }
+
+    /// A write that fails after putting its bytes in the file (a disk filling up part way) is taken back whole.
+    #[test]
+    fn a_failed_write_is_taken_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _, _) = open(dir.path());
+        journal.append([b"kept".as_slice()]).unwrap();
+        journal.sync().unwrap();
+        let before = journal.len();
+        journal.fail_next_write = true;
+        assert!(journal.append([b"failed one".as_slice(), b"failed two".as_slice()]).is_err());
+        assert_eq!(journal.len(), before, "a failed write moves nothing");
+        journal.truncate(before).unwrap();
+        journal.append([b"next group".as_slice()]).unwrap(); // ends where `failed two` began
+        journal.sync().unwrap();
+        drop(journal);
+        let (_, seen, recovery) = open(dir.path());
+        let records: Vec<&[u8]> = seen.iter().map(|(_, record)| record.as_slice()).collect();
+        assert_eq!(records, [b"kept".as_slice(), b"next group".as_slice()]);
+        assert_eq!(recovery.truncated_bytes, 0);
+    }
+
+    /// If the ready segment cannot be moved into place, the journal goes on in the current one and asks for another.
+    #[test]
+    fn a_failed_move_goes_on_in_the_current_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _, _) = open(dir.path());
+        journal.wait_until_ready();
+        std::fs::remove_file(dir.path().join(DIR).join(READY_FILE)).unwrap();
+        let large = record(1, SEGMENT as usize);
+        journal.append([b"first".as_slice()]).unwrap();
+        journal.append([large.as_slice()]).unwrap();
+        journal.sync().unwrap();
+        assert_eq!(segment_paths(dir.path()).len(), 1, "still the first segment, grown");
+        for _ in 0..1000 {
+            if journal.preparer.shared.state.lock().unwrap().ready.is_some() {
+                break;
+            }
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
+        journal.append([b"after".as_slice()]).unwrap();
+        journal.sync().unwrap();
+        drop(journal);
+        assert_eq!(segment_paths(dir.path()).len(), 2, "another segment was asked for and used");
+        let (_, seen, _) = open(dir.path());
+        let records: Vec<Vec<u8>> = seen.into_iter().map(|(_, record)| record).collect();
+        assert_eq!(records, vec![b"first".to_vec(), large, b"after".to_vec()]);
     }
 
     /// A new journal's first segment is filled when it is made; the next is filled once the current one is half

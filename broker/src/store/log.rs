@@ -1,9 +1,9 @@
 //! An append-only file of framed records, written in batches and made durable with `fdatasync`.
 //!
-//! Frame: `len: u32 LE | crc32(payload): u32 LE | payload`. The broker keeps such files: the state journal
-//! (`journal.log`, the source of truth for queues and message state, made durable after every batch, see
-//! [`super::Store`]), the audit log (`audit/entries.log`, see [`crate::audit`], made durable only now and then: its
-//! newest entries are durable in the journal) and the signed checkpoints.
+//! Frame: `len: u32 LE | crc32(payload): u32 LE | payload`. The broker keeps such files: the audit log
+//! (`audit/entries.log`, see [`crate::audit`], made durable only now and then: its newest entries are durable in the
+//! journal) and the signed checkpoints. The state journal uses the same frame in segment files written ahead
+//! ([`super::journal`]); an older broker's single journal file, `journal.log`, was one of these files.
 //!
 //! How opening treats a record it cannot read is the caller's choice ([`Tail`]). For a file made durable after every
 //! batch ([`Tail::TornOnly`]): a crash can leave a torn last record (a partial frame, or a frame whose checksum fails

@@ -267,7 +267,7 @@ pub struct OpenedIndex {
 }
 
 impl Store {
-    /// Opens the data directory: sled under `index/`, the journal `journal.log`, and the audit log, replaying the
+    /// Opens the data directory: sled under `index/`, the journal under `journal/`, and the audit log, replaying the
     /// journal into sled.
     pub fn open(data_dir: &Path, audit: AuditLog, options: StoreOptions) -> Result<(Self, OpenReport), StoreError> {
         Self::open_with(Self::open_index(data_dir, options)?, data_dir, audit)

@@ -27,7 +27,8 @@ fn inbox_message_ids(inbox: &std::path::Path) -> BTreeSet<String> {
 async fn queued_messages_survive_kill_9_and_are_all_delivered_after_restart() -> Result<()> {
     // The smallest journal segments, so that the messages span several and the kills come after moves between them.
     let segment_bytes = broker::store::journal::MIN_SEGMENT_BYTES;
-    let area = Area::with_settings(BrokerSettings { journal_segment_bytes: segment_bytes, ..BrokerSettings::default() })?;
+    let area =
+        Area::with_settings(BrokerSettings { journal_segment_bytes: segment_bytes, ..BrokerSettings::default() })?;
     let broker = BrokerProcess::start(BROKER, &area, "127.0.0.1:0".parse()?)?;
     let address = broker.address;
     let mut police = area.client(POLICE, address).await?;
