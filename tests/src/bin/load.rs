@@ -100,6 +100,21 @@ struct Args {
     /// instead of ~0.04 ms, and the load generator measured /tmp's history. Use a fresh folder per run to be sure.
     #[arg(long = "work-dir", default_value = "target/load")]
     work_dir: PathBuf,
+    /// Folder for the receiving agents' inboxes instead of each scenario's folder: another disk, to measure the
+    /// broker without the receivers' `fsync`s on its disk (as when agents run on their own machines). On a tmpfs
+    /// (`/dev/shm/...`) the receivers' writes are not durable, so end-to-end figures are then not the target's.
+    #[arg(long = "inbox-dir")]
+    inbox_dir: Option<PathBuf>,
+}
+
+impl Args {
+    /// Where a scenario's receiving agents write their inboxes.
+    fn inbox_root(&self, subject: &Subject) -> PathBuf {
+        match &self.inbox_dir {
+            Some(dir) => dir.join(subject.area.path().file_name().unwrap_or_default()),
+            None => subject.area.path().join("inbox"),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -1098,7 +1113,7 @@ async fn throughput_scenario(
         &credentials,
         subject.address,
         &workload.recipients(),
-        &subject.area.path().join("inbox"),
+        &args.inbox_root(&subject),
         args.agent_concurrency,
     )
     .await?;
@@ -1224,7 +1239,7 @@ async fn offline_drain(context: &RunContext<'_>) -> Result<()> {
         &credentials,
         subject.address,
         &workload.recipients(),
-        &subject.area.path().join("inbox"),
+        &args.inbox_root(&subject),
         args.agent_concurrency,
     )
     .await?;
@@ -1322,7 +1337,7 @@ async fn connections(context: &RunContext<'_>) -> Result<()> {
         &credentials,
         subject.address,
         &workload.recipients(),
-        &subject.area.path().join("inbox"),
+        &args.inbox_root(&subject),
         args.agent_concurrency,
     )
     .await?;
@@ -1443,7 +1458,7 @@ async fn restart(context: &RunContext<'_>) -> Result<()> {
         &Credentials::Area(&subject.area),
         subject.address,
         &workload.recipients(),
-        &subject.area.path().join("inbox"),
+        &args.inbox_root(&subject),
         args.agent_concurrency,
     )
     .await?;
