@@ -40,7 +40,7 @@ pub enum BackupError {
     NotEmpty(PathBuf),
     #[error(
         "`{path}`: the journal segment's whole records end at journal offset {end}, not where the next segment begins \
-         ({next}); the journal is damaged (the broker refuses to start on it): restore from an earlier backup"
+         ({next}), so a copy would not restore; no backup was written. See \"Backup and restore\" in deploy/README.md"
     )]
     JournalDamaged { path: PathBuf, end: u64, next: u64 },
     #[error("`{0}` in the backup is not a file this broker writes")]
@@ -72,8 +72,7 @@ pub fn backup_to<W: Write>(data_dir: &Path, out: W) -> Result<BackupReport, Back
 
 fn write_archive<W: Write>(data_dir: &Path, out: W) -> Result<(BackupReport, W), BackupError> {
     let journal_dir = data_dir.join(journal::DIR);
-    let segments = journal::segment_files(data_dir).map_err(io(&journal_dir))?;
-    if segments.is_empty() {
+    if journal::segment_files(data_dir).map_err(io(&journal_dir))?.is_empty() {
         return Err(BackupError::NotADataDirectory(data_dir.to_owned()));
     }
     let out_path = PathBuf::from("backup output");
@@ -95,20 +94,20 @@ fn write_archive<W: Write>(data_dir: &Path, out: W) -> Result<(BackupReport, W),
         Ok(())
     };
     copy(CHECKPOINTS_FILE.to_owned(), &data_dir.join(CHECKPOINTS_FILE), None)?;
-    for (index, (start, path)) in segments.iter().enumerate() {
+    // After the checkpoints (see the module documentation). Listed again once if the first look fails: the broker
+    // may have been undoing a move to a new segment just then.
+    let segments = match journal_to_copy(data_dir) {
+        Ok(segments) => segments,
+        Err(_) => journal_to_copy(data_dir)?,
+    };
+    for (path, whole) in &segments {
         let Some(file_name) = path.file_name().and_then(|name| name.to_str()) else { continue };
         let name = if file_name == journal::LEGACY_FILE {
             file_name.to_owned()
         } else {
             format!("{}/{file_name}", journal::DIR)
         };
-        let whole = journal::whole_records_len(path).map_err(io(path))?;
-        if let Some((next, _)) = segments.get(index + 1)
-            && start + whole != *next
-        {
-            return Err(BackupError::JournalDamaged { path: path.clone(), end: start + whole, next: *next });
-        }
-        copy(name, path, Some(whole))?;
+        copy(name, path, Some(*whole))?;
     }
     copy(ENTRIES_FILE.to_owned(), &data_dir.join(ENTRIES_FILE), None)?;
     let keys = data_dir.join("keys");
@@ -130,6 +129,24 @@ fn write_archive<W: Write>(data_dir: &Path, out: W) -> Result<(BackupReport, W),
     let mut out = archive.into_inner().map_err(io(&out_path))?;
     out.flush().map_err(io(&out_path))?;
     Ok((report, out))
+}
+
+/// The journal's segment files and how much of each to copy (its whole records), checking that each ends where the
+/// next begins.
+fn journal_to_copy(data_dir: &Path) -> Result<Vec<(PathBuf, u64)>, BackupError> {
+    let journal_dir = data_dir.join(journal::DIR);
+    let segments = journal::segment_files(data_dir).map_err(io(&journal_dir))?;
+    let mut copies = Vec::with_capacity(segments.len());
+    for (index, (start, path)) in segments.iter().enumerate() {
+        let whole = journal::whole_records_len(path).map_err(io(path))?;
+        if let Some((next, _)) = segments.get(index + 1)
+            && start + whole != *next
+        {
+            return Err(BackupError::JournalDamaged { path: path.clone(), end: start + whole, next: *next });
+        }
+        copies.push((path.clone(), whole));
+    }
+    Ok(copies)
 }
 
 /// Unpacks a backup into `data_dir`, which must be empty or absent. The index is rebuilt when the broker starts.
@@ -163,9 +180,10 @@ pub fn restore(backup_file: &Path, data_dir: &Path) -> Result<BackupReport, Back
         out.sync_all().map_err(io(&target))?;
         report.files.push((name, length));
     }
-    for dir in ["audit", "keys", journal::DIR, ""] {
-        let dir = data_dir.join(dir);
-        File::open(&dir).and_then(|folder| folder.sync_all()).map_err(io(&dir))?;
+    let parent = data_dir.parent().filter(|parent| !parent.as_os_str().is_empty()).map(Path::to_path_buf);
+    let folders = ["audit", "keys", journal::DIR, ""].map(|dir| data_dir.join(dir));
+    for dir in folders.iter().chain(parent.iter()) {
+        File::open(dir).and_then(|folder| folder.sync_all()).map_err(io(dir))?;
     }
     Ok(report)
 }

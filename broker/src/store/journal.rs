@@ -16,15 +16,16 @@
 //! record) names the segment whose start is the greatest not after it. A data directory written by an older broker
 //! holds `journal.log`, read as the segment that starts at offset 0; new records go into segments after it.
 //! `journal/next.ready` is a segment filled with zeros and made durable, waiting to be used (kept across restarts);
-//! `journal/*.tmp` is one being filled (removed on open).
+//! `journal/*.tmp` is one being filled (removed on open); `journal/cleared-<offset>.bin` holds bytes an open cleared
+//! from the end of the journal (below), kept for inspection.
 //!
 //! # Where the records end
 //! A segment's records end at the first frame that is not a whole record with a valid checksum: zeros (the journal
 //! never writes an empty record, so a zero header is never a record), a torn frame, or a bad checksum. Every segment
 //! but the last must end exactly where the next begins (the committer moves to a new segment only when everything
 //! before it is durable). In the last segment, what follows the end is a group that was never made durable, so
-//! never acknowledged: opening writes zeros over it (durably) before anything new is written there, so that no
-//! record of it can ever be read back after a later, shorter group. One exception: a bad frame directly followed by a
+//! never acknowledged: opening copies it to `cleared-<offset>.bin` (best effort) and writes zeros over it (durably)
+//! before anything new is written there, so that no record of it can ever be read back after a later, shorter group. One exception: a bad frame directly followed by a
 //! whole valid record is corruption (a torn write leaves no record whole after its damage... except within the group
 //! it tore, see ARCHITECTURE.md "Known limits"), and opening fails.
 
@@ -35,7 +36,7 @@ use std::{
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
     sync::{
-        Arc, Condvar, Mutex, RwLock,
+        Arc, Condvar, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread,
@@ -120,29 +121,55 @@ pub fn whole_records_len(path: &Path) -> io::Result<u64> {
 }
 
 /// Read-only access to the segments, for reading a value back at its journal offset from any thread (shared with
-/// the committer, which adds each new segment before writing into it). Handles are kept open on the newest
-/// [`OPEN_SEGMENTS`] segments only (the journal is not compacted yet, and one descriptor per segment would reach
-/// the process's limit on a long-lived broker); an older one is opened for each read.
+/// the committer, which adds each new segment before writing into it). Handles are kept open on the
+/// [`OPEN_SEGMENTS`] segments used last (the journal is not compacted yet, and one descriptor per segment would reach
+/// the process's limit on a long-lived broker); another is opened when it is read, in place of the one used least
+/// recently.
 #[derive(Clone, Default)]
 pub struct JournalReader {
-    segments: Arc<RwLock<BTreeMap<u64, ReadableSegment>>>,
+    segments: Arc<Mutex<Segments>>,
 }
 
 /// Segments whose read handles are kept open.
 const OPEN_SEGMENTS: usize = 16;
 
-/// A segment's path and, for the newest ones, a read-only handle on it.
-type ReadableSegment = (PathBuf, Option<Arc<File>>);
+#[derive(Default)]
+struct Segments {
+    /// Each segment's path and, if open, a read-only handle on it, by start.
+    all: BTreeMap<u64, (PathBuf, Option<Arc<File>>)>,
+    /// The starts of the segments with open handles, the one used least recently first.
+    open: std::collections::VecDeque<u64>,
+}
+
+impl Segments {
+    /// Notes that the segment at `start` was used, with `file` as its handle, and closes the one used least recently
+    /// beyond [`OPEN_SEGMENTS`].
+    fn used(&mut self, start: u64, file: Arc<File>) {
+        if let Some((_, handle)) = self.all.get_mut(&start) {
+            *handle = Some(file);
+        }
+        self.open.retain(|open| *open != start);
+        self.open.push_back(start);
+        while self.open.len() > OPEN_SEGMENTS {
+            if let Some(oldest) = self.open.pop_front()
+                && let Some((_, handle)) = self.all.get_mut(&oldest)
+            {
+                *handle = None;
+            }
+        }
+    }
+}
 
 impl JournalReader {
     /// Reads `buf.len()` bytes at journal offset `offset` (within one record).
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), LogError> {
+        let poisoned = || LogError::Io {
+            path: PathBuf::from(DIR),
+            source: io::Error::other("the journal's segment list is poisoned"),
+        };
         let (start, path, file) = {
-            let segments = self.segments.read().map_err(|_| LogError::Io {
-                path: PathBuf::from(DIR),
-                source: io::Error::other("the journal's segment list is poisoned"),
-            })?;
-            let Some((start, (path, file))) = segments.range(..=offset).next_back() else {
+            let mut segments = self.segments.lock().map_err(|_| poisoned())?;
+            let Some((start, (path, file))) = segments.all.range(..=offset).next_back() else {
                 return Err(LogError::Io {
                     path: PathBuf::from(DIR),
                     source: io::Error::new(
@@ -151,24 +178,34 @@ impl JournalReader {
                     ),
                 });
             };
-            (*start, path.clone(), file.clone())
-        };
-        let file = match file {
-            Some(file) => file,
-            None => Arc::new(File::open(&path).map_err(|source| LogError::Io { path: path.clone(), source })?),
+            let (start, path) = (*start, path.clone());
+            let file = match file.clone() {
+                Some(file) => file,
+                None => Arc::new(File::open(&path).map_err(|source| LogError::Io { path: path.clone(), source })?),
+            };
+            segments.used(start, file.clone());
+            (start, path, file)
         };
         file.read_exact_at(buf, offset - start).map_err(|source| LogError::Io { path, source })
     }
 
-    /// Adds a segment (or replaces one with the same start), with `file` as its handle, and closes the handle of the
-    /// newest segment no longer among the [`OPEN_SEGMENTS`] newest.
+    /// Adds a segment (or replaces one with the same start), with `file` as its handle if given.
     fn insert(&self, start: u64, path: PathBuf, file: Option<File>) {
-        if let Ok(mut segments) = self.segments.write() {
-            segments.insert(start, (path, file.map(Arc::new)));
-            if let Some((_, (_, handle))) = segments.iter_mut().rev().nth(OPEN_SEGMENTS) {
-                *handle = None;
+        if let Ok(mut segments) = self.segments.lock() {
+            segments.all.insert(start, (path, None));
+            if let Some(file) = file {
+                segments.used(start, Arc::new(file));
             }
         }
+    }
+
+    /// How many segment handles are open (for tests).
+    #[cfg(test)]
+    fn open_handles(&self) -> usize {
+        self.segments
+            .lock()
+            .map(|segments| segments.all.values().filter(|(_, file)| file.is_some()).count())
+            .unwrap_or(0)
     }
 }
 
@@ -395,9 +432,16 @@ impl Journal {
         let len = len.clamp(self.current.start, self.len);
         let io_err = |source| LogError::Io { path: self.current.path.clone(), source };
         let from = len - self.current.start;
-        let written = self.current.written_to.max(self.len - self.current.start);
-        write_zeros(&self.current.file, from, written).map_err(io_err)?;
-        self.current.file.sync_data().map_err(io_err)?;
+        let file_len = self.current.file.metadata().map_err(io_err)?.len();
+        let written = self.current.written_to.max(self.len - self.current.start).min(file_len);
+        // Zeros where the segment was filled; past that (it grew), the file is cut back, which frees the space.
+        write_zeros(&self.current.file, from, written.min(self.current.capacity.max(from))).map_err(io_err)?;
+        if file_len > self.current.capacity.max(from) {
+            self.current.file.set_len(self.current.capacity.max(from)).map_err(io_err)?;
+            self.current.file.sync_all().map_err(io_err)?;
+        } else {
+            self.current.file.sync_data().map_err(io_err)?;
+        }
         self.len = len;
         self.current.written_to = from;
         Ok(())
@@ -576,6 +620,7 @@ fn clear_tail(file: &File, path: &Path, start: u64, end: u64, legacy: bool) -> R
     let from = end - start;
     if legacy {
         if file_len > from {
+            keep_cleared(file, path, end, from, file_len);
             file.set_len(from).map_err(io_err)?;
             file.sync_all().map_err(io_err)?;
         }
@@ -594,29 +639,54 @@ fn clear_tail(file: &File, path: &Path, start: u64, end: u64, legacy: bool) -> R
         at += chunk as u64;
     }
     if dirty_to > from {
-        // What is cleared is a group never made durable, unless damage in an acknowledged record made it look like
-        // one (ARCHITECTURE.md "Known limits"): its bytes are kept beside the journal first, for whoever looks into it.
-        let mut cleared = vec![0u8; (dirty_to - from) as usize];
-        file.read_exact_at(&mut cleared, from).map_err(io_err)?;
-        let kept = path.with_file_name(format!("cleared-{:020}.bin", end));
-        let keep = File::create(&kept).and_then(|mut out| {
-            io::Write::write_all(&mut out, &cleared)?;
-            out.sync_all()
-        });
-        keep.map_err(|source| LogError::Io { path: kept.clone(), source })?;
-        if let Some(dir) = path.parent() {
-            sync_dir(dir)?;
-        }
-        tracing::warn!(
-            journal_offset = end,
-            bytes = dirty_to - from,
-            kept = %kept.display(),
-            "the journal's last segment ends in bytes never made durable; they were cleared (a copy is kept)"
-        );
+        keep_cleared(file, path, end, from, dirty_to);
         write_zeros(file, from, dirty_to).map_err(io_err)?;
         file.sync_data().map_err(io_err)?;
     }
     Ok(dirty_to - from)
+}
+
+/// Copies bytes `from..to` of a segment, about to be cleared from journal offset `end` on, to a new file beside it
+/// (`cleared-<end>.bin`, or `cleared-<end>-<n>.bin` if that exists). What is cleared is a group never made durable,
+/// unless damage in an acknowledged record made it look like one (ARCHITECTURE.md "Known limits"), so its bytes are
+/// kept for whoever looks into it. Best effort: a failure (a full disk, often what caused the crash) is logged and
+/// the open goes on.
+fn keep_cleared(file: &File, path: &Path, end: u64, from: u64, to: u64) {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let copy = || -> io::Result<PathBuf> {
+        let (kept, mut out) = (0..1000)
+            .map(|n| match n {
+                0 => dir.join(format!("cleared-{end:020}.bin")),
+                n => dir.join(format!("cleared-{end:020}-{n}.bin")),
+            })
+            .find_map(|kept| OpenOptions::new().write(true).create_new(true).open(&kept).ok().map(|out| (kept, out)))
+            .ok_or_else(|| io::Error::other("no free name for the copy"))?;
+        let mut buffer = vec![0u8; FILL_CHUNK];
+        let mut at = from;
+        while at < to {
+            let chunk = (to - at).min(FILL_CHUNK as u64) as usize;
+            file.read_exact_at(&mut buffer[..chunk], at)?;
+            io::Write::write_all(&mut out, &buffer[..chunk])?;
+            at += chunk as u64;
+        }
+        out.sync_all()?;
+        File::open(dir)?.sync_all()?;
+        Ok(kept)
+    };
+    match copy() {
+        Ok(kept) => tracing::warn!(
+            journal_offset = end,
+            bytes = to - from,
+            kept = %kept.display(),
+            "the journal's last segment ends in bytes never made durable; they were cleared (a copy is kept)"
+        ),
+        Err(error) => tracing::error!(
+            journal_offset = end,
+            bytes = to - from,
+            error = %error,
+            "the journal's last segment ends in bytes never made durable; they were cleared, and no copy could be kept"
+        ),
+    }
 }
 
 /// Puts a segment filled with zeros at `path` (the one ready, or one filled now) and makes the folder durable.
@@ -788,14 +858,27 @@ fn run_preparer(shared: &Prepared, dir: &Path, segment_bytes: u64) {
 /// `paced`: in steps (see [`FILL_CHUNK`]), for filling while commits are being made.
 fn fill_segment(dir: &Path, segment_bytes: u64, stop: &AtomicBool, paced: bool) -> Result<Option<PathBuf>, LogError> {
     let filling = dir.join("next.tmp");
-    let io_err = |source| LogError::Io { path: filling.clone(), source };
-    let file = File::create(&filling).map_err(io_err)?;
+    let filled = fill(&filling, dir, segment_bytes, stop, paced);
+    if !matches!(filled, Ok(Some(_))) {
+        // Stopped, or failed (a full disk): the space goes back.
+        let _ = std::fs::remove_file(&filling);
+    }
+    filled
+}
+
+fn fill(
+    filling: &Path,
+    dir: &Path,
+    segment_bytes: u64,
+    stop: &AtomicBool,
+    paced: bool,
+) -> Result<Option<PathBuf>, LogError> {
+    let io_err = |source| LogError::Io { path: filling.to_owned(), source };
+    let file = File::create(filling).map_err(io_err)?;
     let zeros = vec![0u8; FILL_CHUNK];
     let mut at = 0;
     while at < segment_bytes {
         if stop.load(Ordering::Acquire) {
-            drop(file);
-            let _ = std::fs::remove_file(&filling);
             return Ok(None);
         }
         let chunk = (segment_bytes - at).min(FILL_CHUNK as u64) as usize;
@@ -808,7 +891,7 @@ fn fill_segment(dir: &Path, segment_bytes: u64, stop: &AtomicBool, paced: bool) 
     }
     file.sync_all().map_err(io_err)?;
     let ready = dir.join(READY_FILE);
-    std::fs::rename(&filling, &ready).map_err(io_err)?;
+    std::fs::rename(filling, &ready).map_err(io_err)?;
     Ok(Some(ready))
 }
 
@@ -888,6 +971,32 @@ mod tests {
         }
     }
 
+    /// However many segments there are, at most [`OPEN_SEGMENTS`] handles stay open, and every segment reads back.
+    #[test]
+    fn read_handles_stay_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _, _) = open(dir.path());
+        let mut written = Vec::new();
+        for index in 0..(OPEN_SEGMENTS + 8) {
+            journal.wait_until_ready();
+            let bytes = record(index, 40_000);
+            written.push((journal.append([bytes.as_slice()]).unwrap()[0], bytes));
+        }
+        journal.sync().unwrap();
+        let reader = journal.reader();
+        assert!(segment_paths(dir.path()).len() > OPEN_SEGMENTS);
+        assert!(reader.open_handles() <= OPEN_SEGMENTS);
+        for (offset, bytes) in written.iter().chain(written.iter().rev()) {
+            let mut back = vec![0u8; bytes.len()];
+            reader.read_exact_at(&mut back, offset + HEADER_BYTES).unwrap();
+            assert_eq!(&back, bytes);
+            assert!(reader.open_handles() <= OPEN_SEGMENTS);
+        }
+        drop(journal);
+        let (journal, _, _) = open(dir.path());
+        assert!(journal.reader().open_handles() <= OPEN_SEGMENTS);
+    }
+
     /// A record larger than a segment makes its segment grow; the next record goes into the next one.
     #[test]
     fn a_record_larger_than_a_segment_fits() {
@@ -938,6 +1047,35 @@ mod tests {
         let records: Vec<&[u8]> = seen.iter().map(|(_, record)| record.as_slice()).collect();
         assert_eq!(records, [b"acknowledged".as_slice(), b"new  one".as_slice()]);
         assert_eq!(recovery.truncated_bytes, 0);
+    }
+
+    /// A second crash that leaves a tail to clear at the same offset keeps the first copy and adds another.
+    #[test]
+    fn a_second_clear_at_the_same_offset_keeps_the_first_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _, _) = open(dir.path());
+        journal.append([b"acknowledged".as_slice()]).unwrap();
+        journal.sync().unwrap();
+        let tear = |journal: Journal, record: &[u8]| {
+            let mut journal = journal;
+            let at = journal.append([record]).unwrap()[0];
+            drop(journal);
+            let path = segment_paths(dir.path()).pop().unwrap();
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes[at as usize..at as usize + 8].fill(0);
+            std::fs::write(&path, &bytes).unwrap();
+            at
+        };
+        let at = tear(journal, b"first torn");
+        let (journal, _, _) = open(dir.path());
+        let first = dir.path().join(DIR).join(format!("cleared-{at:020}.bin"));
+        let kept = std::fs::read(&first).unwrap();
+        assert_eq!(tear(journal, b"second torn!"), at);
+        let (_, seen, _) = open(dir.path());
+        assert_eq!(seen.len(), 1);
+        assert_eq!(std::fs::read(&first).unwrap(), kept, "the first copy is left as it was");
+        let second = std::fs::read(dir.path().join(DIR).join(format!("cleared-{at:020}-1.bin"))).unwrap();
+        assert!(second.ends_with(b"second torn!"));
     }
 
     /// A damaged record followed by a whole one is not a torn write: opening refuses.
@@ -1024,6 +1162,29 @@ mod tests {
         let (_, seen, recovery) = open(dir.path());
         let records: Vec<&[u8]> = seen.iter().map(|(_, record)| record.as_slice()).collect();
         assert_eq!(records, [b"kept".as_slice(), b"next group".as_slice()]);
+        assert_eq!(recovery.truncated_bytes, 0);
+    }
+
+    /// A failed write that grew its segment past what was filled is cut back off, freeing the space.
+    #[test]
+    fn a_failed_write_past_the_filled_part_is_cut_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _, _) = open(dir.path());
+        journal.append([b"kept".as_slice()]).unwrap();
+        journal.sync().unwrap();
+        let before = journal.len();
+        journal.fail_next_write = true;
+        assert!(journal.append([record(1, 2 * SEGMENT as usize).as_slice()]).is_err());
+        let path = journal.current.path.clone();
+        assert!(std::fs::metadata(&path).unwrap().len() > SEGMENT);
+        journal.truncate(before).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), SEGMENT);
+        journal.append([b"next".as_slice()]).unwrap();
+        journal.sync().unwrap();
+        drop(journal);
+        let (_, seen, recovery) = open(dir.path());
+        let records: Vec<&[u8]> = seen.iter().map(|(_, record)| record.as_slice()).collect();
+        assert_eq!(records, [b"kept".as_slice(), b"next".as_slice()]);
         assert_eq!(recovery.truncated_bytes, 0);
     }
 
