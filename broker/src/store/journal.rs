@@ -907,14 +907,28 @@ mod tests {
         fn wait_until_ready(&mut self) {
             self.preparer.want();
             self.asked_next = true;
+            self.poll_until_ready();
+        }
+
+        fn is_ready(&self) -> bool {
+            self.preparer.shared.state.lock().unwrap().ready.is_some()
+        }
+
+        /// Waits (up to ten seconds) until the next segment is ready, without asking for it.
+        fn poll_until_ready(&self) {
             for _ in 0..1000 {
-                if self.preparer.shared.state.lock().unwrap().ready.is_some() {
+                if self.is_ready() {
                     return;
                 }
                 thread::sleep(std::time::Duration::from_millis(10));
             }
-            panic!("no segment became ready");
         }
+    }
+
+    /// The records of the journal in `dir`, opened again, and what opening cleared.
+    fn records(dir: &Path) -> (Vec<Vec<u8>>, Recovery) {
+        let (_, seen, recovery) = open(dir);
+        (seen.into_iter().map(|(_, record)| record).collect(), recovery)
     }
 
     fn open(dir: &Path) -> (Journal, Vec<(u64, Vec<u8>)>, Recovery) {
@@ -1009,8 +1023,7 @@ mod tests {
         journal.append([b"after".as_slice()]).unwrap();
         journal.sync().unwrap();
         drop(journal);
-        let (_, seen, _) = open(dir.path());
-        let records: Vec<Vec<u8>> = seen.into_iter().map(|(_, record)| record).collect();
+        let (records, _) = records(dir.path());
         assert_eq!(records, vec![b"small".to_vec(), large, b"after".to_vec()]);
     }
 
@@ -1043,8 +1056,7 @@ mod tests {
         journal.append([b"new  one".as_slice()]).unwrap(); // as long as the torn one: ends where `stale two` began
         journal.sync().unwrap();
         drop(journal);
-        let (_, seen, recovery) = open(dir.path());
-        let records: Vec<&[u8]> = seen.iter().map(|(_, record)| record.as_slice()).collect();
+        let (records, recovery) = records(dir.path());
         assert_eq!(records, [b"acknowledged".as_slice(), b"new  one".as_slice()]);
         assert_eq!(recovery.truncated_bytes, 0);
     }
@@ -1138,8 +1150,7 @@ mod tests {
         journal.append([b"in itplace".as_slice()]).unwrap();
         journal.sync().unwrap();
         drop(journal);
-        let (_, seen, recovery) = open(dir.path());
-        let records: Vec<&[u8]> = seen.iter().map(|(_, record)| record.as_slice()).collect();
+        let (records, recovery) = records(dir.path());
         assert_eq!(records, [b"kept".as_slice(), b"in itplace".as_slice()]);
         assert_eq!(recovery.truncated_bytes, 0, "nothing of the group taken back was left to clear");
     }
@@ -1159,8 +1170,7 @@ mod tests {
         journal.append([b"next group".as_slice()]).unwrap(); // ends where `failed two` began
         journal.sync().unwrap();
         drop(journal);
-        let (_, seen, recovery) = open(dir.path());
-        let records: Vec<&[u8]> = seen.iter().map(|(_, record)| record.as_slice()).collect();
+        let (records, recovery) = records(dir.path());
         assert_eq!(records, [b"kept".as_slice(), b"next group".as_slice()]);
         assert_eq!(recovery.truncated_bytes, 0);
     }
@@ -1182,8 +1192,7 @@ mod tests {
         journal.append([b"next".as_slice()]).unwrap();
         journal.sync().unwrap();
         drop(journal);
-        let (_, seen, recovery) = open(dir.path());
-        let records: Vec<&[u8]> = seen.iter().map(|(_, record)| record.as_slice()).collect();
+        let (records, recovery) = records(dir.path());
         assert_eq!(records, [b"kept".as_slice(), b"next".as_slice()]);
         assert_eq!(recovery.truncated_bytes, 0);
     }
@@ -1200,18 +1209,12 @@ mod tests {
         journal.append([large.as_slice()]).unwrap();
         journal.sync().unwrap();
         assert_eq!(segment_paths(dir.path()).len(), 1, "still the first segment, grown");
-        for _ in 0..1000 {
-            if journal.preparer.shared.state.lock().unwrap().ready.is_some() {
-                break;
-            }
-            thread::sleep(std::time::Duration::from_millis(10));
-        }
+        journal.poll_until_ready();
         journal.append([b"after".as_slice()]).unwrap();
         journal.sync().unwrap();
         drop(journal);
         assert_eq!(segment_paths(dir.path()).len(), 2, "another segment was asked for and used");
-        let (_, seen, _) = open(dir.path());
-        let records: Vec<Vec<u8>> = seen.into_iter().map(|(_, record)| record).collect();
+        let (records, _) = records(dir.path());
         assert_eq!(records, vec![b"first".to_vec(), large, b"after".to_vec()]);
     }
 
@@ -1225,18 +1228,12 @@ mod tests {
         let first = segment_paths(dir.path());
         assert_eq!(first.len(), 1);
         assert_eq!(std::fs::metadata(&first[0]).unwrap().len(), SEGMENT, "the first segment is filled at once");
-        let ready = |journal: &Journal| journal.preparer.shared.state.lock().unwrap().ready.is_some();
         journal.append([record(0, 20_000).as_slice()]).unwrap();
         thread::sleep(std::time::Duration::from_millis(200));
-        assert!(!ready(&journal) && !journal_dir.join(READY_FILE).exists(), "not asked for below half full");
+        assert!(!journal.is_ready() && !journal_dir.join(READY_FILE).exists(), "not asked for below half full");
         journal.append([record(1, 20_000).as_slice()]).unwrap();
-        for _ in 0..1000 {
-            if ready(&journal) {
-                break;
-            }
-            thread::sleep(std::time::Duration::from_millis(10));
-        }
-        assert!(ready(&journal), "asked for once half full");
+        journal.poll_until_ready();
+        assert!(journal.is_ready(), "asked for once half full");
         journal.sync().unwrap();
         drop(journal);
         assert_eq!(std::fs::metadata(journal_dir.join(READY_FILE)).unwrap().len(), SEGMENT);
@@ -1245,7 +1242,7 @@ mod tests {
         let (mut journal, seen, _) = open(dir.path());
         assert_eq!(seen.len(), 2);
         assert!(!journal_dir.join("next.tmp").exists());
-        assert!(ready(&journal), "the ready segment is used as it is");
+        assert!(journal.is_ready(), "the ready segment is used as it is");
         journal.append([record(2, 30_000).as_slice()]).unwrap();
         journal.sync().unwrap();
         drop(journal);
