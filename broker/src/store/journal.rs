@@ -925,6 +925,23 @@ mod tests {
         }
     }
 
+    /// A new journal in a new folder, holding `first`, made durable.
+    fn journal_holding(first: &[u8]) -> (tempfile::TempDir, Journal) {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _, _) = open(dir.path());
+        journal.append([first]).unwrap();
+        journal.sync().unwrap();
+        (dir, journal)
+    }
+
+    /// Appends `last` durably, closes the journal, and returns [`records`].
+    fn closed_after(mut journal: Journal, last: &[u8], dir: &Path) -> (Vec<Vec<u8>>, Recovery) {
+        journal.append([last]).unwrap();
+        journal.sync().unwrap();
+        drop(journal);
+        records(dir)
+    }
+
     /// The records of the journal in `dir`, opened again, and what opening cleared.
     fn records(dir: &Path) -> (Vec<Vec<u8>>, Recovery) {
         let (_, seen, recovery) = open(dir);
@@ -1053,10 +1070,7 @@ mod tests {
             "from the zeroed header to the end of `stale two`"
         );
         assert_eq!(journal.len(), torn[0]);
-        journal.append([b"new  one".as_slice()]).unwrap(); // as long as the torn one: ends where `stale two` began
-        journal.sync().unwrap();
-        drop(journal);
-        let (records, recovery) = records(dir.path());
+        let (records, recovery) = closed_after(journal, b"new  one".as_slice(), dir.path()); // as long as the torn one: ends where `stale two` began
         assert_eq!(records, [b"acknowledged".as_slice(), b"new  one".as_slice()]);
         assert_eq!(recovery.truncated_bytes, 0);
     }
@@ -1147,10 +1161,7 @@ mod tests {
         journal.truncate(before).unwrap();
         assert_eq!(journal.len(), before);
         // As long as the first record taken back: ends where `with it` began.
-        journal.append([b"in itplace".as_slice()]).unwrap();
-        journal.sync().unwrap();
-        drop(journal);
-        let (records, recovery) = records(dir.path());
+        let (records, recovery) = closed_after(journal, b"in itplace".as_slice(), dir.path());
         assert_eq!(records, [b"kept".as_slice(), b"in itplace".as_slice()]);
         assert_eq!(recovery.truncated_bytes, 0, "nothing of the group taken back was left to clear");
     }
@@ -1158,19 +1169,13 @@ mod tests {
     /// A write that fails after putting its bytes in the file (a disk filling up part way) is taken back whole.
     #[test]
     fn a_failed_write_is_taken_back_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut journal, _, _) = open(dir.path());
-        journal.append([b"kept".as_slice()]).unwrap();
-        journal.sync().unwrap();
+        let (dir, mut journal) = journal_holding(b"kept");
         let before = journal.len();
         journal.fail_next_write = true;
         assert!(journal.append([b"failed one".as_slice(), b"failed two".as_slice()]).is_err());
         assert_eq!(journal.len(), before, "a failed write moves nothing");
         journal.truncate(before).unwrap();
-        journal.append([b"next group".as_slice()]).unwrap(); // ends where `failed two` began
-        journal.sync().unwrap();
-        drop(journal);
-        let (records, recovery) = records(dir.path());
+        let (records, recovery) = closed_after(journal, b"next group".as_slice(), dir.path()); // ends where `failed two` began
         assert_eq!(records, [b"kept".as_slice(), b"next group".as_slice()]);
         assert_eq!(recovery.truncated_bytes, 0);
     }
@@ -1178,10 +1183,7 @@ mod tests {
     /// A failed write that grew its segment past what was filled is cut back off, freeing the space.
     #[test]
     fn a_failed_write_past_the_filled_part_is_cut_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut journal, _, _) = open(dir.path());
-        journal.append([b"kept".as_slice()]).unwrap();
-        journal.sync().unwrap();
+        let (dir, mut journal) = journal_holding(b"kept");
         let before = journal.len();
         journal.fail_next_write = true;
         assert!(journal.append([record(1, 2 * SEGMENT as usize).as_slice()]).is_err());
@@ -1189,10 +1191,7 @@ mod tests {
         assert!(std::fs::metadata(&path).unwrap().len() > SEGMENT);
         journal.truncate(before).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), SEGMENT);
-        journal.append([b"next".as_slice()]).unwrap();
-        journal.sync().unwrap();
-        drop(journal);
-        let (records, recovery) = records(dir.path());
+        let (records, recovery) = closed_after(journal, b"next".as_slice(), dir.path());
         assert_eq!(records, [b"kept".as_slice(), b"next".as_slice()]);
         assert_eq!(recovery.truncated_bytes, 0);
     }
