@@ -1060,7 +1060,7 @@ mod tests {
         bytes[torn[0] as usize..torn[0] as usize + 8].fill(0); // the first record's header never reached the disk
         std::fs::write(&path, &bytes).unwrap();
 
-        let (mut journal, seen, recovery) = open(dir.path());
+        let (journal, seen, recovery) = open(dir.path());
         assert_eq!(seen.iter().map(|(_, record)| record.as_slice()).collect::<Vec<_>>(), [b"acknowledged".as_slice()]);
         let kept = std::fs::read(dir.path().join(DIR).join(format!("cleared-{:020}.bin", torn[0]))).unwrap();
         assert_eq!(kept, bytes[torn[0] as usize..(torn[1] + HEADER_BYTES + 9) as usize], "the cleared bytes are kept");
