@@ -25,9 +25,9 @@
 //! but the last must end exactly where the next begins (the committer moves to a new segment only when everything
 //! before it is durable). In the last segment, what follows the end is a group that was never made durable, so
 //! never acknowledged: opening copies it to `cleared-<offset>.bin` (best effort) and writes zeros over it (durably)
-//! before anything new is written there, so that no record of it can ever be read back after a later, shorter group. One exception: a bad frame directly followed by a
-//! whole valid record is corruption (a torn write leaves no record whole after its damage... except within the group
-//! it tore, see ARCHITECTURE.md "Known limits"), and opening fails.
+//! before anything new is written there, so that no record of it can ever be read back after a later, shorter
+//! group. One exception: a bad frame directly followed by a whole valid record is corruption, and opening fails (a
+//! power loss can leave that within the one group it tore, too: ARCHITECTURE.md "Known limits").
 
 use std::{
     collections::BTreeMap,
