@@ -237,9 +237,10 @@ pub struct Journal {
     /// Set when a failed move to a new segment could not be undone: the files no longer say where the records end,
     /// so nothing more may be written (see [`Journal::truncate`]).
     broken: bool,
-    /// For tests: the next write puts its bytes in the file and then reports a failure.
+    /// For tests: the next write puts its bytes in the file and then reports a failure (as a disk filling up part way
+    /// through a write would).
     #[cfg(test)]
-    fail_next_write: bool,
+    pub(crate) fail_next_write: Arc<AtomicBool>,
 }
 
 impl Journal {
@@ -340,7 +341,7 @@ impl Journal {
                     scratch: Vec::new(),
                     broken: false,
                     #[cfg(test)]
-                    fail_next_write: false,
+                    fail_next_write: Arc::default(),
                 };
                 return Ok((journal, recovery));
             }
@@ -394,8 +395,7 @@ impl Journal {
         // Before writing: a write that fails may still have put some of the bytes in the file.
         self.current.written_to = self.current.written_to.max(at + self.scratch.len() as u64);
         #[cfg(test)]
-        if self.fail_next_write {
-            self.fail_next_write = false;
+        if self.fail_next_write.swap(false, Ordering::AcqRel) {
             let _ = self.current.file.write_all_at(&self.scratch, at);
             return Err(LogError::Io { path: self.current.path.clone(), source: io::Error::other("injected failure") });
         }
@@ -1171,7 +1171,7 @@ mod tests {
     fn a_failed_write_is_taken_back_whole() {
         let (dir, mut journal) = journal_holding(b"kept");
         let before = journal.len();
-        journal.fail_next_write = true;
+        journal.fail_next_write.store(true, Ordering::Release);
         assert!(journal.append([b"failed one".as_slice(), b"failed two".as_slice()]).is_err());
         assert_eq!(journal.len(), before, "a failed write moves nothing");
         journal.truncate(before).unwrap();
@@ -1185,7 +1185,7 @@ mod tests {
     fn a_failed_write_past_the_filled_part_is_cut_back() {
         let (dir, mut journal) = journal_holding(b"kept");
         let before = journal.len();
-        journal.fail_next_write = true;
+        journal.fail_next_write.store(true, Ordering::Release);
         assert!(journal.append([record(1, 2 * SEGMENT as usize).as_slice()]).is_err());
         let path = journal.current.path.clone();
         assert!(std::fs::metadata(&path).unwrap().len() > SEGMENT);

@@ -226,6 +226,9 @@ struct Inner {
     jobs: std::sync::Mutex<Option<mpsc::Sender<Job>>>,
     committer: std::sync::Mutex<Option<thread::JoinHandle<()>>>,
     data_dir: PathBuf,
+    /// For tests: makes the journal's next write fail after putting its bytes in the file.
+    #[cfg(test)]
+    fail_next_journal_write: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What opening found, for the start-up log line.
@@ -371,6 +374,8 @@ impl Store {
         // durable point moves to what it now holds (`AuditLog::open` leaves it alone).
         checkpointer.checkpoint()?;
         let journal_reader = journal.reader();
+        #[cfg(test)]
+        let fail_next_journal_write = journal.fail_next_write.clone();
         let audit_index = audit.index();
         let report = OpenReport {
             journal_records_replayed: replayed,
@@ -411,6 +416,8 @@ impl Store {
             jobs: std::sync::Mutex::new(Some(sender)),
             committer: std::sync::Mutex::new(Some(handle)),
             data_dir: data_dir.to_owned(),
+            #[cfg(test)]
+            fail_next_journal_write,
         };
         Ok((Self { inner: Arc::new(inner) }, report))
     }
@@ -1303,6 +1310,42 @@ mod tests {
         assert_eq!(std::fs::metadata(&journal_path).unwrap().len(), kept_len, "new records go after it, elsewhere");
         assert_eq!(store.get_blob(b"k/ok/copy").unwrap(), Some(b"older copy".to_vec()));
         assert_eq!(store.get_blob(b"k/new").unwrap(), Some(b"new copy".to_vec()));
+        store.close();
+    }
+
+    /// A commit whose journal write fails part way (a disk filling up) is refused and taken back off both logs: the
+    /// next commit gets the same audit sequence numbers, nothing of the failed one is in the index, and the journal
+    /// and the audit log agree when opened again.
+    #[tokio::test]
+    async fn a_commit_whose_write_fails_is_taken_back_off_both_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let commit = |message: &str, key: &[u8]| Commit {
+            audit: vec![entry(message), entry(message)],
+            writes: vec![Write::Put(key.to_vec(), message.as_bytes().to_vec())],
+        };
+        assert_eq!(store.commit(commit("m1", b"k/1")).await.unwrap(), vec![0, 1]);
+        store.inner.fail_next_journal_write.store(true, std::sync::atomic::Ordering::Release);
+        let failed = store.commit(commit("failed", b"k/failed")).await;
+        assert!(matches!(failed, Err(StoreError::CommitFailed { .. })), "{failed:?}");
+        assert_eq!(store.get(b"k/failed").unwrap(), None);
+        assert_eq!(store.commit(commit("m2", b"k/2")).await.unwrap(), vec![2, 3], "the same sequence numbers again");
+        store.close();
+        drop(store);
+
+        std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+        let mut messages = Vec::new();
+        log::read_all(&AuditLog::path(&dir.path().join("audit")), |_, bytes| {
+            messages.push(AuditEntry::decode(bytes).unwrap().message_id);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(messages, ["m1", "m1", "m2", "m2"]);
+        let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
+        let (store, report) = Store::open(dir.path(), audit, StoreOptions::for_tests()).unwrap();
+        assert_eq!(report.journal_bytes_truncated, 0);
+        assert_eq!(store.get(b"k/failed").unwrap(), None);
+        assert_eq!(store.get(b"k/2").unwrap(), Some(b"m2".to_vec()));
         store.close();
     }
 
