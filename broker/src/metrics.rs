@@ -36,6 +36,11 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     /// Seconds applying one answered group to the index (sled) takes; the next group waits for it.
     pub apply_seconds: Histogram,
+    /// Seconds a commit waits before the committer takes it up (behind the group being committed, and for the
+    /// committer thread to wake).
+    pub commit_wait_seconds: Histogram,
+    /// Seconds the journal's `fdatasync` takes, once per group.
+    pub journal_sync_seconds: Histogram,
     /// Commits per group (how much group commit shares each fsync).
     pub commit_group_size: Histogram,
     pub audit_entries: Gauge,
@@ -94,6 +99,20 @@ impl Metrics {
             "Time applying one answered group commit to the index (the next group waits for it)",
             apply_seconds.clone(),
         );
+        let commit_wait_seconds =
+            Histogram::new([0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.5]);
+        registry.register(
+            "commit_wait_seconds",
+            "Time a commit waits before the committer takes it up (behind the group being committed)",
+            commit_wait_seconds.clone(),
+        );
+        let journal_sync_seconds =
+            Histogram::new([0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.5]);
+        registry.register(
+            "journal_sync_seconds",
+            "Time of the journal's fdatasync, once per group commit",
+            journal_sync_seconds.clone(),
+        );
         let commit_group_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0]);
         registry.register("commit_group_size", "Commits sharing one fsync", commit_group_size.clone());
         let audit_entries = Gauge::default();
@@ -133,6 +152,8 @@ impl Metrics {
             acknowledgement_seconds,
             commit_seconds,
             apply_seconds,
+            commit_wait_seconds,
+            journal_sync_seconds,
             commit_group_size,
             audit_entries,
             audit_log_bytes,

@@ -196,6 +196,8 @@ struct JournalRecord {
 struct Job {
     commit: Commit,
     reply: oneshot::Sender<Result<Vec<u64>, (String, bool)>>,
+    /// When it was sent to the committer (for `broker_commit_wait_seconds`).
+    queued: std::time::Instant,
 }
 
 /// Handle to the durable state. Cheap to clone.
@@ -429,7 +431,7 @@ impl Store {
         {
             let jobs = self.inner.jobs.lock().map_err(|_| StoreError::Stopped)?;
             let sender = jobs.as_ref().ok_or(StoreError::Stopped)?;
-            sender.send(Job { commit, reply }).map_err(|_| StoreError::Stopped)?;
+            sender.send(Job { commit, reply, queued: std::time::Instant::now() }).map_err(|_| StoreError::Stopped)?;
         }
         match answer.await {
             Ok(Ok(sequences)) => Ok(sequences),
@@ -705,8 +707,11 @@ fn run_committer(jobs: mpsc::Receiver<Job>, mut journal: Journal, mut audit: Aud
             }
         }
         let started = std::time::Instant::now();
-        let result = commit_group(&mut group, &mut journal, &mut audit, &applier);
         let metrics = crate::metrics::metrics();
+        for job in &group {
+            metrics.commit_wait_seconds.observe(started.saturating_duration_since(job.queued).as_secs_f64());
+        }
+        let result = commit_group(&mut group, &mut journal, &mut audit, &applier);
         metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
         metrics.commit_group_size.observe(group.len() as f64);
         metrics.audit_entries.set(audit.len() as i64);
@@ -845,7 +850,9 @@ fn commit_group<'a>(
             return Ok(Vec::new());
         }
         let offsets = journal.append(encoded.iter().map(Vec::as_slice))?;
+        let syncing = std::time::Instant::now();
         journal.sync()?;
+        crate::metrics::metrics().journal_sync_seconds.observe(syncing.elapsed().as_secs_f64());
         Ok(offsets)
     });
     // 2. What failed is taken back off both logs, so that the next group does not follow it.

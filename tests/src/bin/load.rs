@@ -1190,7 +1190,42 @@ async fn throughput_scenario(
     let elapsed = start.elapsed();
     let broker_cpu = report_costs(&subject, before, results.latencies.len() as u64, results.accepted_copies, elapsed);
     report_load_generator_cost(load_before, broker_cpu, results.latencies.len() as u64, elapsed);
+    report_commit_stages(&subject).await;
     Ok(())
+}
+
+/// Prints where the broker's commits spent their time, from its own histograms (means since it started, the warm-up
+/// included): waiting for the committer, the journal's `fdatasync`, the whole group commit, applying to the index.
+async fn report_commit_stages(subject: &Subject) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(address) = subject.area.settings.metrics_listen else { return };
+    let Ok(mut stream) = tokio::net::TcpStream::connect(address).await else { return };
+    let mut text = String::new();
+    if stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: broker\r\n\r\n").await.is_err()
+        || stream.read_to_string(&mut text).await.is_err()
+    {
+        return;
+    }
+    let value = |name: &str| {
+        text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+    };
+    let mean_micros = |histogram: &str| {
+        let sum = value(&format!("broker_{histogram}_sum"))?;
+        let count = value(&format!("broker_{histogram}_count"))?;
+        (count > 0.0).then(|| 1e6 * sum / count)
+    };
+    let shown = |micros: Option<f64>| micros.map(|micros| format!("{micros:.0} µs")).unwrap_or_else(|| "-".to_owned());
+    let per_group = match (value("broker_commit_group_size_sum"), value("broker_commit_group_size_count")) {
+        (Some(sum), Some(count)) if count > 0.0 => format!("{:.1}", sum / count),
+        _ => "-".to_owned(),
+    };
+    println!(
+        "broker's commits (its own histograms, means since it started): waiting for the committer {}, journal fdatasync {}, group commit until answered {} ({per_group} commits per group), applying to the index {}",
+        shown(mean_micros("commit_wait_seconds")),
+        shown(mean_micros("journal_sync_seconds")),
+        shown(mean_micros("commit_seconds")),
+        shown(mean_micros("apply_seconds")),
+    );
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -1234,6 +1269,7 @@ async fn offline_drain(context: &RunContext<'_>) -> Result<()> {
         );
     }
     report_costs(&subject, before, results.latencies.len() as u64, results.accepted_copies, results.elapsed);
+    report_commit_stages(&subject).await;
     let start = Instant::now();
     let receivers = Receivers::start(
         &credentials,

@@ -88,6 +88,10 @@ async fn metrics_count_traffic_without_personal_data() -> Result<()> {
     assert!(scrape.contains("broker_commit_seconds_bucket"), "{scrape}");
     assert!(scrape.contains("broker_apply_seconds_count"), "{scrape}");
     assert!(!scrape.contains("broker_apply_seconds_count 0\n"), "applying to the index is timed: {scrape}");
+    assert!(!scrape.contains("broker_journal_sync_seconds_count 0\n"), "the journal's fdatasync is timed: {scrape}");
+    assert!(scrape.contains("broker_journal_sync_seconds_count"), "{scrape}");
+    assert!(!scrape.contains("broker_commit_wait_seconds_count 0\n"), "waiting for the committer is timed: {scrape}");
+    assert!(scrape.contains("broker_commit_wait_seconds_count"), "{scrape}");
     assert!(!scrape.contains("broker_audit_log_bytes 0"), "the audit log's size is reported: {scrape}");
     assert!(scrape.contains("broker_policy_set{hash="), "{scrape}");
     for personal in ["Maisie", "Exampleton", "Fictional Close", "Sampleford"] {
