@@ -42,7 +42,7 @@ use std::{
     thread,
 };
 
-use super::log::{HEADER_BYTES, Keep, LogError, MAX_RECORD_BYTES, Recovery};
+use super::log::{self, HEADER_BYTES, Keep, LogError, MAX_RECORD_BYTES, Recovery};
 
 /// The default size of a segment.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -145,6 +145,10 @@ impl Segments {
     /// Notes that the segment at `start` was used, with `file` as its handle, and closes the one used least recently
     /// beyond [`OPEN_SEGMENTS`].
     fn used(&mut self, start: u64, file: Arc<File>) {
+        // Already the one used last, with its handle: nothing to move (the common case, reading the newest copies).
+        if self.open.back() == Some(&start) && self.all.get(&start).is_some_and(|(_, handle)| handle.is_some()) {
+            return;
+        }
         if let Some((_, handle)) = self.all.get_mut(&start) {
             *handle = Some(file);
         }
@@ -570,46 +574,31 @@ enum Frame {
     },
 }
 
+/// [`super::log`]'s frame reader, read the journal's way: a zero header (which that reader takes for an empty record
+/// with the empty record's checksum, 0) is where the records end, since the journal never writes an empty record.
 fn read_frame(reader: &mut impl Read, payload: &mut Vec<u8>, remaining: u64) -> io::Result<Frame> {
-    if remaining == 0 {
-        return Ok(Frame::End);
-    }
-    if remaining < HEADER_BYTES {
-        return Ok(Frame::Bad { frame_len: HEADER_BYTES });
-    }
-    let mut header = [0u8; 8];
-    reader.read_exact(&mut header)?;
-    if header == [0u8; 8] {
-        return Ok(Frame::End);
-    }
-    let len = u64::from(u32::from_le_bytes([header[0], header[1], header[2], header[3]]));
-    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    if len == 0 || len > remaining - HEADER_BYTES || len as usize > MAX_RECORD_BYTES {
-        return Ok(Frame::Bad { frame_len: HEADER_BYTES });
-    }
-    payload.resize(len as usize, 0);
-    reader.read_exact(payload)?;
-    if crc32fast::hash(payload) != crc {
-        return Ok(Frame::Bad { frame_len: HEADER_BYTES + len });
-    }
-    Ok(Frame::Record)
+    Ok(match log::read_frame(reader, payload, remaining)? {
+        log::Frame::End => Frame::End,
+        log::Frame::Record if payload.is_empty() => Frame::End,
+        log::Frame::Record => Frame::Record,
+        log::Frame::Torn => Frame::Bad { frame_len: HEADER_BYTES },
+        log::Frame::BadChecksum { frame_len } => Frame::Bad { frame_len },
+    })
 }
 
 /// Whether a whole record with a valid checksum starts at byte `at` of the file.
 fn record_at(file: &File, at: u64, file_len: u64) -> io::Result<bool> {
-    if at + HEADER_BYTES > file_len {
-        return Ok(false);
+    /// Reads the file from a position of its own (the file's shared offset is the scan's).
+    struct ReadAt<'a>(&'a File, u64);
+    impl Read for ReadAt<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let read = self.0.read_at(buf, self.1)?;
+            self.1 += read as u64;
+            Ok(read)
+        }
     }
-    let mut header = [0u8; 8];
-    file.read_exact_at(&mut header, at)?;
-    let len = u64::from(u32::from_le_bytes([header[0], header[1], header[2], header[3]]));
-    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    if len == 0 || at + HEADER_BYTES + len > file_len || len as usize > MAX_RECORD_BYTES {
-        return Ok(false);
-    }
-    let mut payload = vec![0u8; len as usize];
-    file.read_exact_at(&mut payload, at + HEADER_BYTES)?;
-    Ok(crc32fast::hash(&payload) == crc)
+    let remaining = file_len.saturating_sub(at);
+    Ok(matches!(read_frame(&mut ReadAt(file, at), &mut Vec::new(), remaining)?, Frame::Record))
 }
 
 /// Makes the last segment end at journal offset `end` for good: zeros over any bytes left after it (written

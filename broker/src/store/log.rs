@@ -237,14 +237,14 @@ impl SyncHandle {
     }
 }
 
-enum Frame {
+pub(super) enum Frame {
     End,
     Record,
     Torn,
     BadChecksum { frame_len: u64 },
 }
 
-fn read_frame(reader: &mut impl Read, payload: &mut Vec<u8>, remaining: u64) -> io::Result<Frame> {
+pub(super) fn read_frame(reader: &mut impl Read, payload: &mut Vec<u8>, remaining: u64) -> io::Result<Frame> {
     if remaining == 0 {
         return Ok(Frame::End);
     }
