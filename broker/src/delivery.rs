@@ -8,6 +8,16 @@
 //! Being the only writer of its recipient's delivery records, the actor needs no locks, and it batches: all
 //! commands waiting in its mailbox are handled together and their changes go to the store in one commit.
 //!
+//! The actor does not wait for the commits of deliveries and acknowledgements: it submits them ([`Store::submit`])
+//! and goes on (a copy queued while an acknowledgement's commit is under way goes out without waiting for it, and
+//! the two commits can share one `fdatasync`); it handles their outcomes in the order it submitted them, which is
+//! the order the store makes them durable. A copy whose "delivered" commit is under way is in `delivering`, one
+//! whose acknowledgement's commit is under way in `acking`.
+//! INVARIANT: a delivery record is read only when no commit of the actor's that changes it is under way. Commits
+//! that read records of copies that may have one (negative acknowledgements, escalations, an acknowledgement of a
+//! copy being delivered again) first wait for every commit under way ([`RecipientActor::settle`]); a copy being
+//! acknowledged never goes back to the ready queue, and its acknowledgement wait does not run out.
+//!
 //! INVARIANT: a copy is handed to a stream only after the audit entry of that delivery attempt is durable, and it
 //! leaves the queue only when the recipient acknowledges it (or it is dead-lettered after `max_attempts`).
 
@@ -20,6 +30,7 @@ use std::{
     time::Duration,
 };
 
+use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesOrdered};
 use prost::Message;
 use tokio::{
     sync::{mpsc, oneshot, watch},
@@ -429,6 +440,27 @@ struct InFlight {
     deadline: Instant,
 }
 
+/// A copy going out: its sequence number, delivery id, attempt number and encoded `pb::Delivery`.
+type Outgoing = (u64, String, u32, Vec<u8>);
+
+/// The outcome of a commit the actor submitted and did not wait for.
+enum Submitted {
+    /// Delivery attempts recorded: on success the copies go to the stream.
+    Delivered { outgoing: Vec<Outgoing>, result: Result<(), StoreError> },
+    /// Acknowledgements recorded.
+    Acknowledged { done: Vec<Acknowledging>, result: Result<(), StoreError> },
+}
+
+/// A copy whose acknowledgement's commit is under way.
+struct Acknowledging {
+    delivery_id: String,
+    seq: u64,
+    reply: oneshot::Sender<Result<(), DeliveryError>>,
+    /// The copy was not in flight (a late acknowledgement, or one of a copy delivered before a restart): it was taken
+    /// out of the ready or delayed queue, and goes back to the ready queue if the commit fails.
+    was_waiting: bool,
+}
+
 /// How the engine reaches a recipient's actor.
 struct ActorHandle {
     mailbox: mpsc::UnboundedSender<Command>,
@@ -533,6 +565,13 @@ struct RecipientActor {
     delayed_at: HashMap<u64, Instant>,
     deadline_at: HashMap<u64, i64>,
     stream: Option<mpsc::Sender<StreamItem>>,
+    /// Commits submitted and not yet handled, in the order submitted (see the module documentation).
+    submitted: FuturesOrdered<BoxFuture<'static, Submitted>>,
+    /// Copies whose "delivered" commit is under way: delivery id -> seq. They count against the in-flight window.
+    delivering: HashMap<String, u64>,
+    /// Copies whose acknowledgement's commit is under way, each with repeated acknowledgements waiting for its
+    /// outcome.
+    acking: HashMap<String, Vec<oneshot::Sender<Result<(), DeliveryError>>>>,
     /// How many copies this actor holds (ready, delayed or in flight), for metrics ([`Deliveries::queue_stats`]):
     /// counted up when an enqueue is sent to the actor (so a scrape right after a send already counts its copy),
     /// down when the actor lets a copy go for good.
@@ -562,6 +601,9 @@ impl RecipientActor {
             delayed_at: HashMap::new(),
             deadline_at: HashMap::new(),
             stream: None,
+            submitted: FuturesOrdered::new(),
+            delivering: HashMap::new(),
+            acking: HashMap::new(),
         }
     }
 
@@ -571,11 +613,14 @@ impl RecipientActor {
         loop {
             let wake = self.next_wake();
             let mut commands = Vec::new();
+            let waiting_for_commits = !self.submitted.is_empty();
+            let mut outcome = None;
             tokio::select! {
                 command = mailbox.recv() => match command {
                     Some(command) => commands.push(command),
                     None => break,
                 },
+                done = self.submitted.next(), if waiting_for_commits => outcome = done,
                 () = sleep_until_option(wake) => {}
                 changed = shutdown.changed(), if !stopping => {
                     if changed.is_err() || *shutdown.borrow() {
@@ -584,6 +629,13 @@ impl RecipientActor {
                         self.stream = None;
                     }
                 }
+            }
+            if let Some(outcome) = outcome {
+                self.handle_outcome(outcome);
+            }
+            // Every other outcome already in is handled now too, in order.
+            while let Some(Some(outcome)) = self.submitted.next().now_or_never() {
+                self.handle_outcome(outcome);
             }
             while commands.len() < 1024 {
                 match mailbox.try_recv() {
@@ -594,9 +646,102 @@ impl RecipientActor {
             self.handle(commands, stopping).await;
             self.expire_timers().await;
             if !stopping {
-                self.pump().await;
+                self.pump();
             }
         }
+        // Answer every acknowledgement under way before the store closes.
+        self.settle().await;
+    }
+
+    /// Waits for every commit under way and handles its outcome.
+    async fn settle(&mut self) {
+        while let Some(outcome) = self.submitted.next().await {
+            self.handle_outcome(outcome);
+        }
+    }
+
+    fn handle_outcome(&mut self, outcome: Submitted) {
+        match outcome {
+            Submitted::Delivered { outgoing, result } => {
+                for (_, delivery_id, ..) in &outgoing {
+                    self.delivering.remove(delivery_id);
+                }
+                if let Err(error) = result {
+                    tracing::error!(error = %error, recipient = %self.recipient, "could not record deliveries; will retry");
+                    let retry = Instant::now() + Duration::from_secs(1);
+                    for (seq, delivery_id, ..) in outgoing {
+                        self.add_delayed(retry, seq, delivery_id);
+                    }
+                    return;
+                }
+                let deadline = Instant::now() + self.shared.config.ack_wait;
+                for (seq, delivery_id, attempt, copy) in outgoing {
+                    if attempt == 1 {
+                        metrics().deliveries.inc();
+                    } else {
+                        metrics().redeliveries.inc();
+                    }
+                    self.in_flight.insert(delivery_id.clone(), InFlight { seq, deadline });
+                    // With no stream (the broker is stopping), the copy stays in flight until redelivery; a closed
+                    // one puts it back in the ready queue at the next pump.
+                    let Some(stream) = &self.stream else { continue };
+                    match pb::Delivery::decode(copy.as_slice()) {
+                        Ok(mut delivery) => {
+                            delivery.attempt = attempt;
+                            // The channel holds at most `max_in_flight + 1` and we never have more than that in
+                            // flight.
+                            if stream.try_send(Ok(delivery)).is_err() {
+                                tracing::debug!(%delivery_id, "delivery stream closed; the copy stays in flight until redelivery");
+                            }
+                        }
+                        Err(error) => {
+                            tracing::error!(%delivery_id, error = %error, "a stored copy does not decode");
+                        }
+                    }
+                }
+            }
+            Submitted::Acknowledged { done, result } => match result {
+                Ok(()) => {
+                    for Acknowledging { delivery_id, seq, reply, .. } in done {
+                        let repeated = self.acking.remove(&delivery_id).unwrap_or_default();
+                        self.forget(&delivery_id, seq);
+                        for reply in std::iter::once(reply).chain(repeated) {
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
+                }
+                Err(error) => {
+                    let message = error.to_string();
+                    for Acknowledging { delivery_id, seq, reply, was_waiting } in done {
+                        let repeated = self.acking.remove(&delivery_id).unwrap_or_default();
+                        if was_waiting {
+                            self.ready.insert(seq, delivery_id);
+                        }
+                        for reply in std::iter::once(reply).chain(repeated) {
+                            let _ = reply.send(Err(StoreError::CommitFailed {
+                                message: message.clone(),
+                                disk_full: error.is_disk_full(),
+                            }
+                            .into()));
+                        }
+                    }
+                }
+            },
+        }
+    }
+
+    /// Puts the copies in flight back at the front of the ready queue (the stream has ended or been replaced), but
+    /// not those being acknowledged.
+    fn requeue_in_flight(&mut self) {
+        let acking = &self.acking;
+        let ready = &mut self.ready;
+        self.in_flight.retain(|delivery_id, entry| {
+            if acking.contains_key(delivery_id) {
+                return true;
+            }
+            ready.insert(entry.seq, delivery_id.clone());
+            false
+        });
     }
 
     fn next_wake(&self) -> Option<Instant> {
@@ -625,13 +770,13 @@ impl RecipientActor {
                     // A new stream replaces the old one; copies sent on the old one and not yet acknowledged go
                     // back to the front of the queue (the agent recognises a copy it already has by its id).
                     self.stream = Some(stream);
-                    for (delivery_id, entry) in self.in_flight.drain() {
-                        self.ready.insert(entry.seq, delivery_id);
-                    }
+                    self.requeue_in_flight();
                 }
                 // While loading, an acknowledgement of a copy not in flight may be of one not loaded yet.
                 Command::Ack { ref delivery_id, .. } | Command::Nack { ref delivery_id, .. }
-                    if self.loading && !self.in_flight.contains_key(delivery_id) =>
+                    if self.loading
+                        && !self.in_flight.contains_key(delivery_id)
+                        && !self.delivering.contains_key(delivery_id) =>
                 {
                     self.deferred.push(command)
                 }
@@ -656,6 +801,8 @@ impl RecipientActor {
             self.acknowledge(acks).await;
         }
         if !nacks.is_empty() {
+            // They read the records of copies that may have commits under way (see the module documentation).
+            self.settle().await;
             self.negative_acknowledge(nacks).await;
         }
     }
@@ -725,10 +872,19 @@ impl RecipientActor {
     }
 
     async fn acknowledge(&mut self, acks: Vec<PendingAck>) {
+        if acks.iter().any(|(delivery_id, ..)| self.delivering.contains_key(delivery_id)) {
+            // An earlier attempt acknowledged while the copy is being delivered again: its record is being written.
+            self.settle().await;
+        }
         let now = AuditEntry::now_micros();
         let mut commit = Commit::default();
         let mut done = Vec::new();
         for (delivery_id, actor, reply) in acks {
+            if let Some(repeated) = self.acking.get_mut(&delivery_id) {
+                // Already being acknowledged: answered with that commit's outcome.
+                repeated.push(reply);
+                continue;
+            }
             let record = match self.load_own(&delivery_id) {
                 Ok(record) => record,
                 Err(error) => {
@@ -754,29 +910,28 @@ impl RecipientActor {
             record.push_event(now, "acknowledged", "");
             commit.audit.push(entry_for(&record, EventType::Acknowledgement, actor, now, String::new()));
             push_final_writes(&mut commit, &record, seq);
-            done.push((delivery_id, seq, reply));
+            // Not sent (again) while its acknowledgement is recorded.
+            let was_waiting = !self.in_flight.contains_key(&delivery_id);
+            if was_waiting {
+                self.ready.remove(seq);
+                if let Some(when) = self.delayed_at.remove(&seq) {
+                    self.delayed.remove(&(when, seq));
+                }
+            }
+            self.acking.insert(delivery_id.clone(), Vec::new());
+            done.push(Acknowledging { delivery_id, seq, reply, was_waiting });
         }
         if done.is_empty() {
             return;
         }
-        match self.shared.store.commit(commit).await {
-            Ok(_) => {
-                for (delivery_id, seq, reply) in done {
-                    self.forget(&delivery_id, seq);
-                    let _ = reply.send(Ok(()));
-                }
+        let committed = self.shared.store.submit(commit);
+        self.submitted.push_back(
+            async move {
+                let result = committed.await.map(|_| ());
+                Submitted::Acknowledged { done, result }
             }
-            Err(error) => {
-                let message = error.to_string();
-                for (_, _, reply) in done {
-                    let _ = reply.send(Err(StoreError::CommitFailed {
-                        message: message.clone(),
-                        disk_full: error.is_disk_full(),
-                    }
-                    .into()));
-                }
-            }
-        }
+            .boxed(),
+        );
     }
 
     async fn negative_acknowledge(&mut self, nacks: Vec<PendingNack>) {
@@ -866,7 +1021,7 @@ impl RecipientActor {
         let expired: Vec<String> = self
             .in_flight
             .iter()
-            .filter(|(_, entry)| entry.deadline <= now)
+            .filter(|(delivery_id, entry)| entry.deadline <= now && !self.acking.contains_key(*delivery_id))
             .map(|(delivery_id, _)| delivery_id.clone())
             .collect();
         if !expired.is_empty() {
@@ -874,6 +1029,11 @@ impl RecipientActor {
         }
         let mut due = Vec::new();
         let now_micros = AuditEntry::now_micros();
+        if self.deadlines.first().is_some_and(|(when, _)| *when <= now_micros) {
+            // Escalations read the records of copies that may have commits under way (see the module
+            // documentation), and a copy being delivered or acknowledged must be found (or be gone) once they end.
+            self.settle().await;
+        }
         while let Some(&(when, seq)) = self.deadlines.first() {
             if when > now_micros {
                 break;
@@ -980,18 +1140,17 @@ impl RecipientActor {
         }
     }
 
-    /// Sends ready copies while the agent is connected and the in-flight window has room.
-    async fn pump(&mut self) {
+    /// Records delivery attempts of ready copies while the agent is connected and the in-flight window has room; the
+    /// copies go to the stream once their commit is durable ([`Self::handle_outcome`]).
+    fn pump(&mut self) {
         loop {
-            let Some(stream) = self.stream.clone() else { return };
+            let Some(stream) = &self.stream else { return };
             if stream.is_closed() {
                 self.stream = None;
-                for (delivery_id, entry) in self.in_flight.drain() {
-                    self.ready.insert(entry.seq, delivery_id);
-                }
+                self.requeue_in_flight();
                 return;
             }
-            let room = self.shared.config.max_in_flight.saturating_sub(self.in_flight.len());
+            let room = self.shared.config.max_in_flight.saturating_sub(self.in_flight.len() + self.delivering.len());
             if room == 0 || self.ready.is_empty() {
                 return;
             }
@@ -1037,35 +1196,17 @@ impl RecipientActor {
             if outgoing.is_empty() {
                 continue;
             }
-            if let Err(error) = self.shared.store.commit(commit).await {
-                tracing::error!(error = %error, recipient = %self.recipient, "could not record deliveries; will retry");
-                let retry = Instant::now() + Duration::from_secs(1);
-                for (seq, delivery_id, ..) in outgoing {
-                    self.add_delayed(retry, seq, delivery_id);
-                }
-                return;
+            for (seq, delivery_id, ..) in &outgoing {
+                self.delivering.insert(delivery_id.clone(), *seq);
             }
-            let deadline = Instant::now() + self.shared.config.ack_wait;
-            for (seq, delivery_id, attempt, copy) in outgoing {
-                if attempt == 1 {
-                    metrics().deliveries.inc();
-                } else {
-                    metrics().redeliveries.inc();
+            let committed = self.shared.store.submit(commit);
+            self.submitted.push_back(
+                async move {
+                    let result = committed.await.map(|_| ());
+                    Submitted::Delivered { outgoing, result }
                 }
-                self.in_flight.insert(delivery_id.clone(), InFlight { seq, deadline });
-                match pb::Delivery::decode(copy.as_slice()) {
-                    Ok(mut delivery) => {
-                        delivery.attempt = attempt;
-                        // The channel holds at most `max_in_flight + 1` and we never have more than that in flight.
-                        if stream.try_send(Ok(delivery)).is_err() {
-                            tracing::debug!(%delivery_id, "delivery stream closed; the copy stays in flight until redelivery");
-                        }
-                    }
-                    Err(error) => {
-                        tracing::error!(%delivery_id, error = %error, "a stored copy does not decode");
-                    }
-                }
-            }
+                .boxed(),
+            );
         }
     }
 }
@@ -1240,6 +1381,101 @@ mod tests {
                 records::decode(&store.get(&records::delivery_key(delivery_id)).unwrap().unwrap()).unwrap();
             assert_eq!(record.state, state);
         }
+    }
+
+    /// A started delivery engine over a new store, with one copy stored and queued for the school, and the school's
+    /// stream, from which the copy has been received.
+    struct OneCopyDelivered {
+        _dir: tempfile::TempDir,
+        _stop: watch::Sender<bool>,
+        store: Store,
+        deliveries: Deliveries,
+        stream: mpsc::Receiver<StreamItem>,
+        delivery_id: String,
+    }
+
+    async fn one_copy_delivered() -> OneCopyDelivered {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = crate::audit::AuditLog::open(&dir.path().join("audit")).unwrap();
+        let (store, _) = Store::open(dir.path(), audit, crate::store::StoreOptions::for_tests()).unwrap();
+        let (stop, stopping) = watch::channel(false);
+        let deliveries = Deliveries::start(store.clone(), DeliveryConfig::default(), stopping).unwrap();
+        let delivery_id = store_copy(&store, 1).await;
+        deliveries.enqueued(Enqueued {
+            recipient: SCHOOL.into(),
+            seq: 1,
+            delivery_id: delivery_id.clone(),
+            acknowledge_by_micros: None,
+        });
+        let mut stream = deliveries.subscribe(SCHOOL);
+        let copy = tokio::time::timeout(Duration::from_secs(10), stream.recv()).await.unwrap().unwrap().unwrap();
+        assert_eq!(copy.delivery_id, delivery_id);
+        OneCopyDelivered { _dir: dir, _stop: stop, store, deliveries, stream, delivery_id }
+    }
+
+    fn state_of(store: &Store, delivery_id: &str) -> DeliveryState {
+        let record: DeliveryRecord =
+            records::decode(&store.get(&records::delivery_key(delivery_id)).unwrap().unwrap()).unwrap();
+        record.state
+    }
+
+    /// Acknowledgements of one copy that reach the actor together, or while the first one's commit is under way,
+    /// are all answered with that commit's outcome, and the acknowledgement is recorded once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn repeated_acknowledgements_are_recorded_once() {
+        let OneCopyDelivered { store, deliveries, delivery_id, _dir, _stop, .. } = one_copy_delivered().await;
+        let entries_before = store.audit_index().read().unwrap().len();
+        let school = Actor { agency: SCHOOL.into(), ..Actor::default() };
+        // Sent straight to the mailbox one after another, so the actor takes them in one batch.
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            let (reply, answer) = oneshot::channel();
+            deliveries.send(SCHOOL, Command::Ack { delivery_id: delivery_id.clone(), actor: school.clone(), reply });
+            answers.push(answer);
+        }
+        for answer in answers {
+            tokio::time::timeout(Duration::from_secs(10), answer).await.unwrap().unwrap().unwrap();
+        }
+        assert_eq!(store.audit_index().read().unwrap().len(), entries_before + 1, "one acknowledgement entry");
+        assert_eq!(state_of(&store, &delivery_id), DeliveryState::Acknowledged);
+        // A later one changes nothing either.
+        deliveries.acknowledge(SCHOOL, &delivery_id, school).await.unwrap();
+        assert_eq!(store.audit_index().read().unwrap().len(), entries_before + 1);
+    }
+
+    /// An acknowledgement whose commit fails is answered with the failure and leaves the copy in flight (not sent
+    /// again at once, not forgotten); the agent's retry is recorded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_acknowledgement_leaves_the_copy_in_flight() {
+        let OneCopyDelivered { store, deliveries, mut stream, delivery_id, _dir, _stop } = one_copy_delivered().await;
+        let school = Actor { agency: SCHOOL.into(), ..Actor::default() };
+        store.fail_next_journal_write();
+        let failed = deliveries.acknowledge(SCHOOL, &delivery_id, school.clone()).await;
+        assert!(
+            matches!(failed, Err(DeliveryError::Store(StoreError::CommitFailed { .. }))),
+            "the failure is reported: {failed:?}"
+        );
+        assert_eq!(state_of(&store, &delivery_id), DeliveryState::Delivered);
+        let again = tokio::time::timeout(Duration::from_millis(300), stream.recv()).await;
+        assert!(again.is_err(), "the copy is still in flight, not sent again: {again:?}");
+        deliveries.acknowledge(SCHOOL, &delivery_id, school).await.unwrap();
+        assert_eq!(state_of(&store, &delivery_id), DeliveryState::Acknowledged);
+        assert_eq!(deliveries.queue_stats().unwrap().get(SCHOOL), None, "the copy has left the queue");
+    }
+
+    /// A copy acknowledged as its agent reconnects (the acknowledgement and the new stream in one batch) is not sent
+    /// on the new stream while its acknowledgement is recorded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_being_acknowledged_is_not_sent_on_a_new_stream() {
+        let OneCopyDelivered { store, deliveries, delivery_id, _dir, _stop, .. } = one_copy_delivered().await;
+        let school = Actor { agency: SCHOOL.into(), ..Actor::default() };
+        let (reply, answer) = oneshot::channel();
+        deliveries.send(SCHOOL, Command::Ack { delivery_id: delivery_id.clone(), actor: school, reply });
+        let mut stream = deliveries.subscribe(SCHOOL);
+        tokio::time::timeout(Duration::from_secs(10), answer).await.unwrap().unwrap().unwrap();
+        let again = tokio::time::timeout(Duration::from_millis(300), stream.recv()).await;
+        assert!(again.is_err(), "the acknowledged copy is not sent again: {again:?}");
+        assert_eq!(state_of(&store, &delivery_id), DeliveryState::Acknowledged);
     }
 
     /// The agencies with queued copies, and each one's highest sequence number, are found by seeking, for any mix

@@ -427,16 +427,31 @@ impl Store {
     /// Makes the commit durable (see the module documentation) and returns the sequence numbers given to its audit
     /// entries.
     pub async fn commit(&self, commit: Commit) -> Result<Vec<u64>, StoreError> {
+        self.submit(commit).await
+    }
+
+    /// As [`Self::commit`], but the commit joins the committer's queue before this returns, and the future returned
+    /// only waits for its answer (it borrows nothing, and dropping it does not take the commit back). Commits
+    /// submitted one after another are made durable in that order, and answered in that order. The delivery actors
+    /// use this to keep several commits under way at once.
+    pub fn submit(&self, commit: Commit) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
-        {
-            let jobs = self.inner.jobs.lock().map_err(|_| StoreError::Stopped)?;
-            let sender = jobs.as_ref().ok_or(StoreError::Stopped)?;
-            sender.send(Job { commit, reply, queued: std::time::Instant::now() }).map_err(|_| StoreError::Stopped)?;
-        }
-        match answer.await {
-            Ok(Ok(sequences)) => Ok(sequences),
-            Ok(Err((message, disk_full))) => Err(StoreError::CommitFailed { message, disk_full }),
-            Err(_) => Err(StoreError::Stopped),
+        let queued = match self.inner.jobs.lock() {
+            Ok(jobs) => match jobs.as_ref() {
+                Some(sender) => sender.send(Job { commit, reply, queued: std::time::Instant::now() }).is_ok(),
+                None => false,
+            },
+            Err(_) => false,
+        };
+        async move {
+            if !queued {
+                return Err(StoreError::Stopped);
+            }
+            match answer.await {
+                Ok(Ok(sequences)) => Ok(sequences),
+                Ok(Err((message, disk_full))) => Err(StoreError::CommitFailed { message, disk_full }),
+                Err(_) => Err(StoreError::Stopped),
+            }
         }
     }
 
@@ -528,6 +543,12 @@ impl Store {
             Some(item) => Ok(Some(item.map(|(key, value)| (key.to_vec(), value.to_vec()))?)),
             None => Ok(None),
         }
+    }
+
+    /// Makes the journal's next write fail, as a full disk would (tests).
+    #[cfg(test)]
+    pub(crate) fn fail_next_journal_write(&self) {
+        self.inner.fail_next_journal_write.store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// The audit log's index (see [`crate::audit::index`]).
