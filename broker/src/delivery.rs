@@ -16,7 +16,8 @@
 //! INVARIANT: a delivery record is read only when no commit of the actor's that changes it is under way. Commits
 //! that read records of copies that may have one (negative acknowledgements, escalations, an acknowledgement of a
 //! copy being delivered again) first wait for every commit under way ([`RecipientActor::settle`]); a copy being
-//! acknowledged never goes back to the ready queue, and its acknowledgement wait does not run out.
+//! acknowledged never goes back to the ready queue, and its acknowledgement wait does not run out (if the commit
+//! fails, the copy goes back where it was: in flight, ready, or waiting out a retry delay).
 //!
 //! INVARIANT: a copy is handed to a stream only after the audit entry of that delivery attempt is durable, and it
 //! leaves the queue only when the recipient acknowledges it (or it is dead-lettered after `max_attempts`).
@@ -456,15 +457,23 @@ struct Acknowledging {
     delivery_id: String,
     seq: u64,
     reply: oneshot::Sender<Result<(), DeliveryError>>,
-    /// The copy was not in flight (a late acknowledgement, or one of a copy delivered before a restart): it was taken
-    /// out of the ready or delayed queue, and goes back to the ready queue if the commit fails.
-    was_waiting: bool,
+    /// Where the copy was, if not in flight (a late acknowledgement, or one of a copy delivered before a restart):
+    /// it was taken out of that queue, and goes back to it if the commit fails.
+    taken_from: Option<Waiting>,
+}
+
+/// A queue a copy not in flight waits in.
+enum Waiting {
+    Ready,
+    /// Waiting out a retry delay until then.
+    Delayed(Instant),
 }
 
 /// How the engine reaches a recipient's actor.
 struct ActorHandle {
     mailbox: mpsc::UnboundedSender<Command>,
-    /// How many copies the actor holds (ready, waiting out a retry delay or in flight), for metrics: counted up here
+    /// How many copies the actor holds (ready, waiting out a retry delay, being delivered, in flight or being
+    /// acknowledged), for metrics: counted up here
     /// when an enqueue is sent (so a scrape right after a send already counts its copy), down by the actor when it
     /// lets a copy go for good ([`RecipientActor::depth`]).
     depth: Arc<AtomicU64>,
@@ -572,7 +581,8 @@ struct RecipientActor {
     /// Copies whose acknowledgement's commit is under way, each with repeated acknowledgements waiting for its
     /// outcome.
     acking: HashMap<String, Vec<oneshot::Sender<Result<(), DeliveryError>>>>,
-    /// How many copies this actor holds (ready, delayed or in flight), for metrics ([`Deliveries::queue_stats`]):
+    /// How many copies this actor holds (ready, delayed, being delivered, in flight or being acknowledged), for
+    /// metrics ([`Deliveries::queue_stats`]):
     /// counted up when an enqueue is sent to the actor (so a scrape right after a send already counts its copy),
     /// down when the actor lets a copy go for good.
     depth: Arc<AtomicU64>,
@@ -682,8 +692,9 @@ impl RecipientActor {
                         metrics().redeliveries.inc();
                     }
                     self.in_flight.insert(delivery_id.clone(), InFlight { seq, deadline });
-                    // With no stream (the broker is stopping), the copy stays in flight until redelivery; a closed
-                    // one puts it back in the ready queue at the next pump.
+                    // With no stream (the broker is stopping, or the stream was seen closed), the copy stays in flight
+                    // until the agent's next stream puts it back at the front of the queue, or its wait runs out; a
+                    // stream closed since puts it back at the next pump.
                     let Some(stream) = &self.stream else { continue };
                     match pb::Delivery::decode(copy.as_slice()) {
                         Ok(mut delivery) => {
@@ -712,10 +723,12 @@ impl RecipientActor {
                 }
                 Err(error) => {
                     let message = error.to_string();
-                    for Acknowledging { delivery_id, seq, reply, was_waiting } in done {
+                    for Acknowledging { delivery_id, seq, reply, taken_from } in done {
                         let repeated = self.acking.remove(&delivery_id).unwrap_or_default();
-                        if was_waiting {
-                            self.ready.insert(seq, delivery_id);
+                        match taken_from {
+                            Some(Waiting::Ready) => self.ready.insert(seq, delivery_id),
+                            Some(Waiting::Delayed(when)) => self.add_delayed(when, seq, delivery_id),
+                            None => {}
                         }
                         for reply in std::iter::once(reply).chain(repeated) {
                             let _ = reply.send(Err(StoreError::CommitFailed {
@@ -745,7 +758,13 @@ impl RecipientActor {
     }
 
     fn next_wake(&self) -> Option<Instant> {
-        let in_flight = self.in_flight.values().map(|entry| entry.deadline).min();
+        // A copy being acknowledged does not run out of time (see `expire_timers`): waking for it would spin.
+        let in_flight = self
+            .in_flight
+            .iter()
+            .filter(|(delivery_id, _)| !self.acking.contains_key(*delivery_id))
+            .map(|(_, entry)| entry.deadline)
+            .min();
         let delayed = self.delayed.keys().next().map(|(when, _)| *when);
         let deadline = self.deadlines.first().map(|(micros, _)| instant_for_micros(*micros));
         [in_flight, delayed, deadline].into_iter().flatten().min()
@@ -768,7 +787,12 @@ impl RecipientActor {
                         continue;
                     }
                     // A new stream replaces the old one; copies sent on the old one and not yet acknowledged go
-                    // back to the front of the queue (the agent recognises a copy it already has by its id).
+                    // back to the front of the queue (the agent recognises a copy it already has by its id). Copies
+                    // being delivered are let into flight first, so they go back in order with the rest (otherwise
+                    // they would reach the new stream ahead of earlier copies).
+                    if !self.delivering.is_empty() {
+                        self.settle().await;
+                    }
                     self.stream = Some(stream);
                     self.requeue_in_flight();
                 }
@@ -911,15 +935,17 @@ impl RecipientActor {
             commit.audit.push(entry_for(&record, EventType::Acknowledgement, actor, now, String::new()));
             push_final_writes(&mut commit, &record, seq);
             // Not sent (again) while its acknowledgement is recorded.
-            let was_waiting = !self.in_flight.contains_key(&delivery_id);
-            if was_waiting {
+            let taken_from = if self.in_flight.contains_key(&delivery_id) {
+                None
+            } else if let Some(when) = self.delayed_at.remove(&seq) {
+                self.delayed.remove(&(when, seq));
+                Some(Waiting::Delayed(when))
+            } else {
                 self.ready.remove(seq);
-                if let Some(when) = self.delayed_at.remove(&seq) {
-                    self.delayed.remove(&(when, seq));
-                }
-            }
+                Some(Waiting::Ready)
+            };
             self.acking.insert(delivery_id.clone(), Vec::new());
-            done.push(Acknowledging { delivery_id, seq, reply, was_waiting });
+            done.push(Acknowledging { delivery_id, seq, reply, taken_from });
         }
         if done.is_empty() {
             return;
@@ -1419,28 +1445,86 @@ mod tests {
         record.state
     }
 
-    /// Acknowledgements of one copy that reach the actor together, or while the first one's commit is under way,
-    /// are all answered with that commit's outcome, and the acknowledgement is recorded once.
+    /// An actor of the school's built in the test (not started), over a new store and engine, and its copies,
+    /// stored and queued as sends do: the test drives it step by step, so what reaches it in one batch is certain.
+    struct Standalone {
+        _dir: tempfile::TempDir,
+        _stop: watch::Sender<bool>,
+        store: Store,
+        actor: RecipientActor,
+        ids: Vec<String>,
+    }
+
+    async fn standalone(copies: u64, max_in_flight: usize) -> Standalone {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = crate::audit::AuditLog::open(&dir.path().join("audit")).unwrap();
+        let (store, _) = Store::open(dir.path(), audit, crate::store::StoreOptions::for_tests()).unwrap();
+        let (stop, stopping) = watch::channel(false);
+        let config = DeliveryConfig { max_in_flight, ..DeliveryConfig::default() };
+        let deliveries = Deliveries::start(store.clone(), config, stopping).unwrap();
+        let actor =
+            RecipientActor::new(SCHOOL.to_owned(), deliveries.shared.clone(), Arc::new(AtomicU64::new(0)), false);
+        let mut ids = Vec::new();
+        for seq in 1..=copies {
+            ids.push(store_copy(&store, seq).await);
+        }
+        Standalone { _dir: dir, _stop: stop, store, actor, ids }
+    }
+
+    impl Standalone {
+        fn enqueue(&self, seqs: std::ops::RangeInclusive<u64>) -> Vec<Command> {
+            seqs.map(|seq| {
+                Command::Enqueue(Enqueued {
+                    recipient: SCHOOL.into(),
+                    seq,
+                    delivery_id: self.ids[seq as usize - 1].clone(),
+                    acknowledge_by_micros: None,
+                })
+            })
+            .collect()
+        }
+
+        /// One pass of the actor's loop over `commands`, then waits for every commit it submitted.
+        async fn step(&mut self, commands: Vec<Command>) {
+            self.actor.handle(commands, false).await;
+            self.actor.pump();
+            self.actor.settle().await;
+        }
+    }
+
+    fn ack(delivery_id: &str) -> (Command, oneshot::Receiver<Result<(), DeliveryError>>) {
+        let (reply, answer) = oneshot::channel();
+        let actor = Actor { agency: SCHOOL.into(), ..Actor::default() };
+        (Command::Ack { delivery_id: delivery_id.to_owned(), actor, reply }, answer)
+    }
+
+    fn received(stream: &mut mpsc::Receiver<StreamItem>) -> Vec<(String, u32)> {
+        let mut copies = Vec::new();
+        while let Ok(item) = stream.try_recv() {
+            let copy = item.unwrap();
+            copies.push((copy.delivery_id, copy.attempt));
+        }
+        copies
+    }
+
+    /// Acknowledgements of one copy that reach the actor in one batch are all answered with one commit's outcome,
+    /// and the acknowledgement is recorded once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn repeated_acknowledgements_are_recorded_once() {
-        let OneCopyDelivered { store, deliveries, delivery_id, _dir, _stop, .. } = one_copy_delivered().await;
-        let entries_before = store.audit_index().read().unwrap().len();
-        let school = Actor { agency: SCHOOL.into(), ..Actor::default() };
-        // Sent straight to the mailbox one after another, so the actor takes them in one batch.
-        let mut answers = Vec::new();
-        for _ in 0..3 {
-            let (reply, answer) = oneshot::channel();
-            deliveries.send(SCHOOL, Command::Ack { delivery_id: delivery_id.clone(), actor: school.clone(), reply });
-            answers.push(answer);
-        }
+        let mut test = standalone(1, 8).await;
+        let (stream, mut first) = mpsc::channel(16);
+        let mut commands = test.enqueue(1..=1);
+        commands.push(Command::Subscribe { stream });
+        test.step(commands).await;
+        assert_eq!(received(&mut first).len(), 1);
+        let entries_before = test.store.audit_index().read().unwrap().len();
+        let (acks, answers): (Vec<_>, Vec<_>) = (0..3).map(|_| ack(&test.ids[0])).unzip();
+        test.step(acks).await;
         for answer in answers {
-            tokio::time::timeout(Duration::from_secs(10), answer).await.unwrap().unwrap().unwrap();
+            answer.await.unwrap().unwrap();
         }
-        assert_eq!(store.audit_index().read().unwrap().len(), entries_before + 1, "one acknowledgement entry");
-        assert_eq!(state_of(&store, &delivery_id), DeliveryState::Acknowledged);
-        // A later one changes nothing either.
-        deliveries.acknowledge(SCHOOL, &delivery_id, school).await.unwrap();
-        assert_eq!(store.audit_index().read().unwrap().len(), entries_before + 1);
+        assert_eq!(test.store.audit_index().read().unwrap().len(), entries_before + 1, "one acknowledgement entry");
+        assert_eq!(state_of(&test.store, &test.ids[0]), DeliveryState::Acknowledged);
     }
 
     /// An acknowledgement whose commit fails is answered with the failure and leaves the copy in flight (not sent
@@ -1463,19 +1547,53 @@ mod tests {
         assert_eq!(deliveries.queue_stats().unwrap().get(SCHOOL), None, "the copy has left the queue");
     }
 
-    /// A copy acknowledged as its agent reconnects (the acknowledgement and the new stream in one batch) is not sent
-    /// on the new stream while its acknowledgement is recorded.
+    /// A copy acknowledged as its agent reconnects (the acknowledgement and the new stream in one batch: the new
+    /// stream puts the copy back in the ready queue first) is not sent on the new stream while its acknowledgement is
+    /// recorded; if that commit fails, the copy goes back to the ready queue and out on the new stream.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_copy_being_acknowledged_is_not_sent_on_a_new_stream() {
-        let OneCopyDelivered { store, deliveries, delivery_id, _dir, _stop, .. } = one_copy_delivered().await;
-        let school = Actor { agency: SCHOOL.into(), ..Actor::default() };
-        let (reply, answer) = oneshot::channel();
-        deliveries.send(SCHOOL, Command::Ack { delivery_id: delivery_id.clone(), actor: school, reply });
-        let mut stream = deliveries.subscribe(SCHOOL);
-        tokio::time::timeout(Duration::from_secs(10), answer).await.unwrap().unwrap().unwrap();
-        let again = tokio::time::timeout(Duration::from_millis(300), stream.recv()).await;
-        assert!(again.is_err(), "the acknowledged copy is not sent again: {again:?}");
-        assert_eq!(state_of(&store, &delivery_id), DeliveryState::Acknowledged);
+        let mut test = standalone(2, 8).await;
+        let (stream, mut first) = mpsc::channel(16);
+        let mut commands = test.enqueue(1..=2);
+        commands.push(Command::Subscribe { stream });
+        test.step(commands).await;
+        assert_eq!(received(&mut first).len(), 2);
+
+        let (acknowledging, answer) = ack(&test.ids[0]);
+        let (stream, mut second) = mpsc::channel(16);
+        test.step(vec![acknowledging, Command::Subscribe { stream }]).await;
+        answer.await.unwrap().unwrap();
+        assert_eq!(received(&mut second), vec![(test.ids[1].clone(), 2)], "only the copy not acknowledged");
+        assert_eq!(state_of(&test.store, &test.ids[0]), DeliveryState::Acknowledged);
+
+        test.store.fail_next_journal_write();
+        let (acknowledging, answer) = ack(&test.ids[1]);
+        let (stream, mut third) = mpsc::channel(16);
+        test.step(vec![acknowledging, Command::Subscribe { stream }]).await;
+        assert!(answer.await.unwrap().is_err(), "the failed commit is reported");
+        test.step(Vec::new()).await;
+        assert_eq!(received(&mut third), vec![(test.ids[1].clone(), 3)], "the copy went back to the ready queue");
+    }
+
+    /// Copies whose "delivered" commit is under way when the agent reconnects reach the new stream in queue order
+    /// with the copies put back from flight (not ahead of them).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn copies_being_delivered_when_the_agent_reconnects_go_out_in_order() {
+        let mut test = standalone(8, 8).await;
+        let (stream, mut first) = mpsc::channel(16);
+        let mut commands = test.enqueue(1..=4);
+        commands.push(Command::Subscribe { stream });
+        test.step(commands).await;
+        assert_eq!(received(&mut first).len(), 4);
+        // Copies 5 to 8 are being delivered (their commit submitted, its outcome not handled) when the agent
+        // reconnects.
+        test.actor.handle(test.enqueue(5..=8), false).await;
+        test.actor.pump();
+        assert_eq!(test.actor.delivering.len(), 4);
+        let (stream, mut second) = mpsc::channel(16);
+        test.step(vec![Command::Subscribe { stream }]).await;
+        let order: Vec<String> = received(&mut second).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(order, test.ids, "in queue order on the new stream");
     }
 
     /// The agencies with queued copies, and each one's highest sequence number, are found by seeking, for any mix
