@@ -105,6 +105,14 @@ struct Args {
     /// (`/dev/shm/...`) the receivers' writes are not durable, so end-to-end figures are then not the target's.
     #[arg(long = "inbox-dir")]
     inbox_dir: Option<PathBuf>,
+    /// Appends one CSV line per copy written in the throughput scenarios (scenario, seconds from the phase's start
+    /// to the send's due time, then end-to-end, send due -> received by the agent, and received -> durable write, in
+    /// microseconds), to see when slow copies happened.
+    #[arg(long = "latency-log")]
+    latency_log: Option<PathBuf>,
+    /// The brokers' `storage.journal_segment_bytes` (the broker's default when not given).
+    #[arg(long = "journal-segment-bytes")]
+    journal_segment_bytes: Option<u64>,
 }
 
 impl Args {
@@ -469,7 +477,7 @@ async fn measure_references(args: &Args, area: &Area, workload: &Workload) -> Re
     println!("disk: {fsyncs_per_second:.0} fsyncs/s (1 KiB, 1 per fdatasync)");
     println!("disk: {group_records_per_second:.0} records/s (1 KiB, 64 per fdatasync)");
 
-    let config = write_config(area, "127.0.0.1:0".parse()?, &tests::sample_policy_dir())?;
+    let config = write_config(area, "127.0.0.1:0".parse()?, &tests::sample_policy_dir(), None)?;
     let bare = Server::spawn("serve-bare", &config, None)?;
     let senders = Senders::connect(area, bare.address, workload, args.connections_per_sender, None).await?;
     let one = closed_loop(&senders, workload, (args.messages / 5).max(100), 1, args.phase_timeout).await?;
@@ -498,7 +506,12 @@ async fn measure_references(args: &Args, area: &Area, workload: &Workload) -> Re
 // The area and the broker's configuration.
 
 /// Writes a broker configuration for `listen` using the policy folder `policy_dir` and returns its path.
-fn write_config(area: &Area, listen: SocketAddr, policy_dir: &Path) -> Result<PathBuf> {
+fn write_config(
+    area: &Area,
+    listen: SocketAddr,
+    policy_dir: &Path,
+    journal_segment_bytes: Option<u64>,
+) -> Result<PathBuf> {
     let settings = &area.settings;
     let mut issuers = String::new();
     for (agency, _) in &area.agencies {
@@ -520,8 +533,10 @@ fn write_config(area: &Area, listen: SocketAddr, policy_dir: &Path) -> Result<Pa
         attempts = settings.max_attempts,
         retry = settings.default_retry_delay_millis,
     );
+    let storage =
+        journal_segment_bytes.map(|bytes| format!("[storage]\njournal_segment_bytes = {bytes}\n")).unwrap_or_default();
     let path = area.path().join("broker.toml");
-    std::fs::write(&path, text)?;
+    std::fs::write(&path, text + &storage)?;
     Ok(path)
 }
 
@@ -976,18 +991,37 @@ struct Written {
 /// the two parts of each: until the copy reached the receiving agent (the broker's part, with the network), and from
 /// there to the durable write (the agent's part).
 struct EndToEnd {
+    due: Vec<Instant>,
     whole: Vec<u64>,
     to_agent: Vec<u64>,
     writing: Vec<u64>,
 }
 
+fn write_latency_log(path: &Path, scenario: &str, start: Instant, parts: &EndToEnd) -> Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?);
+    for (index, due) in parts.due.iter().enumerate() {
+        writeln!(
+            out,
+            "{scenario},{:.6},{},{},{}",
+            due.saturating_duration_since(start).as_secs_f64(),
+            parts.whole[index],
+            parts.to_agent[index],
+            parts.writing[index]
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
 fn end_to_end(sent_at: &[(String, Instant)], written: &[Written]) -> EndToEnd {
     let due: HashMap<&str, Instant> = sent_at.iter().map(|(id, at)| (id.as_str(), *at)).collect();
     let micros = |from: Instant, to: Instant| to.saturating_duration_since(from).as_micros() as u64;
-    let mut parts = EndToEnd { whole: Vec::new(), to_agent: Vec::new(), writing: Vec::new() };
+    let mut parts = EndToEnd { due: Vec::new(), whole: Vec::new(), to_agent: Vec::new(), writing: Vec::new() };
     for copy in written {
         let Some((message_id, _)) = copy.delivery_id.split_once('.') else { continue };
         let Some(sent) = due.get(message_id) else { continue };
+        parts.due.push(*sent);
         parts.whole.push(micros(*sent, copy.written));
         parts.to_agent.push(micros(*sent, copy.received));
         parts.writing.push(micros(copy.received, copy.written));
@@ -1041,7 +1075,7 @@ impl Subject {
         for id in &extra {
             area.agencies.push((id.clone(), "practitioner".to_owned()));
         }
-        let config = write_config(&area, "127.0.0.1:0".parse()?, &policy_dir)?;
+        let config = write_config(&area, "127.0.0.1:0".parse()?, &policy_dir, args.journal_segment_bytes)?;
         let server = Server::spawn("serve-broker", &config, Some(area.data_dir()))?;
         let address = server.address;
         let pid = server.pid;
@@ -1171,6 +1205,7 @@ async fn throughput_scenario(
     receivers.wait_for(warm_copies, Duration::from_secs(30)).await;
     eprintln!("[{name}] warm-up deliveries written: {}", receivers.written());
     let base = receivers.written();
+    let metrics_before = scrape_metrics(&subject).await;
     let before = subject.stats();
     let load_before = process_stats(std::process::id());
     let start = Instant::now();
@@ -1182,9 +1217,13 @@ async fn throughput_scenario(
         receivers.wait_for(base + results.accepted_copies, Duration::from_secs(args.phase_timeout)).await;
     let end_to_end_elapsed = start.elapsed();
     let delivered = receivers.written() - base;
+    let metrics_after = scrape_metrics(&subject).await;
     let written = receivers.stop();
     let send = percentiles(results.latencies.clone());
     let parts = end_to_end(&results.sent_at, &written);
+    if let Some(path) = &args.latency_log {
+        write_latency_log(path, name, start, &parts)?;
+    }
     let e2e = percentiles(parts.whole);
     println!(
         "sends: {} ok, {} errors, {} copies accepted, {} refused{}",
@@ -1240,25 +1279,57 @@ async fn throughput_scenario(
     let elapsed = start.elapsed();
     let broker_cpu = report_costs(&subject, before, results.latencies.len() as u64, results.accepted_copies, elapsed);
     report_load_generator_cost(load_before, broker_cpu, results.latencies.len() as u64, elapsed);
+    report_flushes(
+        metrics_before.as_deref(),
+        metrics_after.as_deref(),
+        results.latencies.len() as u64,
+        delivered,
+        end_to_end_elapsed,
+        references.fsyncs_per_second,
+    );
     report_commit_stages(&subject).await;
     Ok(())
+}
+
+/// The broker's metrics page, if it serves one.
+async fn scrape_metrics(subject: &Subject) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = subject.area.settings.metrics_listen?;
+    let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+    let mut text = String::new();
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: broker\r\n\r\n").await.ok()?;
+    stream.read_to_string(&mut text).await.ok()?;
+    Some(text)
+}
+
+/// A sample's value on a metrics page (the first line with exactly that name, no labels).
+fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+}
+
+/// Prints how many device flushes the phase cost per message: the broker's journal `fdatasync`s (from its metrics,
+/// scraped before and after) and the receiving agents' two `fsync`s per durable write, and what share of the
+/// disk's raw `fdatasync` rate (measured at the start of the run) they came to. Near the disk's rate, commits queue
+/// behind one another on the device, and that queueing is the latency's tail.
+fn report_flushes(before: Option<&str>, after: Option<&str>, messages: u64, writes: u64, elapsed: Duration, raw: f64) {
+    let count = |text: Option<&str>| text.and_then(|text| metric_value(text, "broker_journal_sync_seconds_count"));
+    let (Some(before), Some(after)) = (count(before), count(after)) else { return };
+    let broker = after - before;
+    let agents = 2.0 * writes as f64;
+    let per_second = (broker + agents) / elapsed.as_secs_f64().max(1e-9);
+    println!(
+        "device flushes: broker journal {:.2} per message, receiving agents {:.2} per message; together {per_second:.0}/s = {:.2} x the disk's raw fdatasync rate ({raw:.0}/s)",
+        broker / messages.max(1) as f64,
+        agents / messages.max(1) as f64,
+        per_second / raw.max(1e-9),
+    );
 }
 
 /// Prints where the broker's commits spent their time, from its own histograms (means since it started, the warm-up
 /// included): waiting for the committer, the journal's `fdatasync`, the whole group commit, applying to the index.
 async fn report_commit_stages(subject: &Subject) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Some(address) = subject.area.settings.metrics_listen else { return };
-    let Ok(mut stream) = tokio::net::TcpStream::connect(address).await else { return };
-    let mut text = String::new();
-    if stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: broker\r\n\r\n").await.is_err()
-        || stream.read_to_string(&mut text).await.is_err()
-    {
-        return;
-    }
-    let value = |name: &str| {
-        text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
-    };
+    let Some(text) = scrape_metrics(subject).await else { return };
+    let value = |name: &str| metric_value(&text, name);
     let mean_micros = |histogram: &str| {
         let sum = value(&format!("broker_{histogram}_sum"))?;
         let count = value(&format!("broker_{histogram}_count"))?;
