@@ -19,6 +19,14 @@
 //! acknowledged never goes back to the ready queue, and its acknowledgement wait does not run out (if the commit
 //! fails, the copy goes back where it was: in flight, ready, or waiting out a retry delay).
 //!
+//! A send to a recipient whose actor is idle, with its agent connected, records the copy's first delivery attempt
+//! (record and audit entry) in the send's own commit ([`Deliveries::reserve_direct`]), and the actor hands the copy
+//! to the stream as soon as it hears of it, with no commit of its own: one `fdatasync` fewer per copy, and one fewer
+//! on the way to the agent. The actor publishes how many such places its window has after each pass (none while
+//! anything waits or is being delivered, while loading, or with no stream); a copy recorded by its send that finds
+//! copies ahead of it all the same (a race with that publication) waits behind them in the ready queue and goes out
+//! in order, still without another commit.
+//!
 //! INVARIANT: a copy is handed to a stream only after the audit entry of that delivery attempt is durable, and it
 //! leaves the queue only when the recipient acknowledges it (or it is dead-lettered after `max_attempts`).
 
@@ -90,6 +98,10 @@ pub struct Enqueued {
     pub seq: u64,
     pub delivery_id: String,
     pub acknowledge_by_micros: Option<i64>,
+    /// The copy (an encoded `pb::Delivery`) when its first delivery attempt was recorded in the send's own commit
+    /// ([`Deliveries::reserve_direct`], [`record_attempt`]): the actor hands it to the stream without a commit of its
+    /// own.
+    pub recorded: Option<Vec<u8>>,
 }
 
 enum Command {
@@ -239,7 +251,8 @@ impl Deliveries {
                 if let Some((_, loaded)) = current.as_mut() {
                     *loaded = seq;
                 }
-                let entry = Enqueued { recipient: recipient.clone(), seq, delivery_id, acknowledge_by_micros };
+                let entry =
+                    Enqueued { recipient: recipient.clone(), seq, delivery_id, acknowledge_by_micros, recorded: None };
                 self.send_if_running(&recipient, Command::Enqueue(entry));
             }
             if let Some((recipient, loaded)) = &current {
@@ -263,6 +276,18 @@ impl Deliveries {
     /// A fresh queue sequence number (global and increasing, so per-recipient order follows acceptance order).
     pub fn next_seq(&self) -> u64 {
         self.shared.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether a send may record the first delivery attempt of its copy for `recipient` in its own commit, so that the
+    /// copy goes to the agent's stream as soon as that commit is durable, without a second commit (one `fdatasync`
+    /// fewer per copy, and one fewer on the way to the agent): yes while the recipient's actor is idle with its agent
+    /// connected and room in its in-flight window, each yes taking one place. The actor keeps order and the window
+    /// whatever the answer was: a recorded copy that finds copies ahead of it waits behind them
+    /// ([`RecipientActor::publish_direct_room`]). The send must pass the copy in [`Enqueued::recorded`].
+    pub fn reserve_direct(&self, recipient: &str) -> bool {
+        let Ok(actors) = self.shared.actors.lock() else { return false };
+        let Some(actor) = actors.get(recipient) else { return false };
+        actor.direct_room.fetch_update(Ordering::AcqRel, Ordering::Acquire, |room| room.checked_sub(1)).is_ok()
     }
 
     /// Tells the recipient's actor about a copy that is now durable in the store.
@@ -361,11 +386,12 @@ impl Deliveries {
             let (mailbox, receiver) = mpsc::unbounded_channel();
             let depth = Arc::new(AtomicU64::new(0));
             let actor = RecipientActor::new(recipient.to_owned(), self.shared.clone(), depth.clone(), loading);
+            let direct_room = actor.direct_room.clone();
             let task = tokio::spawn(actor.run(receiver));
             if let Ok(mut tasks) = self.shared.tasks.lock() {
                 tasks.push(task);
             }
-            ActorHandle { mailbox, depth }
+            ActorHandle { mailbox, depth, direct_room }
         })
     }
 
@@ -441,8 +467,16 @@ struct InFlight {
     deadline: Instant,
 }
 
-/// A copy going out: its sequence number, delivery id, attempt number and encoded `pb::Delivery`.
-type Outgoing = (u64, String, u32, Vec<u8>);
+/// A copy going out.
+struct Outgoing {
+    seq: u64,
+    delivery_id: String,
+    attempt: u32,
+    /// The encoded `pb::Delivery`.
+    copy: Vec<u8>,
+    /// Its attempt was recorded by its send's commit (see [`Enqueued::recorded`]), not by this one.
+    recorded_by_send: bool,
+}
 
 /// The outcome of a commit the actor submitted and did not wait for.
 enum Submitted {
@@ -477,6 +511,8 @@ struct ActorHandle {
     /// when an enqueue is sent (so a scrape right after a send already counts its copy), down by the actor when it
     /// lets a copy go for good ([`RecipientActor::depth`]).
     depth: Arc<AtomicU64>,
+    /// See [`RecipientActor::publish_direct_room`].
+    direct_room: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A recipient's ready copies, by sequence number, holding each delivery id compactly: a delivery id is
@@ -578,6 +614,10 @@ struct RecipientActor {
     submitted: FuturesOrdered<BoxFuture<'static, Submitted>>,
     /// Copies whose "delivered" commit is under way: delivery id -> seq. They count against the in-flight window.
     delivering: HashMap<String, u64>,
+    /// Ready copies whose first attempt their sends' commits recorded (see [`Enqueued::recorded`]), by seq: the copy.
+    recorded: HashMap<u64, Vec<u8>>,
+    /// How many copies sends may record as delivered in their own commits (see [`Self::publish_direct_room`]).
+    direct_room: Arc<std::sync::atomic::AtomicUsize>,
     /// Copies whose acknowledgement's commit is under way, each with repeated acknowledgements waiting for its
     /// outcome.
     acking: HashMap<String, Vec<oneshot::Sender<Result<(), DeliveryError>>>>,
@@ -613,6 +653,8 @@ impl RecipientActor {
             stream: None,
             submitted: FuturesOrdered::new(),
             delivering: HashMap::new(),
+            recorded: HashMap::new(),
+            direct_room: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             acking: HashMap::new(),
         }
     }
@@ -658,6 +700,7 @@ impl RecipientActor {
             if !stopping {
                 self.pump();
             }
+            self.publish_direct_room(stopping);
         }
         // Answer every acknowledgement under way before the store closes.
         self.settle().await;
@@ -673,42 +716,22 @@ impl RecipientActor {
     fn handle_outcome(&mut self, outcome: Submitted) {
         match outcome {
             Submitted::Delivered { outgoing, result } => {
-                for (_, delivery_id, ..) in &outgoing {
-                    self.delivering.remove(delivery_id);
+                for copy in &outgoing {
+                    self.delivering.remove(&copy.delivery_id);
                 }
                 if let Err(error) = result {
                     tracing::error!(error = %error, recipient = %self.recipient, "could not record deliveries; will retry");
                     let retry = Instant::now() + Duration::from_secs(1);
-                    for (seq, delivery_id, ..) in outgoing {
-                        self.add_delayed(retry, seq, delivery_id);
+                    for copy in outgoing {
+                        if copy.recorded_by_send {
+                            self.recorded.insert(copy.seq, copy.copy);
+                        }
+                        self.add_delayed(retry, copy.seq, copy.delivery_id);
                     }
                     return;
                 }
-                let deadline = Instant::now() + self.shared.config.ack_wait;
-                for (seq, delivery_id, attempt, copy) in outgoing {
-                    if attempt == 1 {
-                        metrics().deliveries.inc();
-                    } else {
-                        metrics().redeliveries.inc();
-                    }
-                    self.in_flight.insert(delivery_id.clone(), InFlight { seq, deadline });
-                    // With no stream (the broker is stopping, or the stream was seen closed), the copy stays in flight
-                    // until the agent's next stream puts it back at the front of the queue, or its wait runs out; a
-                    // stream closed since puts it back at the next pump.
-                    let Some(stream) = &self.stream else { continue };
-                    match pb::Delivery::decode(copy.as_slice()) {
-                        Ok(mut delivery) => {
-                            delivery.attempt = attempt;
-                            // The channel holds at most `max_in_flight + 1` and we never have more than that in
-                            // flight.
-                            if stream.try_send(Ok(delivery)).is_err() {
-                                tracing::debug!(%delivery_id, "delivery stream closed; the copy stays in flight until redelivery");
-                            }
-                        }
-                        Err(error) => {
-                            tracing::error!(%delivery_id, error = %error, "a stored copy does not decode");
-                        }
-                    }
+                for copy in outgoing {
+                    self.send_copy(copy);
                 }
             }
             Submitted::Acknowledged { done, result } => match result {
@@ -741,6 +764,55 @@ impl RecipientActor {
                 }
             },
         }
+    }
+
+    /// Puts a copy whose attempt is durably recorded in flight and hands it to the stream.
+    fn send_copy(&mut self, outgoing: Outgoing) {
+        let Outgoing { seq, delivery_id, attempt, copy, .. } = outgoing;
+        if attempt == 1 {
+            metrics().deliveries.inc();
+        } else {
+            metrics().redeliveries.inc();
+        }
+        let deadline = Instant::now() + self.shared.config.ack_wait;
+        self.in_flight.insert(delivery_id.clone(), InFlight { seq, deadline });
+        // With no stream (the broker is stopping, or the stream was seen closed), the copy stays in flight until the
+        // agent's next stream puts it back at the front of the queue, or its wait runs out; a stream closed since
+        // puts it back at the next pump.
+        let Some(stream) = &self.stream else { return };
+        match pb::Delivery::decode(copy.as_slice()) {
+            Ok(mut delivery) => {
+                delivery.attempt = attempt;
+                // The channel holds at most `max_in_flight + 1` and we never have more than that in flight.
+                if stream.try_send(Ok(delivery)).is_err() {
+                    tracing::debug!(%delivery_id, "delivery stream closed; the copy stays in flight until redelivery");
+                }
+            }
+            Err(error) => {
+                tracing::error!(%delivery_id, error = %error, "a stored copy does not decode");
+            }
+        }
+    }
+
+    /// Whether a copy may go to the stream now, ahead of nothing: the agent is connected, no copy is waiting or
+    /// being delivered (so order is kept), and the in-flight window has room.
+    fn idle_with_room(&self) -> bool {
+        self.stream.as_ref().is_some_and(|stream| !stream.is_closed())
+            && !self.loading
+            && self.ready.is_empty()
+            && self.delivering.is_empty()
+            && self.in_flight.len() < self.shared.config.max_in_flight
+    }
+
+    /// Tells sends how many copies they may record as delivered in their own commits ([`Deliveries::reserve_direct`]):
+    /// the room left in the window while the actor is idle, none otherwise.
+    fn publish_direct_room(&self, stopping: bool) {
+        let room = if !stopping && self.idle_with_room() {
+            self.shared.config.max_in_flight - self.in_flight.len()
+        } else {
+            0
+        };
+        self.direct_room.store(room, Ordering::Release);
     }
 
     /// Puts the copies in flight back at the front of the ready queue (the stream has ended or been replaced), but
@@ -780,7 +852,22 @@ impl RecipientActor {
                     if let Some(micros) = entry.acknowledge_by_micros {
                         self.add_deadline(micros, entry.seq);
                     }
-                    self.ready.insert(entry.seq, entry.delivery_id);
+                    match entry.recorded {
+                        // Recorded as delivered by its send's commit (now durable): straight to the stream when
+                        // nothing is ahead of it, otherwise in order with the rest, without another commit.
+                        Some(copy) if self.idle_with_room() => self.send_copy(Outgoing {
+                            seq: entry.seq,
+                            delivery_id: entry.delivery_id,
+                            attempt: 1,
+                            copy,
+                            recorded_by_send: true,
+                        }),
+                        Some(copy) => {
+                            self.recorded.insert(entry.seq, copy);
+                            self.ready.insert(entry.seq, entry.delivery_id);
+                        }
+                        None => self.ready.insert(entry.seq, entry.delivery_id),
+                    }
                 }
                 Command::Subscribe { stream } => {
                     if stopping {
@@ -845,6 +932,7 @@ impl RecipientActor {
         self.one_fewer();
         self.in_flight.remove(delivery_id);
         self.ready.remove(seq);
+        self.recorded.remove(&seq);
         if let Some(when) = self.delayed_at.remove(&seq) {
             self.delayed.remove(&(when, seq));
         }
@@ -1191,6 +1279,17 @@ impl RecipientActor {
             let mut outgoing = Vec::new();
             for (seq, delivery_id) in &batch {
                 self.ready.remove(*seq);
+                if let Some(copy) = self.recorded.remove(seq) {
+                    // Its attempt is already recorded (by its send's commit): it goes out in order with the rest.
+                    outgoing.push(Outgoing {
+                        seq: *seq,
+                        delivery_id: delivery_id.clone(),
+                        attempt: 1,
+                        copy,
+                        recorded_by_send: true,
+                    });
+                    continue;
+                }
                 let (record, copy) =
                     match (self.load(delivery_id), self.shared.store.get_blob(&records::copy_key(delivery_id))) {
                         (Ok(Some(record)), Ok(Some(copy))) => (record, copy),
@@ -1206,24 +1305,28 @@ impl RecipientActor {
                         }
                     };
                 let mut record = record;
-                record.attempts += 1;
-                record.state = DeliveryState::Delivered;
-                record.last_delivered_at_micros = Some(now);
-                let (event, name) = if record.attempts == 1 {
-                    (EventType::Delivery, "delivered")
-                } else {
-                    (EventType::Redelivery, "redelivered")
-                };
-                record.push_event(now, name, "");
-                commit.audit.push(entry_for(&record, event, broker_actor(), now, String::new()));
+                commit.audit.push(record_attempt(&mut record, now));
                 commit.writes.push(Write::Put(records::delivery_key(delivery_id), encode_or_empty(&record)));
-                outgoing.push((*seq, delivery_id.clone(), record.attempts, copy));
+                outgoing.push(Outgoing {
+                    seq: *seq,
+                    delivery_id: delivery_id.clone(),
+                    attempt: record.attempts,
+                    copy,
+                    recorded_by_send: false,
+                });
             }
             if outgoing.is_empty() {
                 continue;
             }
-            for (seq, delivery_id, ..) in &outgoing {
-                self.delivering.insert(delivery_id.clone(), *seq);
+            for copy in &outgoing {
+                self.delivering.insert(copy.delivery_id.clone(), copy.seq);
+            }
+            if commit.audit.is_empty() && commit.writes.is_empty() {
+                // Only copies whose attempts their sends recorded: nothing to commit, but their outcome is handled
+                // in order after the commits before it.
+                self.submitted
+                    .push_back(futures::future::ready(Submitted::Delivered { outgoing, result: Ok(()) }).boxed());
+                continue;
             }
             let committed = self.shared.store.submit(commit);
             self.submitted.push_back(
@@ -1235,6 +1338,17 @@ impl RecipientActor {
             );
         }
     }
+}
+
+/// Records a delivery attempt of `record`'s copy at `now`: the attempt, the state, the event; returns its audit entry.
+pub(crate) fn record_attempt(record: &mut DeliveryRecord, now: i64) -> AuditEntry {
+    record.attempts += 1;
+    record.state = DeliveryState::Delivered;
+    record.last_delivered_at_micros = Some(now);
+    let (event, name) =
+        if record.attempts == 1 { (EventType::Delivery, "delivered") } else { (EventType::Redelivery, "redelivered") };
+    record.push_event(now, name, "");
+    entry_for(record, event, broker_actor(), now, String::new())
 }
 
 fn push_final_writes(commit: &mut Commit, record: &DeliveryRecord, seq: u64) {
@@ -1353,6 +1467,7 @@ mod tests {
                 seq,
                 delivery_id: delivery_id.clone(),
                 acknowledge_by_micros: None,
+                recorded: None,
             })
         };
         deliveries.enqueued(Enqueued {
@@ -1360,6 +1475,7 @@ mod tests {
             seq: 4,
             delivery_id: sent.clone(),
             acknowledge_by_micros: None,
+            recorded: None,
         });
         let mut stream = deliveries.subscribe(SCHOOL);
         let school = Actor { agency: SCHOOL.into(), ..Actor::default() };
@@ -1432,6 +1548,7 @@ mod tests {
             seq: 1,
             delivery_id: delivery_id.clone(),
             acknowledge_by_micros: None,
+            recorded: None,
         });
         let mut stream = deliveries.subscribe(SCHOOL);
         let copy = tokio::time::timeout(Duration::from_secs(10), stream.recv()).await.unwrap().unwrap().unwrap();
@@ -1479,6 +1596,7 @@ mod tests {
                     seq,
                     delivery_id: self.ids[seq as usize - 1].clone(),
                     acknowledge_by_micros: None,
+                    recorded: None,
                 })
             })
             .collect()
@@ -1489,6 +1607,24 @@ mod tests {
             self.actor.handle(commands, false).await;
             self.actor.pump();
             self.actor.settle().await;
+            self.actor.publish_direct_room(false);
+        }
+
+        /// Copy `seq` as its send passes it when the send's commit recorded its first delivery attempt.
+        fn recorded(&self, seq: u64) -> Command {
+            let delivery_id = self.ids[seq as usize - 1].clone();
+            let copy = self.store.get_blob(&records::copy_key(&delivery_id)).unwrap().unwrap();
+            Command::Enqueue(Enqueued {
+                recipient: SCHOOL.into(),
+                seq,
+                delivery_id,
+                acknowledge_by_micros: None,
+                recorded: Some(copy),
+            })
+        }
+
+        fn audit_entries(&self) -> u64 {
+            self.store.audit_index().read().unwrap().len()
         }
     }
 
@@ -1573,6 +1709,57 @@ mod tests {
         assert!(answer.await.unwrap().is_err(), "the failed commit is reported");
         test.step(Vec::new()).await;
         assert_eq!(received(&mut third), vec![(test.ids[1].clone(), 3)], "the copy went back to the ready queue");
+    }
+
+    /// A copy whose first attempt its send recorded goes to the stream with no commit of the actor's when nothing is
+    /// ahead of it, and behind the copies ahead of it otherwise, still without a commit of its own; sends may record
+    /// attempts only while the actor is idle with its agent connected, as many as its window has room for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn copies_recorded_by_their_sends_keep_order_without_another_commit() {
+        let mut test = standalone(3, 8).await;
+        test.actor.publish_direct_room(false);
+        assert_eq!(test.actor.direct_room.load(Ordering::Acquire), 0, "no stream: no room");
+        let (stream, mut agent) = mpsc::channel(16);
+        test.step(vec![Command::Subscribe { stream }]).await;
+        assert_eq!(test.actor.direct_room.load(Ordering::Acquire), 8, "idle and connected: the whole window");
+
+        let entries = test.audit_entries();
+        let first = test.recorded(1);
+        test.step(vec![first]).await;
+        assert_eq!(received(&mut agent), vec![(test.ids[0].clone(), 1)]);
+        assert_eq!(test.audit_entries(), entries, "no commit of the actor's");
+        assert_eq!(test.actor.direct_room.load(Ordering::Acquire), 7);
+
+        // Copy 2 (not recorded) arrives first: copy 3 waits behind it, and only copy 2's attempt is committed.
+        let mut commands = test.enqueue(2..=2);
+        commands.push(test.recorded(3));
+        test.actor.handle(commands, false).await;
+        test.actor.pump();
+        test.actor.publish_direct_room(false);
+        assert_eq!(test.actor.direct_room.load(Ordering::Acquire), 0, "busy: sends record nothing");
+        test.actor.settle().await;
+        assert_eq!(received(&mut agent), vec![(test.ids[1].clone(), 1), (test.ids[2].clone(), 1)]);
+        assert_eq!(test.audit_entries(), entries + 1, "copy 2's delivery only");
+    }
+
+    /// Sends may record first attempts for a connected, idle recipient, one place in its window each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sends_reserve_places_in_an_idle_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = crate::audit::AuditLog::open(&dir.path().join("audit")).unwrap();
+        let (store, _) = Store::open(dir.path(), audit, crate::store::StoreOptions::for_tests()).unwrap();
+        let (_stop, stopping) = watch::channel(false);
+        let config = DeliveryConfig { max_in_flight: 2, ..DeliveryConfig::default() };
+        let deliveries = Deliveries::start(store, config, stopping).unwrap();
+        assert!(!deliveries.reserve_direct(SCHOOL), "no actor, no agent");
+        let _stream = deliveries.subscribe(SCHOOL);
+        let started = std::time::Instant::now();
+        while !deliveries.reserve_direct(SCHOOL) {
+            assert!(started.elapsed() < Duration::from_secs(10), "the actor publishes its room once it has the stream");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(deliveries.reserve_direct(SCHOOL));
+        assert!(!deliveries.reserve_direct(SCHOOL), "the window is full");
     }
 
     /// Copies whose "delivered" commit is under way when the agent reconnects reach the new stream in queue order

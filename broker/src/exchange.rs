@@ -396,11 +396,13 @@ impl Exchange {
         Ok(())
     }
 
-    /// Adds a queued copy's record, content and queue entry to `commit`.
+    /// Adds a queued copy's record, content and queue entry to `commit`. While the recipient's agent is connected
+    /// and its queue idle, the copy's first delivery attempt (its record and audit entry) goes in the same commit, and
+    /// the copy to the agent as soon as the commit is durable ([`crate::delivery::Deliveries::reserve_direct`]).
     fn queue_copy(&self, commit: &mut Commit, copy: NewCopy, now_micros: i64) -> Result<Enqueued, ExchangeError> {
         let delivery_id = copy.delivery.delivery_id.clone();
         let seq = self.deliveries.next_seq();
-        let record = DeliveryRecord {
+        let mut record = DeliveryRecord {
             delivery_id: delivery_id.clone(),
             message_id: copy.delivery.message_id.clone(),
             recipient: copy.recipient.clone(),
@@ -424,13 +426,26 @@ impl Exchange {
                 detail: String::new(),
             }],
         };
+        let encoded = copy.delivery.encode_to_vec();
+        let recorded = if self.deliveries.reserve_direct(&copy.recipient) {
+            commit.audit.push(crate::delivery::record_attempt(&mut record, now_micros));
+            Some(encoded.clone())
+        } else {
+            None
+        };
         commit.writes.push(Write::Put(records::delivery_key(&delivery_id), records::encode(&record)?));
-        commit.writes.push(Write::PutBlob(records::copy_key(&delivery_id), copy.delivery.encode_to_vec()));
+        commit.writes.push(Write::PutBlob(records::copy_key(&delivery_id), encoded));
         commit.writes.push(Write::Put(
             records::queue_key(&copy.recipient, seq),
             records::queue_value(&delivery_id, copy.acknowledge_by),
         ));
-        Ok(Enqueued { recipient: copy.recipient, seq, delivery_id, acknowledge_by_micros: copy.acknowledge_by })
+        Ok(Enqueued {
+            recipient: copy.recipient,
+            seq,
+            delivery_id,
+            acknowledge_by_micros: copy.acknowledge_by,
+            recorded,
+        })
     }
 
     fn message_record(&self, message_id: &str) -> Result<Option<MessageRecord>, ExchangeError> {
@@ -682,6 +697,7 @@ mod tests {
             seq: stored.seq,
             delivery_id: delivery_id.clone(),
             acknowledge_by_micros: Some(soon),
+            recorded: None,
         });
 
         let record = tokio::time::timeout(Duration::from_secs(10), late.recv()).await.unwrap().unwrap();
