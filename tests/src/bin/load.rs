@@ -1282,8 +1282,8 @@ async fn throughput_scenario(
     report_flushes(
         metrics_before.as_deref(),
         metrics_after.as_deref(),
-        results.latencies.len() as u64,
-        delivered,
+        (results.latencies.len() as u64, delivered),
+        args.inbox_dir.is_none(),
         end_to_end_elapsed,
         references.fsyncs_per_second,
     );
@@ -1310,12 +1310,20 @@ fn metric_value(text: &str, name: &str) -> Option<f64> {
 /// Prints how many device flushes the phase cost per message: the broker's journal `fdatasync`s (from its metrics,
 /// scraped before and after) and the receiving agents' two `fsync`s per durable write, and what share of the
 /// disk's raw `fdatasync` rate (measured at the start of the run) they came to. Near the disk's rate, commits queue
-/// behind one another on the device, and that queueing is the latency's tail.
-fn report_flushes(before: Option<&str>, after: Option<&str>, messages: u64, writes: u64, elapsed: Duration, raw: f64) {
+/// behind one another on the device, and that queueing is the latency's tail. With `--inbox-dir` the agents' writes
+/// go elsewhere and are not counted.
+fn report_flushes(
+    before: Option<&str>,
+    after: Option<&str>,
+    (messages, writes): (u64, u64),
+    agents_here: bool,
+    elapsed: Duration,
+    raw: f64,
+) {
     let count = |text: Option<&str>| text.and_then(|text| metric_value(text, "broker_journal_sync_seconds_count"));
     let (Some(before), Some(after)) = (count(before), count(after)) else { return };
     let broker = after - before;
-    let agents = 2.0 * writes as f64;
+    let agents = if agents_here { 2.0 * writes as f64 } else { 0.0 };
     let per_second = (broker + agents) / elapsed.as_secs_f64().max(1e-9);
     println!(
         "device flushes: broker journal {:.2} per message, receiving agents {:.2} per message; together {per_second:.0}/s = {:.2} x the disk's raw fdatasync rate ({raw:.0}/s)",
