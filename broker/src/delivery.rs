@@ -22,10 +22,12 @@
 //! A send to a recipient whose actor is idle, with its agent connected, records the copy's first delivery attempt
 //! (record and audit entry) in the send's own commit ([`Deliveries::reserve_direct`]), and the actor hands the copy
 //! to the stream as soon as it hears of it, with no commit of its own: one `fdatasync` fewer per copy, and one fewer
-//! on the way to the agent. The actor publishes how many such places its window has after each pass (none while
-//! anything waits or is being delivered, while loading, or with no stream); a copy recorded by its send that finds
-//! copies ahead of it all the same (a race with that publication) waits behind them in the ready queue and goes out
-//! in order, still without another commit.
+//! on the way to the agent. The actor publishes how many such places its window has after each pass, and when the
+//! agent's stream ends (none while anything is ready or being delivered, while loading, or with no stream open); a
+//! copy recorded by its send that finds copies ahead of it all the same (a race with that publication) waits behind
+//! them and goes out in order on that stream, still without another commit. If that stream has ended meanwhile,
+//! the record's attempt never reached the agent, and the hand-off to its next stream is recorded as an attempt of its
+//! own ("redelivered").
 //!
 //! INVARIANT: a copy is handed to a stream only after the audit entry of that delivery attempt is durable, and it
 //! leaves the queue only when the recipient acknowledges it (or it is dead-lettered after `max_attempts`).
@@ -281,13 +283,21 @@ impl Deliveries {
     /// Whether a send may record the first delivery attempt of its copy for `recipient` in its own commit, so that the
     /// copy goes to the agent's stream as soon as that commit is durable, without a second commit (one `fdatasync`
     /// fewer per copy, and one fewer on the way to the agent): yes while the recipient's actor is idle with its agent
-    /// connected and room in its in-flight window, each yes taking one place. The actor keeps order and the window
-    /// whatever the answer was: a recorded copy that finds copies ahead of it waits behind them
-    /// ([`RecipientActor::publish_direct_room`]). The send must pass the copy in [`Enqueued::recorded`].
+    /// connected and room in its in-flight window, each yes taking one place of those the actor last published. The
+    /// count is advisory (the actor publishes afresh after each pass, not knowing of yeses whose copies have not
+    /// reached it yet): the actor keeps order and the window whatever the answer was, and a recorded copy that finds
+    /// copies ahead of it waits behind them ([`RecipientActor::publish_direct_room`]). The send must pass the copy in
+    /// [`Enqueued::recorded`].
     pub fn reserve_direct(&self, recipient: &str) -> bool {
         let Ok(actors) = self.shared.actors.lock() else { return false };
         let Some(actor) = actors.get(recipient) else { return false };
         actor.direct_room.fetch_update(Ordering::AcqRel, Ordering::Acquire, |room| room.checked_sub(1)).is_ok()
+    }
+
+    /// The places sends may take now for `recipient` (tests).
+    #[cfg(test)]
+    pub(crate) fn direct_room(&self, recipient: &str) -> usize {
+        self.shared.actors.lock().unwrap().get(recipient).map_or(0, |actor| actor.direct_room.load(Ordering::Acquire))
     }
 
     /// Tells the recipient's actor about a copy that is now durable in the store.
@@ -667,12 +677,15 @@ impl RecipientActor {
             let mut commands = Vec::new();
             let waiting_for_commits = !self.submitted.is_empty();
             let mut outcome = None;
+            // Woken when the agent's stream ends, so that sends stop recording deliveries to it at once.
+            let stream = self.stream.clone();
             tokio::select! {
                 command = mailbox.recv() => match command {
                     Some(command) => commands.push(command),
                     None => break,
                 },
                 done = self.submitted.next(), if waiting_for_commits => outcome = done,
+                () = stream_closed(stream.as_ref()), if stream.as_ref().is_some_and(|stream| !stream.is_closed()) => {}
                 () = sleep_until_option(wake) => {}
                 changed = shutdown.changed(), if !stopping => {
                     if changed.is_err() || *shutdown.borrow() {
@@ -722,8 +735,10 @@ impl RecipientActor {
                 if let Err(error) = result {
                     tracing::error!(error = %error, recipient = %self.recipient, "could not record deliveries; will retry");
                     let retry = Instant::now() + Duration::from_secs(1);
+                    let stream_open = self.stream.as_ref().is_some_and(|stream| !stream.is_closed());
                     for copy in outgoing {
-                        if copy.recorded_by_send {
+                        // Still recorded only for the stream it was recorded for (see `requeue_in_flight`).
+                        if copy.recorded_by_send && stream_open {
                             self.recorded.insert(copy.seq, copy.copy);
                         }
                         self.add_delayed(retry, copy.seq, copy.delivery_id);
@@ -818,6 +833,8 @@ impl RecipientActor {
     /// Puts the copies in flight back at the front of the ready queue (the stream has ended or been replaced), but
     /// not those being acknowledged.
     fn requeue_in_flight(&mut self) {
+        // Copies recorded as delivered by their sends but not handed to the old stream get an attempt of their own.
+        self.recorded.clear();
         let acking = &self.acking;
         let ready = &mut self.ready;
         self.in_flight.retain(|delivery_id, entry| {
@@ -862,10 +879,14 @@ impl RecipientActor {
                             copy,
                             recorded_by_send: true,
                         }),
-                        Some(copy) => {
+                        // Copies ahead of it on the open stream it was recorded for: it follows them shortly.
+                        Some(copy) if self.stream.as_ref().is_some_and(|stream| !stream.is_closed()) => {
                             self.recorded.insert(entry.seq, copy);
                             self.ready.insert(entry.seq, entry.delivery_id);
                         }
+                        // The stream it was recorded for has gone: that attempt never reached the agent, and the
+                        // hand-off to its next stream is recorded as an attempt of its own.
+                        Some(_) => self.ready.insert(entry.seq, entry.delivery_id),
                         None => self.ready.insert(entry.seq, entry.delivery_id),
                     }
                 }
@@ -1394,6 +1415,14 @@ fn instant_for_micros(micros: i64) -> Instant {
     Instant::now() + Duration::from_micros(ahead)
 }
 
+/// Resolves when the stream's receiver is gone (never without a stream).
+async fn stream_closed(stream: Option<&mpsc::Sender<StreamItem>>) {
+    match stream {
+        Some(stream) => stream.closed().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn sleep_until_option(when: Option<Instant>) {
     match when {
         Some(when) => tokio::time::sleep_until(when).await,
@@ -1610,10 +1639,16 @@ mod tests {
             self.actor.publish_direct_room(false);
         }
 
-        /// Copy `seq` as its send passes it when the send's commit recorded its first delivery attempt.
-        fn recorded(&self, seq: u64) -> Command {
+        /// Copy `seq` as its send passes it when the send's commit recorded its first delivery attempt (recorded in
+        /// the store here, as the send's commit does).
+        async fn recorded(&self, seq: u64) -> Command {
             let delivery_id = self.ids[seq as usize - 1].clone();
             let copy = self.store.get_blob(&records::copy_key(&delivery_id)).unwrap().unwrap();
+            let mut record: DeliveryRecord =
+                records::decode(&self.store.get(&records::delivery_key(&delivery_id)).unwrap().unwrap()).unwrap();
+            let entry = record_attempt(&mut record, AuditEntry::now_micros());
+            let write = Write::Put(records::delivery_key(&delivery_id), encode_or_empty(&record));
+            self.store.commit(Commit { audit: vec![entry], writes: vec![write] }).await.unwrap();
             Command::Enqueue(Enqueued {
                 recipient: SCHOOL.into(),
                 seq,
@@ -1723,8 +1758,9 @@ mod tests {
         test.step(vec![Command::Subscribe { stream }]).await;
         assert_eq!(test.actor.direct_room.load(Ordering::Acquire), 8, "idle and connected: the whole window");
 
+        let first = test.recorded(1).await;
+        let third = test.recorded(3).await;
         let entries = test.audit_entries();
-        let first = test.recorded(1);
         test.step(vec![first]).await;
         assert_eq!(received(&mut agent), vec![(test.ids[0].clone(), 1)]);
         assert_eq!(test.audit_entries(), entries, "no commit of the actor's");
@@ -1732,7 +1768,7 @@ mod tests {
 
         // Copy 2 (not recorded) arrives first: copy 3 waits behind it, and only copy 2's attempt is committed.
         let mut commands = test.enqueue(2..=2);
-        commands.push(test.recorded(3));
+        commands.push(third);
         test.actor.handle(commands, false).await;
         test.actor.pump();
         test.actor.publish_direct_room(false);
@@ -1759,7 +1795,50 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(deliveries.reserve_direct(SCHOOL));
-        assert!(!deliveries.reserve_direct(SCHOOL), "the window is full");
+        assert!(!deliveries.reserve_direct(SCHOOL), "the places published are taken");
+    }
+
+    /// When the agent's stream ends, its actor wakes and sends stop recording deliveries to it at once (they would
+    /// record copies as delivered while the agent is offline).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sends_stop_recording_deliveries_when_the_stream_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = crate::audit::AuditLog::open(&dir.path().join("audit")).unwrap();
+        let (store, _) = Store::open(dir.path(), audit, crate::store::StoreOptions::for_tests()).unwrap();
+        let (_stop, stopping) = watch::channel(false);
+        let deliveries = Deliveries::start(store, DeliveryConfig::default(), stopping).unwrap();
+        let stream = deliveries.subscribe(SCHOOL);
+        let until = |room: fn(usize) -> bool| {
+            let deliveries = deliveries.clone();
+            async move {
+                let started = std::time::Instant::now();
+                while !room(deliveries.direct_room(SCHOOL)) {
+                    assert!(started.elapsed() < Duration::from_secs(10), "the actor did not publish");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        until(|room| room > 0).await;
+        drop(stream);
+        until(|room| room == 0).await;
+        assert!(!deliveries.reserve_direct(SCHOOL));
+    }
+
+    /// A copy recorded as delivered by its send, for a stream that has ended before the copy reached it, goes to the
+    /// agent's next stream as an attempt recorded of its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_recorded_for_a_stream_that_ended_is_recorded_again_when_handed_over() {
+        let mut test = standalone(1, 8).await;
+        let (stream, first) = mpsc::channel(16);
+        test.step(vec![Command::Subscribe { stream }]).await;
+        drop(first);
+        let recorded = test.recorded(1).await;
+        let entries = test.audit_entries();
+        test.step(vec![recorded]).await;
+        let (stream, mut second) = mpsc::channel(16);
+        test.step(vec![Command::Subscribe { stream }]).await;
+        assert_eq!(received(&mut second), vec![(test.ids[0].clone(), 2)]);
+        assert_eq!(test.audit_entries(), entries + 1, "the hand-off is audited");
     }
 
     /// Copies whose "delivered" commit is under way when the agent reconnects reach the new stream in queue order

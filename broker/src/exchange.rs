@@ -223,10 +223,7 @@ impl Exchange {
                 .writes
                 .push(Write::Put(records::idempotency_key(&caller.agency, &key), message_id.clone().into_bytes()));
         }
-        self.store.commit(commit).await?;
-        for entry in enqueued {
-            self.deliveries.enqueued(entry);
-        }
+        self.commit_and_enqueue(commit, enqueued).await?;
         tracing::info!(
             %message_id,
             sender = %caller.agency,
@@ -389,11 +386,26 @@ impl Exchange {
             recipients: decisions,
         };
         commit.writes.push(Write::Put(records::message_key(&message_id), records::encode(&record)?));
-        self.store.commit(commit).await?;
-        for entry in enqueued {
-            self.deliveries.enqueued(entry);
-        }
+        self.commit_and_enqueue(commit, enqueued).await?;
         Ok(())
+    }
+
+    /// Makes the commit durable, then hands its copies to their recipients' actors, in a task of its own: a caller
+    /// that goes away meanwhile (the client cancels the call, or its deadline passes) cannot stop the copies of a
+    /// durable commit from reaching their actors (they would wait for a restart, some recorded as delivered).
+    async fn commit_and_enqueue(&self, commit: Commit, enqueued: Vec<Enqueued>) -> Result<(), ExchangeError> {
+        let (store, deliveries) = (self.store.clone(), self.deliveries.clone());
+        let committed = tokio::spawn(async move {
+            store.commit(commit).await?;
+            for entry in enqueued {
+                deliveries.enqueued(entry);
+            }
+            Ok::<_, StoreError>(())
+        });
+        match committed.await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(StoreError::Stopped.into()),
+        }
     }
 
     /// Adds a queued copy's record, content and queue entry to `commit`. While the recipient's agent is connected
@@ -735,6 +747,51 @@ mod tests {
         })
         .unwrap();
         assert_eq!(escalations, 1);
+    }
+
+    /// A send to a recipient whose agent is connected and idle records the copy's first delivery in the send's own
+    /// commit: the copy reaches the stream as attempt 1, the record says delivered, and one delivery entry is
+    /// audited, in the same commit as the decision.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_send_to_an_idle_connected_recipient_records_its_delivery() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
+        let (store, _) = Store::open(dir.path(), audit, crate::store::StoreOptions::for_tests()).unwrap();
+        let policy_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let policy = Arc::new(RwLock::new(Arc::new(PolicySet::load_dir(&policy_dir).unwrap())));
+        let (_stop, stopping) = watch::channel(false);
+        let deliveries = Deliveries::start(store.clone(), DeliveryConfig::default(), stopping).unwrap();
+        let pseudonymiser = Pseudonymiser::load_or_create(&dir.path().join("keys")).unwrap();
+        let exchange = Exchange::new(store.clone(), deliveries.clone(), policy, pseudonymiser);
+        let mut stream = deliveries.subscribe("luton-oakwood-primary");
+        let started = std::time::Instant::now();
+        while deliveries.direct_room("luton-oakwood-primary") == 0 {
+            assert!(started.elapsed() < Duration::from_secs(10), "the school's actor did not publish its room");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        let police = Caller { agency: "beds-police".into(), practitioner: "pc-1".into(), roles: vec!["spoc".into()] };
+        let receipt = exchange.send(&police, example("operation-encompass-notification.json")).await.unwrap();
+        let copy = tokio::time::timeout(Duration::from_secs(10), stream.recv()).await.unwrap().unwrap().unwrap();
+        assert_eq!(copy.message_id, receipt.message_id);
+        assert_eq!(copy.attempt, 1);
+        let track = exchange.track(&police, &receipt.message_id).unwrap();
+        assert_eq!(track.recipients[0].state, pb::DeliveryState::Delivered as i32);
+        assert_eq!(track.recipients[0].attempts, 1);
+        let events: Vec<&str> = track.recipients[0].events.iter().map(|event| event.event.as_str()).collect();
+        assert_eq!(events, ["queued", "delivered"]);
+        deliveries.shutdown().await;
+        store.close();
+        let mut entries = Vec::new();
+        crate::store::log::read_all(&AuditLog::path(&dir.path().join("audit")), |_, bytes| {
+            entries.push(AuditEntry::decode(bytes).unwrap());
+            Ok(())
+        })
+        .unwrap();
+        let events: Vec<_> = entries.iter().map(|entry| entry.event).collect();
+        assert_eq!(events, [Some(EventType::DecisionToShare), Some(EventType::Delivery)]);
+        // Written by the send (at its decision's time), not by the school's actor afterwards.
+        assert_eq!(entries[1].time_micros, entries[0].time_micros);
     }
 
     #[test]
