@@ -1436,6 +1436,23 @@ mod tests {
 
     const SCHOOL: &str = "luton-oakwood-primary";
 
+    /// A new store in a temporary folder and a delivery engine started over it (kept running while `_stop` lives).
+    struct Engine {
+        _dir: tempfile::TempDir,
+        _stop: watch::Sender<bool>,
+        store: Store,
+        deliveries: Deliveries,
+    }
+
+    fn engine(config: DeliveryConfig) -> Engine {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = crate::audit::AuditLog::open(&dir.path().join("audit")).unwrap();
+        let (store, _) = Store::open(dir.path(), audit, crate::store::StoreOptions::for_tests()).unwrap();
+        let (stop, stopping) = watch::channel(false);
+        let deliveries = Deliveries::start(store.clone(), config, stopping).unwrap();
+        Engine { _dir: dir, _stop: stop, store, deliveries }
+    }
+
     /// Stores a queued copy for the school under `seq` (its record, its bytes and its `q/` key), as a send does.
     async fn store_copy(store: &Store, seq: u64) -> String {
         let message_id = uuid::Uuid::now_v7().to_string();
@@ -1475,11 +1492,7 @@ mod tests {
     /// ends; then the rest goes out in queue order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_loading_queue_delivers_in_order_up_to_where_it_has_loaded() {
-        let dir = tempfile::tempdir().unwrap();
-        let audit = crate::audit::AuditLog::open(&dir.path().join("audit")).unwrap();
-        let (store, _) = Store::open(dir.path(), audit, crate::store::StoreOptions::for_tests()).unwrap();
-        let (_stop, stopping) = watch::channel(false);
-        let deliveries = Deliveries::start(store.clone(), DeliveryConfig::default(), stopping).unwrap();
+        let Engine { _dir, _stop, store, deliveries } = engine(DeliveryConfig::default());
         // Copies 1, 2 and 3 were stored before the "restart"; copy 4 comes from a send after it.
         let mut stored = Vec::new();
         for seq in 1..=3 {
@@ -1566,11 +1579,7 @@ mod tests {
     }
 
     async fn one_copy_delivered() -> OneCopyDelivered {
-        let dir = tempfile::tempdir().unwrap();
-        let audit = crate::audit::AuditLog::open(&dir.path().join("audit")).unwrap();
-        let (store, _) = Store::open(dir.path(), audit, crate::store::StoreOptions::for_tests()).unwrap();
-        let (stop, stopping) = watch::channel(false);
-        let deliveries = Deliveries::start(store.clone(), DeliveryConfig::default(), stopping).unwrap();
+        let Engine { _dir: dir, _stop: stop, store, deliveries } = engine(DeliveryConfig::default());
         let delivery_id = store_copy(&store, 1).await;
         deliveries.enqueued(Enqueued {
             recipient: SCHOOL.into(),
@@ -1602,12 +1611,8 @@ mod tests {
     }
 
     async fn standalone(copies: u64, max_in_flight: usize) -> Standalone {
-        let dir = tempfile::tempdir().unwrap();
-        let audit = crate::audit::AuditLog::open(&dir.path().join("audit")).unwrap();
-        let (store, _) = Store::open(dir.path(), audit, crate::store::StoreOptions::for_tests()).unwrap();
-        let (stop, stopping) = watch::channel(false);
-        let config = DeliveryConfig { max_in_flight, ..DeliveryConfig::default() };
-        let deliveries = Deliveries::start(store.clone(), config, stopping).unwrap();
+        let Engine { _dir: dir, _stop: stop, store, deliveries } =
+            engine(DeliveryConfig { max_in_flight, ..DeliveryConfig::default() });
         let actor =
             RecipientActor::new(SCHOOL.to_owned(), deliveries.shared.clone(), Arc::new(AtomicU64::new(0)), false);
         let mut ids = Vec::new();
@@ -1781,12 +1786,8 @@ mod tests {
     /// Sends may record first attempts for a connected, idle recipient, one place in its window each.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sends_reserve_places_in_an_idle_window() {
-        let dir = tempfile::tempdir().unwrap();
-        let audit = crate::audit::AuditLog::open(&dir.path().join("audit")).unwrap();
-        let (store, _) = Store::open(dir.path(), audit, crate::store::StoreOptions::for_tests()).unwrap();
-        let (_stop, stopping) = watch::channel(false);
-        let config = DeliveryConfig { max_in_flight: 2, ..DeliveryConfig::default() };
-        let deliveries = Deliveries::start(store, config, stopping).unwrap();
+        let Engine { _dir, _stop, deliveries, .. } =
+            engine(DeliveryConfig { max_in_flight: 2, ..DeliveryConfig::default() });
         assert!(!deliveries.reserve_direct(SCHOOL), "no actor, no agent");
         let _stream = deliveries.subscribe(SCHOOL);
         let started = std::time::Instant::now();
@@ -1802,11 +1803,7 @@ mod tests {
     /// record copies as delivered while the agent is offline).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sends_stop_recording_deliveries_when_the_stream_ends() {
-        let dir = tempfile::tempdir().unwrap();
-        let audit = crate::audit::AuditLog::open(&dir.path().join("audit")).unwrap();
-        let (store, _) = Store::open(dir.path(), audit, crate::store::StoreOptions::for_tests()).unwrap();
-        let (_stop, stopping) = watch::channel(false);
-        let deliveries = Deliveries::start(store, DeliveryConfig::default(), stopping).unwrap();
+        let Engine { _dir, _stop, deliveries, .. } = engine(DeliveryConfig::default());
         let stream = deliveries.subscribe(SCHOOL);
         let until = |room: fn(usize) -> bool| {
             let deliveries = deliveries.clone();

@@ -675,20 +675,34 @@ mod tests {
         message.transcode_to::<pb::Envelope>().unwrap()
     }
 
-    /// An unacknowledged Operation Encompass notification escalates when its deadline passes: the escalation is
-    /// recorded, and the sender and the rule's escalation agency each get a notice. The policy's real deadline
-    /// ("before the next school day") is hours away, so the test brings the stored deadline forward to 300 ms.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_unacknowledged_copy_escalates_to_the_sender_and_the_named_agency() {
+    /// A store in a temporary folder, a delivery engine and an exchange over it with the sample policies.
+    struct Area {
+        dir: tempfile::TempDir,
+        _stop: watch::Sender<bool>,
+        store: Store,
+        deliveries: Deliveries,
+        exchange: Exchange,
+    }
+
+    fn area() -> Area {
         let dir = tempfile::tempdir().unwrap();
         let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
         let (store, _) = Store::open(dir.path(), audit, crate::store::StoreOptions::for_tests()).unwrap();
         let policy_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
         let policy = Arc::new(RwLock::new(Arc::new(PolicySet::load_dir(&policy_dir).unwrap())));
-        let (_stop, stopping) = watch::channel(false);
+        let (stop, stopping) = watch::channel(false);
         let deliveries = Deliveries::start(store.clone(), DeliveryConfig::default(), stopping).unwrap();
         let pseudonymiser = Pseudonymiser::load_or_create(&dir.path().join("keys")).unwrap();
         let exchange = Exchange::new(store.clone(), deliveries.clone(), policy, pseudonymiser);
+        Area { dir, _stop: stop, store, deliveries, exchange }
+    }
+
+    /// An unacknowledged Operation Encompass notification escalates when its deadline passes: the escalation is
+    /// recorded, and the sender and the rule's escalation agency each get a notice. The policy's real deadline
+    /// ("before the next school day") is hours away, so the test brings the stored deadline forward to 300 ms.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unacknowledged_copy_escalates_to_the_sender_and_the_named_agency() {
+        let Area { dir, _stop, store, deliveries, exchange } = area();
         let (late_sender, mut late) = tokio::sync::mpsc::unbounded_channel();
         deliveries.set_escalation_hook(Arc::new(move |record| {
             let _ = late_sender.send(record);
@@ -754,15 +768,7 @@ mod tests {
     /// audited, in the same commit as the decision.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_send_to_an_idle_connected_recipient_records_its_delivery() {
-        let dir = tempfile::tempdir().unwrap();
-        let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
-        let (store, _) = Store::open(dir.path(), audit, crate::store::StoreOptions::for_tests()).unwrap();
-        let policy_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-        let policy = Arc::new(RwLock::new(Arc::new(PolicySet::load_dir(&policy_dir).unwrap())));
-        let (_stop, stopping) = watch::channel(false);
-        let deliveries = Deliveries::start(store.clone(), DeliveryConfig::default(), stopping).unwrap();
-        let pseudonymiser = Pseudonymiser::load_or_create(&dir.path().join("keys")).unwrap();
-        let exchange = Exchange::new(store.clone(), deliveries.clone(), policy, pseudonymiser);
+        let Area { dir, _stop, store, deliveries, exchange } = area();
         let mut stream = deliveries.subscribe("luton-oakwood-primary");
         let started = std::time::Instant::now();
         while deliveries.direct_room("luton-oakwood-primary") == 0 {
