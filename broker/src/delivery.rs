@@ -1838,6 +1838,34 @@ mod tests {
         assert_eq!(test.audit_entries(), entries + 1, "the hand-off is audited");
     }
 
+    /// A late acknowledgement of a copy waiting out a retry delay takes it out of that wait; if its commit fails, the
+    /// copy goes back to the same wait (not to the ready queue, which would send it again at once).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_late_acknowledgement_puts_the_copy_back_in_its_retry_delay() {
+        let mut test = standalone(1, 8).await;
+        let (stream, mut agent) = mpsc::channel(16);
+        let mut commands = test.enqueue(1..=1);
+        commands.push(Command::Subscribe { stream });
+        test.step(commands).await;
+        assert_eq!(received(&mut agent).len(), 1);
+        let (reply, answer) = oneshot::channel();
+        let school = Actor { agency: SCHOOL.into(), ..Actor::default() };
+        let delay = Duration::from_secs(60);
+        let nack =
+            Command::Nack { delivery_id: test.ids[0].clone(), actor: school, delay, reason: "busy".into(), reply };
+        test.step(vec![nack]).await;
+        answer.await.unwrap().unwrap();
+        assert!(test.actor.delayed_at.contains_key(&1), "waiting out its retry delay");
+
+        test.store.fail_next_journal_write();
+        let (acknowledging, answer) = ack(&test.ids[0]);
+        test.step(vec![acknowledging]).await;
+        assert!(answer.await.unwrap().is_err(), "the failed commit is reported");
+        assert!(test.actor.delayed_at.contains_key(&1), "back in its retry delay");
+        assert!(test.actor.ready.is_empty());
+        assert_eq!(received(&mut agent), Vec::new(), "not sent again before its delay");
+    }
+
     /// Copies whose "delivered" commit is under way when the agent reconnects reach the new stream in queue order
     /// with the copies put back from flight (not ahead of them).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
