@@ -1866,6 +1866,22 @@ mod tests {
         assert_eq!(received(&mut agent), Vec::new(), "not sent again before its delay");
     }
 
+    /// A copy whose acknowledgement is being recorded does not wake the actor when its wait runs out (it would wake
+    /// it at once, over and over, until the commit ends).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_being_acknowledged_does_not_wake_the_actor() {
+        let mut test = standalone(1, 8).await;
+        let (stream, _agent) = mpsc::channel(16);
+        let mut commands = test.enqueue(1..=1);
+        commands.push(Command::Subscribe { stream });
+        test.step(commands).await;
+        let in_flight = test.actor.in_flight.get_mut(&test.ids[0]).unwrap();
+        in_flight.deadline = Instant::now() - Duration::from_secs(1);
+        assert!(test.actor.next_wake().is_some(), "a copy whose wait ran out wakes the actor");
+        test.actor.acking.insert(test.ids[0].clone(), Vec::new());
+        assert_eq!(test.actor.next_wake(), None);
+    }
+
     /// Copies whose "delivered" commit is under way when the agent reconnects reach the new stream in queue order
     /// with the copies put back from flight (not ahead of them).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
