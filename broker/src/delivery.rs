@@ -1059,14 +1059,14 @@ impl RecipientActor {
         if done.is_empty() {
             return;
         }
+        self.submit(commit, move |result| Submitted::Acknowledged { done, result });
+    }
+
+    /// Submits `commit` without waiting for it; its outcome (made by `outcome` from the commit's result) is handled in
+    /// the order submitted ([`Self::handle_outcome`]).
+    fn submit(&mut self, commit: Commit, outcome: impl FnOnce(Result<(), StoreError>) -> Submitted + Send + 'static) {
         let committed = self.shared.store.submit(commit);
-        self.submitted.push_back(
-            async move {
-                let result = committed.await.map(|_| ());
-                Submitted::Acknowledged { done, result }
-            }
-            .boxed(),
-        );
+        self.submitted.push_back(async move { outcome(committed.await.map(|_| ())) }.boxed());
     }
 
     async fn negative_acknowledge(&mut self, nacks: Vec<PendingNack>) {
@@ -1349,14 +1349,7 @@ impl RecipientActor {
                     .push_back(futures::future::ready(Submitted::Delivered { outgoing, result: Ok(()) }).boxed());
                 continue;
             }
-            let committed = self.shared.store.submit(commit);
-            self.submitted.push_back(
-                async move {
-                    let result = committed.await.map(|_| ());
-                    Submitted::Delivered { outgoing, result }
-                }
-                .boxed(),
-            );
+            self.submit(commit, move |result| Submitted::Delivered { outgoing, result });
         }
     }
 }
@@ -1636,6 +1629,16 @@ mod tests {
             .collect()
         }
 
+        /// Queues the first `copies` copies and connects the agent with a new stream, in one pass of the actor;
+        /// returns the agent's end of the stream.
+        async fn connect(&mut self, copies: u64) -> mpsc::Receiver<StreamItem> {
+            let (stream, agent) = mpsc::channel(16);
+            let mut commands = self.enqueue(1..=copies);
+            commands.push(Command::Subscribe { stream });
+            self.step(commands).await;
+            agent
+        }
+
         /// One pass of the actor's loop over `commands`, then waits for every commit it submitted.
         async fn step(&mut self, commands: Vec<Command>) {
             self.actor.handle(commands, false).await;
@@ -1688,10 +1691,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn repeated_acknowledgements_are_recorded_once() {
         let mut test = standalone(1, 8).await;
-        let (stream, mut first) = mpsc::channel(16);
-        let mut commands = test.enqueue(1..=1);
-        commands.push(Command::Subscribe { stream });
-        test.step(commands).await;
+        let mut first = test.connect(1).await;
         assert_eq!(received(&mut first).len(), 1);
         let entries_before = test.store.audit_index().read().unwrap().len();
         let (acks, answers): (Vec<_>, Vec<_>) = (0..3).map(|_| ack(&test.ids[0])).unzip();
@@ -1729,10 +1729,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_copy_being_acknowledged_is_not_sent_on_a_new_stream() {
         let mut test = standalone(2, 8).await;
-        let (stream, mut first) = mpsc::channel(16);
-        let mut commands = test.enqueue(1..=2);
-        commands.push(Command::Subscribe { stream });
-        test.step(commands).await;
+        let mut first = test.connect(2).await;
         assert_eq!(received(&mut first).len(), 2);
 
         let (acknowledging, answer) = ack(&test.ids[0]);
@@ -1759,8 +1756,7 @@ mod tests {
         let mut test = standalone(3, 8).await;
         test.actor.publish_direct_room(false);
         assert_eq!(test.actor.direct_room.load(Ordering::Acquire), 0, "no stream: no room");
-        let (stream, mut agent) = mpsc::channel(16);
-        test.step(vec![Command::Subscribe { stream }]).await;
+        let mut agent = test.connect(0).await;
         assert_eq!(test.actor.direct_room.load(Ordering::Acquire), 8, "idle and connected: the whole window");
 
         let first = test.recorded(1).await;
@@ -1826,14 +1822,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_copy_recorded_for_a_stream_that_ended_is_recorded_again_when_handed_over() {
         let mut test = standalone(1, 8).await;
-        let (stream, first) = mpsc::channel(16);
-        test.step(vec![Command::Subscribe { stream }]).await;
+        let first = test.connect(0).await;
         drop(first);
         let recorded = test.recorded(1).await;
         let entries = test.audit_entries();
         test.step(vec![recorded]).await;
-        let (stream, mut second) = mpsc::channel(16);
-        test.step(vec![Command::Subscribe { stream }]).await;
+        let mut second = test.connect(0).await;
         assert_eq!(received(&mut second), vec![(test.ids[0].clone(), 2)]);
         assert_eq!(test.audit_entries(), entries + 1, "the hand-off is audited");
     }
@@ -1843,10 +1837,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_late_acknowledgement_puts_the_copy_back_in_its_retry_delay() {
         let mut test = standalone(1, 8).await;
-        let (stream, mut agent) = mpsc::channel(16);
-        let mut commands = test.enqueue(1..=1);
-        commands.push(Command::Subscribe { stream });
-        test.step(commands).await;
+        let mut agent = test.connect(1).await;
         assert_eq!(received(&mut agent).len(), 1);
         let (reply, answer) = oneshot::channel();
         let school = Actor { agency: SCHOOL.into(), ..Actor::default() };
@@ -1871,10 +1862,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_copy_being_acknowledged_does_not_wake_the_actor() {
         let mut test = standalone(1, 8).await;
-        let (stream, _agent) = mpsc::channel(16);
-        let mut commands = test.enqueue(1..=1);
-        commands.push(Command::Subscribe { stream });
-        test.step(commands).await;
+        let _agent = test.connect(1).await;
         let in_flight = test.actor.in_flight.get_mut(&test.ids[0]).unwrap();
         in_flight.deadline = Instant::now() - Duration::from_secs(1);
         assert!(test.actor.next_wake().is_some(), "a copy whose wait ran out wakes the actor");
@@ -1887,18 +1875,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn copies_being_delivered_when_the_agent_reconnects_go_out_in_order() {
         let mut test = standalone(8, 8).await;
-        let (stream, mut first) = mpsc::channel(16);
-        let mut commands = test.enqueue(1..=4);
-        commands.push(Command::Subscribe { stream });
-        test.step(commands).await;
+        let mut first = test.connect(4).await;
         assert_eq!(received(&mut first).len(), 4);
         // Copies 5 to 8 are being delivered (their commit submitted, its outcome not handled) when the agent
         // reconnects.
         test.actor.handle(test.enqueue(5..=8), false).await;
         test.actor.pump();
         assert_eq!(test.actor.delivering.len(), 4);
-        let (stream, mut second) = mpsc::channel(16);
-        test.step(vec![Command::Subscribe { stream }]).await;
+        let mut second = test.connect(0).await;
         let order: Vec<String> = received(&mut second).into_iter().map(|(id, _)| id).collect();
         assert_eq!(order, test.ids, "in queue order on the new stream");
     }
