@@ -5,8 +5,9 @@
 //! ready to send (in sequence order, so order is kept per sender-recipient pair when the agent acknowledges in
 //! order), the copies waiting out a retry delay, and the copies sent but not yet acknowledged. The durable truth is
 //! in the store (`q/`, `d/`, `c/` keys, see [`crate::records`]); the actor rebuilds its memory from it on start.
-//! Being the only writer of its recipient's delivery records, the actor needs no locks, and it batches: all
-//! commands waiting in its mailbox are handled together and their changes go to the store in one commit.
+//! Once a copy's send is durable, the actor is the only writer of its delivery record, so it needs no locks, and it
+//! batches: all commands waiting in its mailbox are handled together and their changes go to the store in one
+//! commit.
 //!
 //! The actor does not wait for the commits of deliveries and acknowledgements: it submits them ([`Store::submit`])
 //! and goes on (a copy queued while an acknowledgement's commit is under way goes out without waiting for it, and
