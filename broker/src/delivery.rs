@@ -736,7 +736,7 @@ impl RecipientActor {
                 if let Err(error) = result {
                     tracing::error!(error = %error, recipient = %self.recipient, "could not record deliveries; will retry");
                     let retry = Instant::now() + Duration::from_secs(1);
-                    let stream_open = self.stream.as_ref().is_some_and(|stream| !stream.is_closed());
+                    let stream_open = self.stream_open();
                     for copy in outgoing {
                         // Still recorded only for the stream it was recorded for (see `requeue_in_flight`).
                         if copy.recorded_by_send && stream_open {
@@ -810,10 +810,14 @@ impl RecipientActor {
         }
     }
 
+    fn stream_open(&self) -> bool {
+        self.stream.as_ref().is_some_and(|stream| !stream.is_closed())
+    }
+
     /// Whether a copy may go to the stream now, ahead of nothing: the agent is connected, no copy is waiting or
     /// being delivered (so order is kept), and the in-flight window has room.
     fn idle_with_room(&self) -> bool {
-        self.stream.as_ref().is_some_and(|stream| !stream.is_closed())
+        self.stream_open()
             && !self.loading
             && self.ready.is_empty()
             && self.delivering.is_empty()
@@ -881,14 +885,13 @@ impl RecipientActor {
                             recorded_by_send: true,
                         }),
                         // Copies ahead of it on the open stream it was recorded for: it follows them shortly.
-                        Some(copy) if self.stream.as_ref().is_some_and(|stream| !stream.is_closed()) => {
+                        Some(copy) if self.stream_open() => {
                             self.recorded.insert(entry.seq, copy);
                             self.ready.insert(entry.seq, entry.delivery_id);
                         }
-                        // The stream it was recorded for has gone: that attempt never reached the agent, and the
-                        // hand-off to its next stream is recorded as an attempt of its own.
-                        Some(_) => self.ready.insert(entry.seq, entry.delivery_id),
-                        None => self.ready.insert(entry.seq, entry.delivery_id),
+                        // Not recorded, or the stream it was recorded for has gone (that attempt never reached the
+                        // agent, and the hand-off to its next stream is recorded as an attempt of its own).
+                        _ => self.ready.insert(entry.seq, entry.delivery_id),
                     }
                 }
                 Command::Subscribe { stream } => {
