@@ -1552,19 +1552,13 @@ async fn wait_until_serving(subject: &Subject, message_id: &str, timeout_seconds
 
 /// Waits until the broker's `broker_queues_loading` gauge reads 0 (scraping its metrics over plain HTTP).
 async fn queues_loaded(subject: &Subject, timeout_seconds: u64) -> Option<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let address = subject.area.settings.metrics_listen?;
+    subject.area.settings.metrics_listen?;
     let deadline = Instant::now() + Duration::from_secs(timeout_seconds);
     while Instant::now() < deadline {
-        if let Ok(mut stream) = tokio::net::TcpStream::connect(address).await {
-            let mut text = String::new();
-            let asked = stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: broker\r\n\r\n").await;
-            if asked.is_ok()
-                && stream.read_to_string(&mut text).await.is_ok()
-                && text.lines().any(|line| line == "broker_queues_loading 0")
-            {
-                return Some(());
-            }
+        if let Some(text) = scrape_metrics(subject).await
+            && metric_value(&text, "broker_queues_loading") == Some(0.0)
+        {
+            return Some(());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
