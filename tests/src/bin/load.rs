@@ -350,7 +350,26 @@ fn process_stats(pid: u32) -> Option<ProcessStats> {
     })
 }
 
-/// Bytes allocated on disk under `dir` (what `du` counts).
+/// What a broker's data directory takes on disk, in bytes.
+struct DiskUse {
+    total: u64,
+    /// Journal segments' zeros written ahead of use.
+    zeros: u64,
+    /// sled's index (`index/`; its log, which it replays on its first open after a long run).
+    index: u64,
+}
+
+impl DiskUse {
+    fn describe(&self) -> String {
+        format!(
+            "{:.1} MiB, of which {:.1} MiB journal segments' zeros written ahead of use and {:.1} MiB sled's index",
+            self.total as f64 / 1048576.0,
+            self.zeros as f64 / 1048576.0,
+            self.index as f64 / 1048576.0
+        )
+    }
+}
+
 /// Bytes of the journal's segments that are zeros written ahead of use (the broker fills each segment before it
 /// writes records into it; see `broker::store::journal`): reported apart, since they are a fixed amount (up to two
 /// segments), not a cost per message.
@@ -370,6 +389,7 @@ fn zeros_ahead(data_dir: &Path) -> u64 {
     total
 }
 
+/// Bytes allocated on disk under `dir` (what `du` counts).
 fn disk_usage(dir: &Path) -> u64 {
     let mut total = 0;
     let mut pending = vec![dir.to_path_buf()];
@@ -1094,9 +1114,13 @@ impl Subject {
         self.server.as_ref().and_then(Server::stats).or_else(|| self.pid.and_then(process_stats))
     }
 
-    /// Bytes the data directory takes on disk, and how many of them are journal segments' zeros written ahead.
-    fn disk(&self) -> Option<(u64, u64)> {
-        self.data_dir.as_deref().map(|dir| (disk_usage(dir), zeros_ahead(dir)))
+    /// What the data directory takes on disk.
+    fn disk(&self) -> Option<DiskUse> {
+        self.data_dir.as_deref().map(|dir| DiskUse {
+            total: disk_usage(dir),
+            zeros: zeros_ahead(dir),
+            index: disk_usage(&dir.join("index")),
+        })
     }
 
     /// Stops the broker (gracefully or with SIGKILL) and starts it again on the same port and data.
@@ -1151,14 +1175,14 @@ fn report_costs(subject: &Subject, before: Option<ProcessStats>, messages: u64, 
             after.rss_kib as f64 / 1024.0,
         );
     }
-    if let Some((total, zeros)) = subject.disk() {
-        let bytes = total.saturating_sub(zeros);
+    if let Some(disk) = subject.disk() {
+        let bytes = disk.total.saturating_sub(disk.zeros);
         println!(
-            "data dir: {:.1} MiB, of which {:.1} MiB journal segments' zeros written ahead of use; without them {:.0} bytes per message, {:.0} bytes per copy",
-            total as f64 / 1048576.0,
-            zeros as f64 / 1048576.0,
+            "data dir: {}; without the zeros {:.0} bytes per message, {:.0} bytes per copy (sled's {:.0} per message)",
+            disk.describe(),
             bytes as f64 / messages.max(1) as f64,
-            bytes as f64 / copies.max(1) as f64
+            bytes as f64 / copies.max(1) as f64,
+            disk.index as f64 / messages.max(1) as f64
         );
     }
     broker_cpu
@@ -1586,11 +1610,11 @@ async fn restart(context: &RunContext<'_>) -> Result<()> {
         results.rate(),
         results.errors
     );
-    if let Some((total, zeros)) = subject.disk() {
+    if let Some(disk) = subject.disk() {
         println!(
-            "data dir: {:.1} MiB, of which {:.1} MiB journal segments' zeros written ahead of use",
-            total as f64 / 1048576.0,
-            zeros as f64 / 1048576.0
+            "data dir: {}; sled's {:.0} bytes per message",
+            disk.describe(),
+            disk.index as f64 / stored.max(1) as f64
         );
     }
     let probe_id = results.sent_at.first().map(|(id, _)| id.clone()).unwrap_or_default();
