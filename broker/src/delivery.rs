@@ -1098,7 +1098,7 @@ impl RecipientActor {
                 self.dead_letter(&mut commit, &mut record, seq, now);
             } else {
                 record.state = DeliveryState::Queued;
-                commit.writes.push(Write::Put(records::delivery_key(&delivery_id), encode_or_empty(&record)));
+                commit.writes.push(Write::PutBlob(records::delivery_key(&delivery_id), encode_or_empty(&record)));
             }
             done.push((delivery_id, seq, delay, dead, reply));
         }
@@ -1248,7 +1248,7 @@ impl RecipientActor {
                 now,
                 "acknowledgement deadline passed".to_owned(),
             ));
-            commit.writes.push(Write::Put(records::delivery_key(delivery_id), encode_or_empty(&record)));
+            commit.writes.push(Write::PutBlob(records::delivery_key(delivery_id), encode_or_empty(&record)));
             // The queue entry forgets the deadline, so a restart does not escalate again.
             commit
                 .writes
@@ -1316,7 +1316,7 @@ impl RecipientActor {
                     continue;
                 }
                 let (record, copy) =
-                    match (self.load(delivery_id), self.shared.store.get_blob(&records::copy_key(delivery_id))) {
+                    match (self.load(delivery_id), self.shared.store.get(&records::copy_key(delivery_id))) {
                         (Ok(Some(record)), Ok(Some(copy))) => (record, copy),
                         (Err(error), _) | (_, Err(error)) => {
                             tracing::error!(error = %error, %delivery_id, "could not read a queued copy; will retry");
@@ -1331,7 +1331,7 @@ impl RecipientActor {
                     };
                 let mut record = record;
                 commit.audit.push(record_attempt(&mut record, now));
-                commit.writes.push(Write::Put(records::delivery_key(delivery_id), encode_or_empty(&record)));
+                commit.writes.push(Write::PutBlob(records::delivery_key(delivery_id), encode_or_empty(&record)));
                 outgoing.push(Outgoing {
                     seq: *seq,
                     delivery_id: delivery_id.clone(),
@@ -1370,7 +1370,7 @@ pub(crate) fn record_attempt(record: &mut DeliveryRecord, now: i64) -> AuditEntr
 }
 
 fn push_final_writes(commit: &mut Commit, record: &DeliveryRecord, seq: u64) {
-    commit.writes.push(Write::Put(records::delivery_key(&record.delivery_id), encode_or_empty(record)));
+    commit.writes.push(Write::PutBlob(records::delivery_key(&record.delivery_id), encode_or_empty(record)));
     commit.writes.push(Write::Delete(records::copy_key(&record.delivery_id)));
     commit.writes.push(Write::Delete(records::queue_key(&record.recipient, seq)));
 }
@@ -1475,7 +1475,7 @@ mod tests {
         };
         let copy = pb::Delivery { delivery_id: delivery_id.clone(), message_id, ..Default::default() };
         let writes = vec![
-            Write::Put(records::delivery_key(&delivery_id), records::encode(&record).unwrap()),
+            Write::PutBlob(records::delivery_key(&delivery_id), records::encode(&record).unwrap()),
             Write::PutBlob(records::copy_key(&delivery_id), copy.encode_to_vec()),
             Write::Put(records::queue_key(SCHOOL, seq), records::queue_value(&delivery_id, None)),
         ];
@@ -1655,11 +1655,11 @@ mod tests {
         /// the store here, as the send's commit does).
         async fn recorded(&self, seq: u64) -> Command {
             let delivery_id = self.ids[seq as usize - 1].clone();
-            let copy = self.store.get_blob(&records::copy_key(&delivery_id)).unwrap().unwrap();
+            let copy = self.store.get(&records::copy_key(&delivery_id)).unwrap().unwrap();
             let mut record: DeliveryRecord =
                 records::decode(&self.store.get(&records::delivery_key(&delivery_id)).unwrap().unwrap()).unwrap();
             let entry = record_attempt(&mut record, AuditEntry::now_micros());
-            let write = Write::Put(records::delivery_key(&delivery_id), encode_or_empty(&record));
+            let write = Write::PutBlob(records::delivery_key(&delivery_id), encode_or_empty(&record));
             self.store.commit(Commit { audit: vec![entry], writes: vec![write] }).await.unwrap();
             Command::Enqueue(Enqueued {
                 recipient: SCHOOL.into(),

@@ -1,6 +1,8 @@
 //! What the broker stores about messages and deliveries, and the keys it stores them under.
 //!
-//! Values are postcard-encoded. Key layout (one sled tree, so that a commit's writes apply atomically):
+//! Values are postcard-encoded. Key layout (one sled tree, so that a commit's writes apply atomically). The records
+//! and copies are written as `store::Write::PutBlob`: their bytes stay in the journal and sled holds a reference to
+//! them, which `Store::get` resolves; only `q/` and `i/` values are held in sled itself.
 //!
 //! | key | value |
 //! |---|---|

@@ -123,15 +123,19 @@ pub type KeyValue = (Vec<u8>, Vec<u8>);
 pub enum Write {
     Put(#[serde(with = "serde_bytes")] Vec<u8>, #[serde(with = "serde_bytes")] Vec<u8>),
     Delete(#[serde(with = "serde_bytes")] Vec<u8>),
-    /// A large value written once and read back rarely (a recipient's copy): its bytes stay in the journal, and the
-    /// index holds only where to find them (a [`BlobRef`]); read it with [`Store::get_blob`]. Keeping copies out of
-    /// sled took sled's node rewrites and log writes of every copy off the commit path (sled was ~40% of the
-    /// broker's CPU when sending) and left sled's cache to the small records.
+    /// A value kept in the journal, where every write's bytes are anyway: the index holds only where to find them
+    /// (a 21-byte [`BlobRef`]), and every read resolves it. For the recipients' copies, the message and delivery
+    /// records: anything longer than a reference. Keeping copies out of sled took sled's node rewrites and log writes
+    /// of every copy off the commit path (sled was ~40% of the broker's CPU when sending) and left sled's cache to
+    /// the small records; keeping the records out too cut what sled writes per message, and so what it replays on
+    /// its first open after a long run, by more than half (PERFORMANCE.md, sixth session).
     PutBlob(#[serde(with = "serde_bytes")] Vec<u8>, #[serde(with = "serde_bytes")] Vec<u8>),
 }
 
-/// Marks an index value as a [`BlobRef`]. A recipient's copy (a `pb::Delivery`) written as a plain value by an
-/// older broker starts with a field tag, never with 0xFF.
+/// Marks an index value as a [`BlobRef`]. No plain value starts with it: a recipient's copy (a `pb::Delivery`)
+/// written as a plain value by an older broker starts with a field tag, never with 0xFF; a postcard record written
+/// plain starts with its id's length, and a 0xFF there (a length of at least 127) could not be followed by this
+/// magic in a value of a reference's 21 bytes; the other plain values (`q/`, `i/`) are UTF-8 text.
 const BLOB_REF_MAGIC: &[u8] = b"\xffjref";
 
 /// Where a [`Write::PutBlob`] value is in the journal: `len` bytes at journal offset `offset`, with their CRC-32 (so that
@@ -155,6 +159,9 @@ impl BlobRef {
 
     fn decode(bytes: &[u8]) -> Option<Self> {
         let rest = bytes.strip_prefix(BLOB_REF_MAGIC)?;
+        if rest.len() != 16 {
+            return None;
+        }
         let offset: [u8; 8] = rest.get(..8)?.try_into().ok()?;
         let len: [u8; 4] = rest.get(8..12)?.try_into().ok()?;
         let crc: [u8; 4] = rest.get(12..16)?.try_into().ok()?;
@@ -209,7 +216,7 @@ pub struct Store {
 struct Inner {
     tree: sled::Db,
     /// Held for writing from before the committer answers a group's callers until it has applied the group to sled;
-    /// for reading by [`Store::get`], [`Store::get_blob`] and the seeks (a reader sees a group's writes all or none,
+    /// for reading by [`Store::get`] and the seeks (a reader sees a group's writes all or none,
     /// and sees a group it has heard of); scans only wait for a group being applied before they start.
     applying: Arc<std::sync::RwLock<()>>,
     /// Stops the checkpointer when dropped.
@@ -221,7 +228,7 @@ struct Inner {
     index_broken: Arc<std::sync::atomic::AtomicBool>,
     /// The data directory's lock ([`lock_data_dir`]), held as long as the store, if the caller gave it.
     data_dir_lock: std::sync::Mutex<Option<std::fs::File>>,
-    /// Read-only handles on the journal's segments, for [`Store::get_blob`] (positioned reads, shared by all readers).
+    /// Read-only handles on the journal's segments, to resolve [`Write::PutBlob`] values (positioned reads, shared by all readers).
     journal_reader: JournalReader,
     /// The audit log's in-memory index, for auditors' queries (the log itself belongs to the committer thread).
     audit_index: crate::audit::index::SharedIndex,
@@ -473,24 +480,30 @@ impl Store {
         Ok(guard)
     }
 
+    /// The value under `key`; a [`Write::PutBlob`] value is read back from the journal (only its bytes, checked
+    /// against their CRC).
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let _whole_groups = self.whole_groups()?;
-        Ok(self.inner.tree.get(key)?.map(|value| value.to_vec()))
+        let stored = {
+            let _whole_groups = self.whole_groups()?;
+            self.inner.tree.get(key)?
+        };
+        stored.map(|stored| self.resolve(&stored)).transpose()
     }
 
-    /// The value of a [`Write::PutBlob`], read back from the journal (only its bytes, checked against their CRC).
-    pub fn get_blob(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let Some(stored) = self.get(key)? else { return Ok(None) };
-        let Some(blob) = BlobRef::decode(&stored) else {
-            // Written as a plain value (by a broker from before blobs).
-            return Ok(Some(stored));
-        };
+    /// A value as the index holds it, with a [`BlobRef`] replaced by the bytes it points at. A value written plain
+    /// (small records, and anything written by a broker from before blobs) is returned as it is.
+    fn resolve(&self, stored: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let Some(blob) = BlobRef::decode(stored) else { return Ok(stored.to_vec()) };
         let mut value = vec![0u8; blob.len as usize];
         self.inner.journal_reader.read_exact_at(&mut value, blob.offset)?;
         if crc32fast::hash(&value) != blob.crc {
             return Err(StoreError::Decode("a journal reference does not point at its value".to_owned()));
         }
-        Ok(Some(value))
+        Ok(value)
+    }
+
+    fn resolve_pair(&self, (key, value): (sled::IVec, sled::IVec)) -> Result<KeyValue, StoreError> {
+        Ok((key.to_vec(), self.resolve(&value)?))
     }
 
     /// Every key/value under `prefix`, in key order. A group being applied when it starts is seen whole; one applied
@@ -504,7 +517,7 @@ impl Store {
                 self.inner
                     .tree
                     .scan_prefix(prefix)
-                    .map(|item| item.map(|(key, value)| (key.to_vec(), value.to_vec())).map_err(StoreError::from)),
+                    .map(|item| item.map_err(StoreError::from).and_then(|pair| self.resolve_pair(pair))),
             ),
         };
         refused.map(Err).into_iter().chain(items.into_iter().flatten())
@@ -525,24 +538,40 @@ impl Store {
             if !key.starts_with(prefix) || page.len() == limit {
                 break;
             }
-            page.push((key.to_vec(), value.to_vec()));
+            page.push(self.resolve_pair((key, value))?);
         }
         Ok(page)
     }
 
     /// The first key/value after `key`, in key order (a seek, not a scan).
     pub fn next_after(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
-        let _whole_groups = self.whole_groups()?;
-        Ok(self.inner.tree.get_gt(key)?.map(|(key, value)| (key.to_vec(), value.to_vec())))
+        let found = {
+            let _whole_groups = self.whole_groups()?;
+            self.inner.tree.get_gt(key)?
+        };
+        found.map(|pair| self.resolve_pair(pair)).transpose()
     }
 
     /// The last key/value under `prefix`, in key order (a seek, not a scan).
     pub fn last_under(&self, prefix: &[u8]) -> Result<Option<KeyValue>, StoreError> {
-        let _whole_groups = self.whole_groups()?;
-        match self.inner.tree.scan_prefix(prefix).next_back() {
-            Some(item) => Ok(Some(item.map(|(key, value)| (key.to_vec(), value.to_vec()))?)),
-            None => Ok(None),
-        }
+        let found = {
+            let _whole_groups = self.whole_groups()?;
+            self.inner.tree.scan_prefix(prefix).next_back().transpose()?
+        };
+        found.map(|pair| self.resolve_pair(pair)).transpose()
+    }
+
+    /// The value under `key` as the index holds it, a [`Write::PutBlob`] reference unresolved (tests).
+    #[cfg(test)]
+    pub(crate) fn index_value(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let _whole_groups = self.whole_groups().ok()?;
+        self.inner.tree.get(key).ok().flatten().map(|value| value.to_vec())
+    }
+
+    /// Whether an index value is a reference to a value in the journal (tests).
+    #[cfg(test)]
+    pub(crate) fn is_journal_reference(value: &[u8]) -> bool {
+        BlobRef::decode(value).is_some()
     }
 
     /// Makes the journal's next write fail, as a full disk would (tests).
@@ -909,7 +938,7 @@ fn commit_group<'a>(
 }
 
 /// A durable group whose writes are not in sled yet. It holds the lock that single-key readers take
-/// ([`Store::get`], [`Store::get_blob`]) from before its callers are answered until its writes are applied, so a
+/// ([`Store::get`] and the seeks) from before its callers are answered until its writes are applied, so a
 /// reader who has heard of the group (from an answer) sees it whole, while the answer goes out without waiting for
 /// sled (about 40 µs per commit with one message in flight).
 struct Applying<'a> {
@@ -978,19 +1007,19 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(store.get_blob(b"c/a").unwrap(), Some(first.clone()));
-        assert_eq!(store.get_blob(b"c/b").unwrap(), Some(second.clone()));
-        assert_eq!(store.get_blob(b"c/legacy").unwrap(), Some(b"plain".to_vec()));
-        assert!(store.get(b"c/a").unwrap().unwrap().len() < 32, "the index holds a reference, not the copy");
+        assert_eq!(store.get(b"c/a").unwrap(), Some(first.clone()));
+        assert_eq!(store.get(b"c/b").unwrap(), Some(second.clone()));
+        assert_eq!(store.get(b"c/legacy").unwrap(), Some(b"plain".to_vec()));
+        assert!(store.index_value(b"c/a").unwrap().len() < 32, "the index holds a reference, not the copy");
         store.commit(Commit { audit: Vec::new(), writes: vec![Write::Delete(b"c/b".to_vec())] }).await.unwrap();
-        assert_eq!(store.get_blob(b"c/b").unwrap(), None);
+        assert_eq!(store.get(b"c/b").unwrap(), None);
         store.close();
         drop(store);
 
         std::fs::remove_dir_all(dir.path().join("index")).unwrap();
         let store = open(dir.path());
-        assert_eq!(store.get_blob(b"c/a").unwrap(), Some(first));
-        assert_eq!(store.get_blob(b"c/b").unwrap(), None);
+        assert_eq!(store.get(b"c/a").unwrap(), Some(first));
+        assert_eq!(store.get(b"c/b").unwrap(), None);
         assert_eq!(store.get(b"d/a").unwrap(), Some(b"record".to_vec()));
         store.close();
     }
@@ -1028,7 +1057,7 @@ mod tests {
         let store = open(dir.path());
         assert_eq!(store.get(b"k/1").unwrap(), None);
         assert_eq!(store.get(b"k/2").unwrap(), Some(b"two".to_vec()));
-        assert_eq!(store.get_blob(b"c/2").unwrap(), Some(b"copy".to_vec()));
+        assert_eq!(store.get(b"c/2").unwrap(), Some(b"copy".to_vec()));
         store.close();
     }
 
@@ -1216,7 +1245,7 @@ mod tests {
         // What `Applying::apply` does when sled fails.
         store.inner.index_broken.store(true, std::sync::atomic::Ordering::Release);
         assert!(matches!(store.get(b"k/1"), Err(StoreError::IndexBroken)));
-        assert!(matches!(store.get_blob(b"k/1"), Err(StoreError::IndexBroken)));
+        assert!(matches!(store.get(b"k/1"), Err(StoreError::IndexBroken)));
         assert!(matches!(store.next_after(b"k/"), Err(StoreError::IndexBroken)));
         assert!(matches!(store.last_under(b"k/"), Err(StoreError::IndexBroken)));
         assert!(matches!(store.scan_page(b"k/", None, 10), Err(StoreError::IndexBroken)));
@@ -1318,7 +1347,7 @@ mod tests {
         assert!(report.journal_bytes_truncated > 0);
         assert_eq!(std::fs::metadata(&journal_path).unwrap().len(), kept_len);
         assert_eq!(store.get(b"k/ok").unwrap(), Some(b"v".to_vec()));
-        assert_eq!(store.get_blob(b"k/ok/copy").unwrap(), Some(b"older copy".to_vec()));
+        assert_eq!(store.get(b"k/ok/copy").unwrap(), Some(b"older copy".to_vec()));
         assert_eq!(store.get(b"k/2").unwrap(), None);
         assert_eq!(store.get(b"k/after").unwrap(), None);
         store
@@ -1336,8 +1365,8 @@ mod tests {
         let (store, report) = Store::open(dir.path(), audit, StoreOptions::for_tests()).unwrap();
         assert_eq!(report.journal_bytes_truncated, 0);
         assert_eq!(std::fs::metadata(&journal_path).unwrap().len(), kept_len, "new records go after it, elsewhere");
-        assert_eq!(store.get_blob(b"k/ok/copy").unwrap(), Some(b"older copy".to_vec()));
-        assert_eq!(store.get_blob(b"k/new").unwrap(), Some(b"new copy".to_vec()));
+        assert_eq!(store.get(b"k/ok/copy").unwrap(), Some(b"older copy".to_vec()));
+        assert_eq!(store.get(b"k/new").unwrap(), Some(b"new copy".to_vec()));
         store.close();
     }
 
@@ -1407,12 +1436,12 @@ mod tests {
             .await
             .unwrap();
         // A reference moved to another key reads the other value's place and fails its checksum.
-        let mut moved = store.get(b"c/a").unwrap().unwrap();
-        let b = store.get(b"c/b").unwrap().unwrap();
+        let mut moved = store.index_value(b"c/a").unwrap();
+        let b = store.index_value(b"c/b").unwrap();
         moved[BLOB_REF_MAGIC.len()..BLOB_REF_MAGIC.len() + 8]
             .copy_from_slice(&b[BLOB_REF_MAGIC.len()..BLOB_REF_MAGIC.len() + 8]);
         store.commit(Commit { audit: Vec::new(), writes: vec![Write::Put(b"c/moved".to_vec(), moved)] }).await.unwrap();
-        assert!(store.get_blob(b"c/moved").is_err());
+        assert!(store.get(b"c/moved").is_err());
         // One flipped byte in the journal where the copy is.
         let (_, journal) = journal::segment_files(dir.path())
             .unwrap()
@@ -1423,8 +1452,8 @@ mod tests {
         let at = bytes.windows(10).position(|window| window == b"first copy").unwrap();
         bytes[at] ^= 0x01;
         std::fs::write(&journal, bytes).unwrap();
-        assert!(store.get_blob(b"c/a").is_err());
-        assert_eq!(store.get_blob(b"c/b").unwrap(), Some(b"second copy, longer".to_vec()));
+        assert!(store.get(b"c/a").is_err());
+        assert_eq!(store.get(b"c/b").unwrap(), Some(b"second copy, longer".to_vec()));
         store.close();
     }
 }
