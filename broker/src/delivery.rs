@@ -1249,10 +1249,19 @@ impl RecipientActor {
                 "acknowledgement deadline passed".to_owned(),
             ));
             commit.writes.push(Write::PutBlob(records::delivery_key(delivery_id), encode_or_empty(&record)));
-            // The queue entry forgets the deadline, so a restart does not escalate again.
-            commit
-                .writes
-                .push(Write::Put(records::queue_key(&self.recipient, *seq), records::queue_value(delivery_id, None)));
+            // The queue entry forgets the deadline, so a restart does not wait for it (and `escalate` would skip the
+            // copy anyway: its record says escalated). The entry keeps its copy: written again with it (escalations
+            // are rare), or left as it is if the copy cannot be read now.
+            let key = records::queue_key(&self.recipient, *seq);
+            let head = records::queue_value(delivery_id, None);
+            match self.shared.store.get_attachment(&key) {
+                Ok(Some(copy)) => commit.writes.push(Write::PutAttached(key, head, copy)),
+                // Queued by an older broker: the copy has a key of its own.
+                Ok(None) => commit.writes.push(Write::Put(key, head)),
+                Err(error) => {
+                    tracing::warn!(error = %error, %delivery_id, "could not read a queued copy; its queue entry keeps its deadline");
+                }
+            }
             escalated.push(record);
         }
         if escalated.is_empty() {
@@ -1316,7 +1325,7 @@ impl RecipientActor {
                     continue;
                 }
                 let (record, copy) =
-                    match (self.load(delivery_id), self.shared.store.get(&records::copy_key(delivery_id))) {
+                    match (self.load(delivery_id), read_copy(&self.shared.store, &self.recipient, *seq, delivery_id)) {
                         (Ok(Some(record)), Ok(Some(copy))) => (record, copy),
                         (Err(error), _) | (_, Err(error)) => {
                             tracing::error!(error = %error, %delivery_id, "could not read a queued copy; will retry");
@@ -1371,8 +1380,19 @@ pub(crate) fn record_attempt(record: &mut DeliveryRecord, now: i64) -> AuditEntr
 
 fn push_final_writes(commit: &mut Commit, record: &DeliveryRecord, seq: u64) {
     commit.writes.push(Write::PutBlob(records::delivery_key(&record.delivery_id), encode_or_empty(record)));
-    commit.writes.push(Write::Delete(records::copy_key(&record.delivery_id)));
+    // The queue entry holds the copy; a copy queued by an older broker has a key of its own (deleting a key that
+    // is not there writes nothing).
     commit.writes.push(Write::Delete(records::queue_key(&record.recipient, seq)));
+    commit.writes.push(Write::Delete(records::copy_key(&record.delivery_id)));
+}
+
+/// A queued copy (the encoded `pb::Delivery`): attached to its queue entry, or under a key of its own if an older
+/// broker queued it.
+fn read_copy(store: &Store, recipient: &str, seq: u64, delivery_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    match store.get_attachment(&records::queue_key(recipient, seq))? {
+        Some(copy) => Ok(Some(copy)),
+        None => store.get(&records::copy_key(delivery_id)),
+    }
 }
 
 /// postcard cannot fail to encode these plain records; an empty value would only ever be read back as "missing".
@@ -1450,8 +1470,15 @@ mod tests {
         Engine { _dir: dir, _stop: stop, store, deliveries }
     }
 
-    /// Stores a queued copy for the school under `seq` (its record, its bytes and its `q/` key), as a send does.
+    /// Stores a queued copy for the school under `seq` (its record, and its `q/` entry with the copy attached), as a
+    /// send does.
     async fn store_copy(store: &Store, seq: u64) -> String {
+        store_copy_laid_out(store, seq, false).await
+    }
+
+    /// [`store_copy`], or with `own_key` as a broker from before attached copies stored it: the copy under a `c/`
+    /// key of its own, the `q/` entry without it.
+    async fn store_copy_laid_out(store: &Store, seq: u64, own_key: bool) -> String {
         let message_id = uuid::Uuid::now_v7().to_string();
         let delivery_id = records::delivery_id(&message_id, SCHOOL);
         let record = DeliveryRecord {
@@ -1474,11 +1501,14 @@ mod tests {
             events: Vec::new(),
         };
         let copy = pb::Delivery { delivery_id: delivery_id.clone(), message_id, ..Default::default() };
-        let writes = vec![
-            Write::PutBlob(records::delivery_key(&delivery_id), records::encode(&record).unwrap()),
-            Write::PutBlob(records::copy_key(&delivery_id), copy.encode_to_vec()),
-            Write::Put(records::queue_key(SCHOOL, seq), records::queue_value(&delivery_id, None)),
-        ];
+        let mut writes = vec![Write::PutBlob(records::delivery_key(&delivery_id), records::encode(&record).unwrap())];
+        let (key, head) = (records::queue_key(SCHOOL, seq), records::queue_value(&delivery_id, None));
+        if own_key {
+            writes.push(Write::PutBlob(records::copy_key(&delivery_id), copy.encode_to_vec()));
+            writes.push(Write::Put(key, head));
+        } else {
+            writes.push(Write::PutAttached(key, head, copy.encode_to_vec()));
+        }
         store.commit(Commit { audit: Vec::new(), writes }).await.unwrap();
         delivery_id
     }
@@ -1655,7 +1685,7 @@ mod tests {
         /// the store here, as the send's commit does).
         async fn recorded(&self, seq: u64) -> Command {
             let delivery_id = self.ids[seq as usize - 1].clone();
-            let copy = self.store.get(&records::copy_key(&delivery_id)).unwrap().unwrap();
+            let copy = read_copy(&self.store, SCHOOL, seq, &delivery_id).unwrap().unwrap();
             let mut record: DeliveryRecord =
                 records::decode(&self.store.get(&records::delivery_key(&delivery_id)).unwrap().unwrap()).unwrap();
             let entry = record_attempt(&mut record, AuditEntry::now_micros());
@@ -1688,6 +1718,30 @@ mod tests {
             copies.push((copy.delivery_id, copy.attempt));
         }
         copies
+    }
+
+    /// A copy queued by an older broker (under a `c/` key of its own) is delivered like the others, and its
+    /// acknowledgement deletes that key with its queue entry; a copy attached to its queue entry leaves no key.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn copies_queued_by_an_older_broker_are_delivered_and_forgotten() {
+        let mut test = standalone(1, 8).await;
+        test.ids.push(store_copy_laid_out(&test.store, 2, true).await);
+        let mut stream = test.connect(2).await;
+        let copies = received(&mut stream);
+        assert_eq!(copies, [(test.ids[0].clone(), 1), (test.ids[1].clone(), 1)]);
+        assert!(test.store.get(&records::copy_key(&test.ids[1])).unwrap().is_some());
+        assert!(test.store.get(&records::copy_key(&test.ids[0])).unwrap().is_none(), "attached: no key of its own");
+
+        let (acks, answers): (Vec<_>, Vec<_>) = test.ids.iter().map(|id| ack(id)).unzip();
+        test.step(acks).await;
+        for answer in answers {
+            answer.await.unwrap().unwrap();
+        }
+        for (seq, id) in (1..).zip(&test.ids) {
+            assert_eq!(state_of(&test.store, id), DeliveryState::Acknowledged);
+            assert!(test.store.get(&records::queue_key(SCHOOL, seq)).unwrap().is_none());
+            assert!(test.store.get(&records::copy_key(id)).unwrap().is_none());
+        }
     }
 
     /// Acknowledgements of one copy that reach the actor in one batch are all answered with one commit's outcome,

@@ -446,10 +446,11 @@ impl Exchange {
             None
         };
         commit.writes.push(Write::PutBlob(records::delivery_key(&delivery_id), records::encode(&record)?));
-        commit.writes.push(Write::PutBlob(records::copy_key(&delivery_id), encoded));
-        commit.writes.push(Write::Put(
+        // The queue entry holds the copy as its attachment: one key in the index for both.
+        commit.writes.push(Write::PutAttached(
             records::queue_key(&copy.recipient, seq),
             records::queue_value(&delivery_id, copy.acknowledge_by),
+            encoded,
         ));
         Ok(Enqueued {
             recipient: copy.recipient,
@@ -750,6 +751,9 @@ mod tests {
             .find(|(id, _)| *id == delivery_id)
             .unwrap();
         assert_eq!(queued.1, Some(None));
+        // And keeps its copy, for when the school's agent connects.
+        let copy = store.get_attachment(&records::queue_key("luton-oakwood-primary", stored.seq)).unwrap().unwrap();
+        assert_eq!(pb::Delivery::decode(copy.as_slice()).unwrap().delivery_id, delivery_id);
         deliveries.shutdown().await;
         store.close();
         let mut escalations = 0;
@@ -801,23 +805,26 @@ mod tests {
     }
 
     /// The message's record, the copy's record and the copy itself stay in the journal, where the commit wrote them
-    /// anyway; the index holds only where they are (so sled writes, and replays on its first open after a long
-    /// run, a fraction of the bytes). Reads see them whole, before and after a restart.
+    /// anyway; the index holds only where they are, the copy's place attached to its queue entry (so sled writes,
+    /// and replays on its first open after a long run, a fraction of the bytes). Reads see them whole, before and
+    /// after a restart.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_send_keeps_its_records_in_the_journal_and_only_their_places_in_the_index() {
         let Area { dir, _stop, store, deliveries, exchange } = area();
         let police = Caller { agency: "beds-police".into(), practitioner: "pc-1".into(), roles: vec!["spoc".into()] };
         let receipt = exchange.send(&police, example("operation-encompass-notification.json")).await.unwrap();
         let delivery_id = records::delivery_id(&receipt.message_id, "luton-oakwood-primary");
-        let kept_in_journal = [
-            records::message_key(&receipt.message_id),
-            records::delivery_key(&delivery_id),
-            records::copy_key(&delivery_id),
-        ];
+        let kept_in_journal = [records::message_key(&receipt.message_id), records::delivery_key(&delivery_id)];
         for key in &kept_in_journal {
             let held = store.index_value(key).unwrap();
             assert!(Store::is_journal_reference(&held), "{} is in the index whole", String::from_utf8_lossy(key));
         }
+        let queue_key = records::queue_key("luton-oakwood-primary", 1);
+        assert!(
+            store.index_value(&queue_key).unwrap().len() < 200,
+            "the queue entry holds the copy's place, not the copy"
+        );
+        assert_eq!(store.index_value(&records::copy_key(&delivery_id)), None, "no key of its own for the copy");
         let record: MessageRecord =
             records::decode(&store.get(&records::message_key(&receipt.message_id)).unwrap().unwrap()).unwrap();
         assert_eq!((record.message_id.as_str(), record.sender.as_str()), (receipt.message_id.as_str(), "beds-police"));
@@ -835,9 +842,10 @@ mod tests {
         let stored: DeliveryRecord =
             records::decode(&store.get(&records::delivery_key(&delivery_id)).unwrap().unwrap()).unwrap();
         assert_eq!((stored.state, stored.recipient.as_str()), (DeliveryState::Queued, "luton-oakwood-primary"));
-        let copy =
-            pb::Delivery::decode(store.get(&records::copy_key(&delivery_id)).unwrap().unwrap().as_slice()).unwrap();
+        let copy = pb::Delivery::decode(store.get_attachment(&queue_key).unwrap().unwrap().as_slice()).unwrap();
         assert_eq!(copy.message_id, receipt.message_id);
+        let (queued, _) = records::parse_queue_value(&store.get(&queue_key).unwrap().unwrap()).unwrap();
+        assert_eq!(queued, delivery_id, "a read of the queue entry sees its head");
         store.close();
     }
 

@@ -1,18 +1,19 @@
 //! What the broker stores about messages and deliveries, and the keys it stores them under.
 //!
 //! Values are postcard-encoded. Key layout (one sled tree, so that a commit's writes apply atomically). The records
-//! and copies are written as `store::Write::PutBlob`: their bytes stay in the journal and sled holds a reference to
-//! them, which `Store::get` resolves; only `q/` and `i/` values are held in sled itself.
+//! are written as `store::Write::PutBlob` and the copies as `store::Write::PutAttached` to their `q/` entries: their
+//! bytes stay in the journal and sled holds references to them; only the `q/` heads and `i/` values are held in sled
+//! itself.
 //!
 //! | key | value |
 //! |---|---|
 //! | `m/<message_id>` | [`MessageRecord`]: sender, time, and the receipt per named recipient |
 //! | `i/<sender>/<idempotency key>` | the message id the key was first used for |
 //! | `d/<delivery_id>` | [`DeliveryRecord`]: state of one recipient's copy, with its tracking events |
-//! | `c/<delivery_id>` | where the encoded `pb::Delivery` (the recipient's copy) is in the journal (a blob reference, see `store::Write::PutBlob`); deleted once acknowledged or dead-lettered |
-//! | `q/<recipient>/<seq, 20 digits>` | the delivery id and its pending acknowledgement deadline ([`queue_value`]), while the copy waits for acknowledgement |
+//! | `q/<recipient>/<seq, 20 digits>` | while the copy waits for acknowledgement: the delivery id and its pending acknowledgement deadline ([`queue_value`]; what `Store::get` and scans read), with the encoded `pb::Delivery` (the recipient's copy) attached (`Store::get_attachment`); deleted once acknowledged or dead-lettered |
+//! | `c/<delivery_id>` | the copy, for a copy queued by a broker from before attached copies (its `q/` entry has no attachment); deleted with the `q/` entry |
 //!
-//! Message content is reachable only through `c/` and only until the recipient has it: transport copies should not
+//! Message content is reachable only through `q/` (or `c/`) and only until the recipient has it: transport copies should not
 //! live long (DOMAIN.md, retention), while the tracking record and the audit log stay. The bytes themselves stay in
 //! the journal until journal compaction exists (ARCHITECTURE.md, known limits).
 

@@ -130,6 +130,15 @@ pub enum Write {
     /// the small records; keeping the records out too cut what sled writes per message, and so what it replays on
     /// its first open after a long run, by more than half (PERFORMANCE.md, sixth session).
     PutBlob(#[serde(with = "serde_bytes")] Vec<u8>, #[serde(with = "serde_bytes")] Vec<u8>),
+    /// Key, head, attachment: a short head held in the index, with a value kept in the journal attached to it (as a
+    /// [`Write::PutBlob`] value is). Reads and scans see the head (so a scan of many entries reads no journal);
+    /// [`Store::get_attachment`] reads the attachment. For a queue entry and its copy: one key in the index instead
+    /// of two, a fifth fewer of sled's writes per message (PERFORMANCE.md, sixth session).
+    PutAttached(
+        #[serde(with = "serde_bytes")] Vec<u8>,
+        #[serde(with = "serde_bytes")] Vec<u8>,
+        #[serde(with = "serde_bytes")] Vec<u8>,
+    ),
 }
 
 /// Marks an index value as a [`BlobRef`]. No plain value starts with it: a recipient's copy (a `pb::Delivery`)
@@ -137,6 +146,36 @@ pub enum Write {
 /// plain starts with its id's length, and a 0xFF there (a length of at least 127) could not be followed by this
 /// magic in a value of a reference's 21 bytes; the other plain values (`q/`, `i/`) are UTF-8 text.
 const BLOB_REF_MAGIC: &[u8] = b"\xffjref";
+
+/// Starts an index value written by [`Write::PutAttached`]: this magic, the head, then the attachment's [`BlobRef`]
+/// (its last 21 bytes). No plain value starts with it: 0xFE is not UTF-8, and a postcard record written plain by an
+/// older broker would need an id of more than 13,000 characters to start with these bytes.
+const ATTACHED_MAGIC: &[u8] = b"\xfejatt";
+
+/// The bytes of a [`BlobRef`] as the index holds them.
+const BLOB_REF_BYTES: usize = BLOB_REF_MAGIC.len() + 16;
+
+/// What an index value is.
+enum Held<'a> {
+    Plain(&'a [u8]),
+    Blob(BlobRef),
+    Attached { head: &'a [u8], attachment: BlobRef },
+}
+
+impl<'a> Held<'a> {
+    fn of(stored: &'a [u8]) -> Self {
+        if let Some(blob) = BlobRef::decode(stored) {
+            return Held::Blob(blob);
+        }
+        if let Some(rest) = stored.strip_prefix(ATTACHED_MAGIC)
+            && let Some(split) = rest.len().checked_sub(BLOB_REF_BYTES)
+            && let Some(attachment) = BlobRef::decode(&rest[split..])
+        {
+            return Held::Attached { head: &rest[..split], attachment };
+        }
+        Held::Plain(stored)
+    }
+}
 
 /// Where a [`Write::PutBlob`] value is in the journal: `len` bytes at journal offset `offset`, with their CRC-32 (so that
 /// reading one copy reads only that copy, not the whole commit it came in: a message to 64 recipients would
@@ -149,6 +188,17 @@ struct BlobRef {
 }
 
 impl BlobRef {
+    /// The reference to `value`, which starts `value_start` bytes into the journal record whose frame starts at
+    /// `record_offset` (see [`encode_record`]).
+    fn at(record_offset: u64, value_start: usize, value: &[u8]) -> Self {
+        BlobRef {
+            offset: record_offset + log::HEADER_BYTES + value_start as u64,
+            // A record is at most `MAX_RECORD_BYTES` (256 MiB), so its values fit.
+            len: u32::try_from(value.len()).unwrap_or(u32::MAX),
+            crc: crc32fast::hash(value),
+        }
+    }
+
     fn encode(self) -> Vec<u8> {
         let mut bytes = BLOB_REF_MAGIC.to_vec();
         bytes.extend_from_slice(&self.offset.to_be_bytes());
@@ -159,7 +209,7 @@ impl BlobRef {
 
     fn decode(bytes: &[u8]) -> Option<Self> {
         let rest = bytes.strip_prefix(BLOB_REF_MAGIC)?;
-        if rest.len() != 16 {
+        if bytes.len() != BLOB_REF_BYTES {
             return None;
         }
         let offset: [u8; 8] = rest.get(..8)?.try_into().ok()?;
@@ -179,7 +229,7 @@ fn encode_record(writes: &[Write]) -> Result<(Vec<u8>, Vec<usize>), StoreError> 
     for write in writes {
         encoded.extend_from_slice(&postcard::to_stdvec(write).map_err(encode_error)?);
         let value_len = match write {
-            Write::Put(_, value) | Write::PutBlob(_, value) => value.len(),
+            Write::Put(_, value) | Write::PutBlob(_, value) | Write::PutAttached(_, _, value) => value.len(),
             Write::Delete(_) => 0,
         };
         value_starts.push(encoded.len() - value_len);
@@ -481,7 +531,7 @@ impl Store {
     }
 
     /// The value under `key`; a [`Write::PutBlob`] value is read back from the journal (only its bytes, checked
-    /// against their CRC).
+    /// against their CRC); of a [`Write::PutAttached`] value, the head.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let stored = {
             let _whole_groups = self.whole_groups()?;
@@ -490,10 +540,30 @@ impl Store {
         stored.map(|stored| self.resolve(&stored)).transpose()
     }
 
-    /// A value as the index holds it, with a [`BlobRef`] replaced by the bytes it points at. A value written plain
-    /// (small records, and anything written by a broker from before blobs) is returned as it is.
+    /// The attachment of the [`Write::PutAttached`] value under `key`, read back from the journal (checked against
+    /// its CRC); `None` if there is no such key or its value has no attachment.
+    pub fn get_attachment(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let stored = {
+            let _whole_groups = self.whole_groups()?;
+            self.inner.tree.get(key)?
+        };
+        match stored.as_deref().map(Held::of) {
+            Some(Held::Attached { attachment, .. }) => Ok(Some(self.read_blob(attachment)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// A value as the index holds it, with a [`BlobRef`] replaced by the bytes it points at and an attached value
+    /// by its head. A value written plain (small records, and anything written by a broker from before blobs) is
+    /// returned as it is.
     fn resolve(&self, stored: &[u8]) -> Result<Vec<u8>, StoreError> {
-        let Some(blob) = BlobRef::decode(stored) else { return Ok(stored.to_vec()) };
+        match Held::of(stored) {
+            Held::Plain(value) | Held::Attached { head: value, .. } => Ok(value.to_vec()),
+            Held::Blob(blob) => self.read_blob(blob),
+        }
+    }
+
+    fn read_blob(&self, blob: BlobRef) -> Result<Vec<u8>, StoreError> {
         let mut value = vec![0u8; blob.len as usize];
         self.inner.journal_reader.read_exact_at(&mut value, blob.offset)?;
         if crc32fast::hash(&value) != blob.crc {
@@ -647,13 +717,14 @@ fn apply_writes(db: &sled::Db, writes: Vec<Write>, record_offset: u64, value_sta
                 db.remove(key)?;
             }
             Write::PutBlob(key, value) => {
-                let blob = BlobRef {
-                    offset: record_offset + log::HEADER_BYTES + *value_start as u64,
-                    // A record is at most `MAX_RECORD_BYTES` (256 MiB), so its values fit.
-                    len: u32::try_from(value.len()).unwrap_or(u32::MAX),
-                    crc: crc32fast::hash(&value),
-                };
-                db.insert(key, blob.encode())?;
+                db.insert(key, BlobRef::at(record_offset, *value_start, &value).encode())?;
+            }
+            Write::PutAttached(key, head, attachment) => {
+                let mut held = Vec::with_capacity(ATTACHED_MAGIC.len() + head.len() + BLOB_REF_BYTES);
+                held.extend_from_slice(ATTACHED_MAGIC);
+                held.extend_from_slice(&head);
+                held.extend_from_slice(&BlobRef::at(record_offset, *value_start, &attachment).encode());
+                db.insert(key, held)?;
             }
         }
     }
@@ -986,9 +1057,9 @@ mod tests {
         Store::open(dir, audit, StoreOptions::for_tests()).unwrap().0
     }
 
-    /// A copy written as a blob is read back from the journal, including after sled's index is lost and rebuilt by
-    /// replaying the journal; deleting its key forgets it; a plain value under the same kind of key (written by an
-    /// older broker) still reads back.
+    /// A copy written as a blob, and an attachment, are read back from the journal, including after sled's index is
+    /// lost and rebuilt by replaying the journal; deleting its key forgets it; a plain value under the same kind of
+    /// key (written by an older broker) still reads back.
     #[tokio::test]
     async fn blobs_read_back_from_the_journal_after_the_index_is_rebuilt() {
         let dir = tempfile::tempdir().unwrap();
@@ -1003,10 +1074,23 @@ mod tests {
                     Write::PutBlob(b"c/a".to_vec(), first.clone()),
                     Write::PutBlob(b"c/b".to_vec(), second.clone()),
                     Write::Put(b"c/legacy".to_vec(), b"plain".to_vec()),
+                    Write::PutAttached(b"q/a".to_vec(), b"head a".to_vec(), b"attached a".to_vec()),
+                    Write::PutAttached(b"q/b".to_vec(), Vec::new(), first.clone()),
                 ],
             })
             .await
             .unwrap();
+        let attached = |store: &Store| {
+            let heads: Vec<_> = store.scan_prefix(b"q/").map(|item| item.unwrap().1).collect();
+            let attachments = [store.get_attachment(b"q/a").unwrap(), store.get_attachment(b"q/b").unwrap()];
+            (heads, attachments)
+        };
+        let expected = (vec![b"head a".to_vec(), Vec::new()], [Some(b"attached a".to_vec()), Some(first.clone())]);
+        assert_eq!(attached(&store), expected, "scans see heads; attachments are read from the journal");
+        assert_eq!(store.get(b"q/a").unwrap(), Some(b"head a".to_vec()));
+        assert_eq!(store.get_attachment(b"c/a").unwrap(), None, "a blob is not an attachment");
+        assert_eq!(store.get_attachment(b"c/legacy").unwrap(), None);
+        assert!(store.index_value(b"q/b").unwrap().len() < 32, "the index holds the attachment's place");
         assert_eq!(store.get(b"c/a").unwrap(), Some(first.clone()));
         assert_eq!(store.get(b"c/b").unwrap(), Some(second.clone()));
         assert_eq!(store.get(b"c/legacy").unwrap(), Some(b"plain".to_vec()));
@@ -1021,6 +1105,7 @@ mod tests {
         assert_eq!(store.get(b"c/a").unwrap(), Some(first));
         assert_eq!(store.get(b"c/b").unwrap(), None);
         assert_eq!(store.get(b"d/a").unwrap(), Some(b"record".to_vec()));
+        assert_eq!(attached(&store), expected);
         store.close();
     }
 
