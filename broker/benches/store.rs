@@ -41,11 +41,15 @@ fn send_like_commit(index: u64) -> Commit {
         policy_set_hash: "0".repeat(64),
         ..AuditEntry::default()
     };
+    // What a send writes: the records kept in the journal, the copy attached to its queue entry.
     let writes = vec![
-        Write::Put(format!("m/{message_id}").into_bytes(), vec![7u8; 1200]),
-        Write::Put(format!("d/{message_id}.luton-oakwood-primary").into_bytes(), vec![8u8; 400]),
-        Write::Put(format!("c/{message_id}.luton-oakwood-primary").into_bytes(), vec![9u8; 1400]),
-        Write::Put(format!("q/luton-oakwood-primary/{index:016}").into_bytes(), message_id.into_bytes()),
+        Write::PutBlob(format!("m/{message_id}").into_bytes(), vec![7u8; 1200]),
+        Write::PutBlob(format!("d/{message_id}.luton-oakwood-primary").into_bytes(), vec![8u8; 400]),
+        Write::PutAttached(
+            format!("q/luton-oakwood-primary/{index:020}").into_bytes(),
+            format!("{message_id}.luton-oakwood-primary\n").into_bytes(),
+            vec![9u8; 1400],
+        ),
     ];
     Commit { audit: vec![entry], writes }
 }

@@ -4,7 +4,8 @@
 //! Each recipient agency has one actor task ([`RecipientActor`]) that owns that agency's queue in memory: the copies
 //! ready to send (in sequence order, so order is kept per sender-recipient pair when the agent acknowledges in
 //! order), the copies waiting out a retry delay, and the copies sent but not yet acknowledged. The durable truth is
-//! in the store (`q/`, `d/`, `c/` keys, see [`crate::records`]); the actor rebuilds its memory from it on start.
+//! in the store (`q/` entries with their copies attached, `d/` records, and `c/` keys for copies an older broker
+//! queued; see [`crate::records`]); the actor rebuilds its memory from it on start.
 //! Once a copy's send is durable, the actor is the only writer of its delivery record, so it needs no locks, and it
 //! batches: all commands waiting in its mailbox are handled together and their changes go to the store in one
 //! commit.
@@ -1256,8 +1257,12 @@ impl RecipientActor {
             let head = records::queue_value(delivery_id, None);
             match self.shared.store.get_attachment(&key) {
                 Ok(Some(copy)) => commit.writes.push(Write::PutAttached(key, head, copy)),
-                // Queued by an older broker: the copy has a key of its own.
-                Ok(None) => commit.writes.push(Write::Put(key, head)),
+                // Queued by an older broker: the copy has a key of its own. (An entry that is gone is not written
+                // back: it would name a copy no longer queued.)
+                Ok(None) if matches!(self.shared.store.get(&key), Ok(Some(_))) => {
+                    commit.writes.push(Write::Put(key, head))
+                }
+                Ok(None) => {}
                 Err(error) => {
                     tracing::warn!(error = %error, %delivery_id, "could not read a queued copy; its queue entry keeps its deadline");
                 }
@@ -1741,6 +1746,39 @@ mod tests {
             assert_eq!(state_of(&test.store, id), DeliveryState::Acknowledged);
             assert!(test.store.get(&records::queue_key(SCHOOL, seq)).unwrap().is_none());
             assert!(test.store.get(&records::copy_key(id)).unwrap().is_none());
+        }
+    }
+
+    /// An escalation clears the deadline in each copy's queue entry and leaves the copy where it is: attached to
+    /// the entry (written again with it), under its own key (an older broker's), and an entry that is gone is not
+    /// written back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_escalation_keeps_each_copy_where_it_is() {
+        let mut test = standalone(1, 8).await;
+        test.ids.push(store_copy_laid_out(&test.store, 2, true).await);
+        test.ids.push(store_copy(&test.store, 3).await);
+        let gone = Write::Delete(records::queue_key(SCHOOL, 3));
+        test.store.commit(Commit { audit: Vec::new(), writes: vec![gone] }).await.unwrap();
+
+        let due = (1..).zip(&test.ids).map(|(seq, id)| ((0, seq), id.clone())).collect();
+        test.actor.escalate(due).await;
+        let head = |seq| {
+            let value = test.store.get(&records::queue_key(SCHOOL, seq)).unwrap()?;
+            records::parse_queue_value(&value)
+        };
+        assert_eq!(head(1), Some((test.ids[0].clone(), Some(None))), "the deadline is cleared");
+        let copy = test.store.get_attachment(&records::queue_key(SCHOOL, 1)).unwrap().unwrap();
+        assert_eq!(pb::Delivery::decode(copy.as_slice()).unwrap().delivery_id, test.ids[0]);
+        assert_eq!(head(2), Some((test.ids[1].clone(), Some(None))));
+        assert!(
+            test.store.get(&records::copy_key(&test.ids[1])).unwrap().is_some(),
+            "an older copy stays under its key"
+        );
+        assert_eq!(head(3), None, "an entry that is gone stays gone");
+        for id in &test.ids {
+            let record: DeliveryRecord =
+                records::decode(&test.store.get(&records::delivery_key(id)).unwrap().unwrap()).unwrap();
+            assert!(record.escalated);
         }
     }
 

@@ -124,8 +124,9 @@ pub enum Write {
     Put(#[serde(with = "serde_bytes")] Vec<u8>, #[serde(with = "serde_bytes")] Vec<u8>),
     Delete(#[serde(with = "serde_bytes")] Vec<u8>),
     /// A value kept in the journal, where every write's bytes are anyway: the index holds only where to find them
-    /// (a 21-byte [`BlobRef`]), and every read resolves it. For the recipients' copies, the message and delivery
-    /// records: anything longer than a reference. Keeping copies out of sled took sled's node rewrites and log writes
+    /// (a 21-byte [`BlobRef`]), and every read resolves it. For the message and delivery records: anything longer
+    /// than a reference (the recipients' copies were written so by older brokers, under `c/` keys; they are now
+    /// [`Write::PutAttached`] to their queue entries). Keeping copies out of sled took sled's node rewrites and log writes
     /// of every copy off the commit path (sled was ~40% of the broker's CPU when sending) and left sled's cache to
     /// the small records; keeping the records out too cut what sled writes per message, and so what it replays on
     /// its first open after a long run, by more than half (PERFORMANCE.md, sixth session).
@@ -177,7 +178,7 @@ impl<'a> Held<'a> {
     }
 }
 
-/// Where a [`Write::PutBlob`] value is in the journal: `len` bytes at journal offset `offset`, with their CRC-32 (so that
+/// Where a [`Write::PutBlob`] value or a [`Write::PutAttached`] attachment is in the journal: `len` bytes at journal offset `offset`, with their CRC-32 (so that
 /// reading one copy reads only that copy, not the whole commit it came in: a message to 64 recipients would
 /// otherwise decode all 64 copies for each delivery).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,7 +279,8 @@ struct Inner {
     index_broken: Arc<std::sync::atomic::AtomicBool>,
     /// The data directory's lock ([`lock_data_dir`]), held as long as the store, if the caller gave it.
     data_dir_lock: std::sync::Mutex<Option<std::fs::File>>,
-    /// Read-only handles on the journal's segments, to resolve [`Write::PutBlob`] values (positioned reads, shared by all readers).
+    /// Read-only handles on the journal's segments, to read [`Write::PutBlob`] values and [`Write::PutAttached`]
+    /// attachments (positioned reads, shared by all readers).
     journal_reader: JournalReader,
     /// The audit log's in-memory index, for auditors' queries (the log itself belongs to the committer thread).
     audit_index: crate::audit::index::SharedIndex,
@@ -1330,7 +1332,7 @@ mod tests {
         // What `Applying::apply` does when sled fails.
         store.inner.index_broken.store(true, std::sync::atomic::Ordering::Release);
         assert!(matches!(store.get(b"k/1"), Err(StoreError::IndexBroken)));
-        assert!(matches!(store.get(b"k/1"), Err(StoreError::IndexBroken)));
+        assert!(matches!(store.get_attachment(b"k/1"), Err(StoreError::IndexBroken)));
         assert!(matches!(store.next_after(b"k/"), Err(StoreError::IndexBroken)));
         assert!(matches!(store.last_under(b"k/"), Err(StoreError::IndexBroken)));
         assert!(matches!(store.scan_page(b"k/", None, 10), Err(StoreError::IndexBroken)));
@@ -1504,8 +1506,8 @@ mod tests {
         std::fs::rename(saved, data_dir.join("index")).unwrap();
     }
 
-    /// Damaged bytes under a reference are an error, never content handed on; a reference that points elsewhere
-    /// fails the same check.
+    /// Damaged bytes under a reference (a blob's or an attachment's) are an error, never content handed on; a
+    /// reference that points elsewhere fails the same check.
     #[tokio::test]
     async fn damaged_or_misplaced_blobs_are_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -1516,6 +1518,7 @@ mod tests {
                 writes: vec![
                     Write::PutBlob(b"c/a".to_vec(), b"first copy".to_vec()),
                     Write::PutBlob(b"c/b".to_vec(), b"second copy, longer".to_vec()),
+                    Write::PutAttached(b"q/a".to_vec(), b"head".to_vec(), b"attached copy".to_vec()),
                 ],
             })
             .await
@@ -1536,8 +1539,12 @@ mod tests {
         let mut bytes = std::fs::read(&journal).unwrap();
         let at = bytes.windows(10).position(|window| window == b"first copy").unwrap();
         bytes[at] ^= 0x01;
+        let at = bytes.windows(13).position(|window| window == b"attached copy").unwrap();
+        bytes[at] ^= 0x01;
         std::fs::write(&journal, bytes).unwrap();
         assert!(store.get(b"c/a").is_err());
+        assert!(store.get_attachment(b"q/a").is_err(), "a damaged attachment is an error");
+        assert_eq!(store.get(b"q/a").unwrap(), Some(b"head".to_vec()), "the head is in the index, not the journal");
         assert_eq!(store.get(b"c/b").unwrap(), Some(b"second copy, longer".to_vec()));
         store.close();
     }
