@@ -1255,13 +1255,11 @@ impl RecipientActor {
             // are rare), or left as it is if the copy cannot be read now.
             let key = records::queue_key(&self.recipient, *seq);
             let head = records::queue_value(delivery_id, None);
-            match self.shared.store.get_attachment(&key) {
-                Ok(Some(copy)) => commit.writes.push(Write::PutAttached(key, head, copy)),
-                // Queued by an older broker: the copy has a key of its own. (An entry that is gone is not written
-                // back: it would name a copy no longer queued.)
-                Ok(None) if matches!(self.shared.store.get(&key), Ok(Some(_))) => {
-                    commit.writes.push(Write::Put(key, head))
-                }
+            match self.shared.store.get_attached(&key) {
+                Ok(Some((_, Some(copy)))) => commit.writes.push(Write::PutAttached(key, head, copy)),
+                // Queued by an older broker: the copy has a key of its own.
+                Ok(Some((_, None))) => commit.writes.push(Write::Put(key, head)),
+                // Gone: not written back (it would name a copy no longer queued).
                 Ok(None) => {}
                 Err(error) => {
                     tracing::warn!(error = %error, %delivery_id, "could not read a queued copy; its queue entry keeps its deadline");

@@ -115,6 +115,9 @@ impl StoreError {
 /// A key and its value, as read back.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 
+/// A value as [`Store::get`] reads it (the head, for a [`Write::PutAttached`] value) and its attachment, if any.
+pub type Attached = (Vec<u8>, Option<Vec<u8>>);
+
 /// One key/value change. Keys and values are (de)serialized as byte strings (`serde_bytes`): postcard writes a
 /// byte string exactly as it writes a sequence of `u8` (a varint length, then one byte each), so the journal's
 /// format is unchanged, but it is copied whole instead of element by element (which was ~1.5% of the broker's CPU
@@ -126,10 +129,10 @@ pub enum Write {
     /// A value kept in the journal, where every write's bytes are anyway: the index holds only where to find them
     /// (a 21-byte [`BlobRef`]), and every read resolves it. For the message and delivery records: anything longer
     /// than a reference (the recipients' copies were written so by older brokers, under `c/` keys; they are now
-    /// [`Write::PutAttached`] to their queue entries). Keeping copies out of sled took sled's node rewrites and log writes
-    /// of every copy off the commit path (sled was ~40% of the broker's CPU when sending) and left sled's cache to
-    /// the small records; keeping the records out too cut what sled writes per message, and so what it replays on
-    /// its first open after a long run, by more than half (PERFORMANCE.md, sixth session).
+    /// [`Write::PutAttached`] to their queue entries). Keeping copies out of sled took sled's node rewrites and log
+    /// writes of every copy off the commit path (sled was ~40% of the broker's CPU when sending) and left sled's
+    /// cache to the small records; keeping the records out too cut what sled writes per message, and so what it
+    /// replays on its first open after a long run, by more than half (PERFORMANCE.md, sixth session).
     PutBlob(#[serde(with = "serde_bytes")] Vec<u8>, #[serde(with = "serde_bytes")] Vec<u8>),
     /// Key, head, attachment: a short head held in the index, with a value kept in the journal attached to it (as a
     /// [`Write::PutBlob`] value is). Reads and scans see the head (so a scan of many entries reads no journal);
@@ -178,9 +181,9 @@ impl<'a> Held<'a> {
     }
 }
 
-/// Where a [`Write::PutBlob`] value or a [`Write::PutAttached`] attachment is in the journal: `len` bytes at journal offset `offset`, with their CRC-32 (so that
-/// reading one copy reads only that copy, not the whole commit it came in: a message to 64 recipients would
-/// otherwise decode all 64 copies for each delivery).
+/// Where a [`Write::PutBlob`] value or a [`Write::PutAttached`] attachment is in the journal: `len` bytes at journal
+/// offset `offset`, with their CRC-32 (so that reading one copy reads only that copy, not the whole commit it came
+/// in: a message to 64 recipients would otherwise decode all 64 copies for each delivery).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct BlobRef {
     offset: u64,
@@ -535,24 +538,29 @@ impl Store {
     /// The value under `key`; a [`Write::PutBlob`] value is read back from the journal (only its bytes, checked
     /// against their CRC); of a [`Write::PutAttached`] value, the head.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let stored = {
-            let _whole_groups = self.whole_groups()?;
-            self.inner.tree.get(key)?
-        };
-        stored.map(|stored| self.resolve(&stored)).transpose()
+        self.held(key)?.map(|stored| self.resolve(&stored)).transpose()
     }
 
     /// The attachment of the [`Write::PutAttached`] value under `key`, read back from the journal (checked against
     /// its CRC); `None` if there is no such key or its value has no attachment.
     pub fn get_attachment(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let stored = {
-            let _whole_groups = self.whole_groups()?;
-            self.inner.tree.get(key)?
-        };
-        match stored.as_deref().map(Held::of) {
-            Some(Held::Attached { attachment, .. }) => Ok(Some(self.read_blob(attachment)?)),
-            _ => Ok(None),
+        Ok(self.get_attached(key)?.and_then(|(_, attachment)| attachment))
+    }
+
+    /// In one read, the value under `key` as [`Store::get`] sees it (the head of a [`Write::PutAttached`] value)
+    /// and its attachment, if it has one; `None` if there is no such key.
+    pub fn get_attached(&self, key: &[u8]) -> Result<Option<Attached>, StoreError> {
+        let Some(stored) = self.held(key)? else { return Ok(None) };
+        match Held::of(&stored) {
+            Held::Attached { head, attachment } => Ok(Some((head.to_vec(), Some(self.read_blob(attachment)?)))),
+            _ => Ok(Some((self.resolve(&stored)?, None))),
         }
+    }
+
+    /// The value under `key` as the index holds it, read while no answered group is half applied.
+    fn held(&self, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
+        let _whole_groups = self.whole_groups()?;
+        Ok(self.inner.tree.get(key)?)
     }
 
     /// A value as the index holds it, with a [`BlobRef`] replaced by the bytes it points at and an attached value
@@ -636,8 +644,7 @@ impl Store {
     /// The value under `key` as the index holds it, a [`Write::PutBlob`] reference unresolved (tests).
     #[cfg(test)]
     pub(crate) fn index_value(&self, key: &[u8]) -> Option<Vec<u8>> {
-        let _whole_groups = self.whole_groups().ok()?;
-        self.inner.tree.get(key).ok().flatten().map(|value| value.to_vec())
+        self.held(key).ok().flatten().map(|value| value.to_vec())
     }
 
     /// Whether an index value is a reference to a value in the journal (tests).
