@@ -104,6 +104,8 @@ impl Exchange {
         let mut commit = Commit::default();
         let mut decisions = Vec::new();
         let mut enqueued = Vec::new();
+        // Encoded once, with its message id: every recipient's decision and copy read these bytes.
+        let encoded = envelope.encode_to_vec();
         for recipient in &envelope.recipients {
             let request = DecisionRequest {
                 sender: &caller.agency,
@@ -111,12 +113,13 @@ impl Exchange {
                 sender_roles: &caller.roles,
                 recipient,
                 envelope: &envelope,
+                encoded_envelope: Some(&encoded),
                 now,
             };
             let mut decision = policy.decide(&request);
             let mut copy = None;
             if decision.permitted {
-                match policy.build_copy(&envelope, &decision) {
+                match policy.build_copy_encoded(&encoded, &decision) {
                     Ok(built) => copy = Some(built),
                     Err(error) => {
                         // Deny on any error while deciding (invariant 1).
@@ -165,7 +168,8 @@ impl Exchange {
                     sender_agency: caller.agency.clone(),
                     sender_practitioner: caller.practitioner.clone(),
                     sender_role: envelope.sender_role.clone(),
-                    envelope: Some(copy),
+                    // The copy goes in as it was built, encoded (`NewCopy::envelope`).
+                    envelope: None,
                     rule_ids: decision.rule_ids.clone(),
                     lawful_basis: decision.lawful_basis.join(", "),
                     fields_withheld: decision.fields_withheld.clone(),
@@ -181,6 +185,7 @@ impl Exchange {
                     recipient: recipient.clone(),
                     sender: caller.agency.clone(),
                     delivery,
+                    envelope: copy,
                     acknowledge_by,
                     escalate_to: decision.obligations.escalate_to.clone(),
                     subject: subject.clone(),
@@ -323,6 +328,7 @@ impl Exchange {
             })),
             ..Default::default()
         };
+        let encoded = envelope.encode_to_vec();
         let mut commit = Commit::default();
         let mut enqueued = Vec::new();
         let mut decisions = Vec::new();
@@ -332,7 +338,6 @@ impl Exchange {
                 delivery_id: delivery_id.clone(),
                 message_id: message_id.clone(),
                 sender_agency: "broker".to_owned(),
-                envelope: Some(envelope.clone()),
                 rule_ids: vec!["broker-escalation-notice".to_owned()],
                 accepted_at: Some(timestamp(now)),
                 policy_set_hash: policy.hash().to_owned(),
@@ -355,6 +360,7 @@ impl Exchange {
                 recipient: target.clone(),
                 sender: "broker".to_owned(),
                 delivery,
+                envelope: encoded.clone(),
                 acknowledge_by: None,
                 escalate_to: None,
                 subject: None,
@@ -438,7 +444,7 @@ impl Exchange {
                 detail: String::new(),
             }],
         };
-        let encoded = copy.delivery.encode_to_vec();
+        let encoded = encode_delivery(copy.delivery, &copy.envelope);
         let recorded = if self.deliveries.reserve_direct(&copy.recipient) {
             commit.audit.push(crate::delivery::record_attempt(&mut record, now_micros));
             Some(encoded.clone())
@@ -473,12 +479,43 @@ impl Exchange {
 struct NewCopy {
     recipient: String,
     sender: String,
+    /// The delivery without its envelope, which is `envelope`.
     delivery: pb::Delivery,
+    /// The recipient's copy of the envelope, encoded.
+    envelope: Vec<u8>,
     acknowledge_by: Option<i64>,
     escalate_to: Option<String>,
     subject: Option<crate::audit::Pseudonym>,
     rule_ids: Vec<String>,
     policy_set_hash: String,
+}
+
+/// Encodes `delivery` with `envelope` (an encoded `pb::Envelope`) as its envelope field, without decoding it: the
+/// bytes prost gives for `delivery` with the decoded envelope set (fields in number order), so a copy is built once,
+/// as bytes, and stored as it is. `delivery.envelope` is ignored.
+fn encode_delivery(mut delivery: pb::Delivery, envelope: &[u8]) -> Vec<u8> {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+    const ENVELOPE_FIELD: u32 = 7;
+    delivery.envelope = None;
+    // Fields 1-6 from `delivery`, 8-13 from `after`.
+    let after = pb::Delivery {
+        rule_ids: std::mem::take(&mut delivery.rule_ids),
+        lawful_basis: std::mem::take(&mut delivery.lawful_basis),
+        fields_withheld: std::mem::take(&mut delivery.fields_withheld),
+        obligations: delivery.obligations.take(),
+        accepted_at: delivery.accepted_at.take(),
+        policy_set_hash: std::mem::take(&mut delivery.policy_set_hash),
+        ..Default::default()
+    };
+    let mut bytes = Vec::with_capacity(
+        delivery.encoded_len() + 1 + encoded_len_varint(envelope.len() as u64) + envelope.len() + after.encoded_len(),
+    );
+    delivery.encode_raw(&mut bytes);
+    encode_key(ENVELOPE_FIELD, WireType::LengthDelimited, &mut bytes);
+    encode_varint(envelope.len() as u64, &mut bytes);
+    bytes.extend_from_slice(envelope);
+    after.encode_raw(&mut bytes);
+    bytes
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -813,6 +850,7 @@ mod tests {
         let Area { dir, _stop, store, deliveries, exchange } = area();
         let police = Caller { agency: "beds-police".into(), practitioner: "pc-1".into(), roles: vec!["spoc".into()] };
         let receipt = exchange.send(&police, example("operation-encompass-notification.json")).await.unwrap();
+        let policy = exchange.policy();
         let delivery_id = records::delivery_id(&receipt.message_id, "luton-oakwood-primary");
         let kept_in_journal = [records::message_key(&receipt.message_id), records::delivery_key(&delivery_id)];
         for key in &kept_in_journal {
@@ -844,9 +882,64 @@ mod tests {
         assert_eq!((stored.state, stored.recipient.as_str()), (DeliveryState::Queued, "luton-oakwood-primary"));
         let copy = pb::Delivery::decode(store.get_attachment(&queue_key).unwrap().unwrap().as_slice()).unwrap();
         assert_eq!(copy.message_id, receipt.message_id);
+        // The copy built from the encoded envelope is the one the reference builder makes from the decoded one.
+        let mut sent = example("operation-encompass-notification.json");
+        sent.message_id = receipt.message_id.clone();
+        let decision = policy.decide(&DecisionRequest {
+            sender: "beds-police",
+            sender_practitioner: "pc-1",
+            sender_roles: &["spoc".to_owned()],
+            recipient: "luton-oakwood-primary",
+            envelope: &sent,
+            encoded_envelope: None,
+            now: OffsetDateTime::now_utc(),
+        });
+        assert_eq!(copy.envelope, Some(policy.build_copy_dynamic(&sent, &decision).unwrap()));
+        assert!(copy.envelope.as_ref().unwrap().subject.is_some(), "the school's copy names the child");
         let (queued, _) = records::parse_queue_value(&store.get(&queue_key).unwrap().unwrap()).unwrap();
         assert_eq!(queued, delivery_id, "a read of the queue entry sees its head");
         store.close();
+    }
+
+    /// A copy goes into its delivery as it was built, encoded; the delivery's bytes are exactly prost's for the same
+    /// delivery with the copy decoded and set, so agents, tools and older brokers read what they always read.
+    #[test]
+    fn a_delivery_spliced_around_an_encoded_copy_is_what_prost_encodes() {
+        let pool = proto::descriptor_pool().unwrap();
+        let numbers: Vec<u32> = pool
+            .get_message_by_name("safeguarding.v1.Delivery")
+            .unwrap()
+            .fields()
+            .map(|field| field.number())
+            .collect();
+        assert_eq!(numbers, (1..=13).collect::<Vec<_>>(), "a field was added to Delivery: place it in encode_delivery");
+        let envelope = example("operation-encompass-notification.json");
+        let full = pb::Delivery {
+            delivery_id: "m1:luton-oakwood-primary".into(),
+            message_id: "m1".into(),
+            attempt: 3,
+            sender_agency: "beds-police".into(),
+            sender_practitioner: "pc-1".into(),
+            sender_role: "spoc".into(),
+            envelope: Some(envelope.clone()),
+            rule_ids: vec!["f1-encompass".into(), "f1-other".into()],
+            lawful_basis: "uk-gdpr-6-1-e".into(),
+            fields_withheld: vec!["subject.address".into()],
+            obligations: Some(pb::Obligations {
+                acknowledge_within_seconds: 3600,
+                retention_class: "child-record-25".into(),
+                onward_disclosure_allowed: true,
+            }),
+            accepted_at: Some(timestamp(OffsetDateTime::now_utc())),
+            policy_set_hash: "abc".into(),
+        };
+        let spliced = encode_delivery(full.clone(), &envelope.encode_to_vec());
+        assert_eq!(spliced, full.encode_to_vec());
+        assert_eq!(pb::Delivery::decode(spliced.as_slice()).unwrap(), full);
+        // An empty copy is still a copy: the field is present, as prost writes `Some` of an empty message.
+        let bare =
+            pb::Delivery { delivery_id: "d".into(), envelope: Some(pb::Envelope::default()), ..Default::default() };
+        assert_eq!(encode_delivery(bare.clone(), &[]), bare.encode_to_vec());
     }
 
     #[test]

@@ -295,6 +295,7 @@ fn explain(args: &ExplainArgs, out: &mut dyn Write) -> anyhow::Result<i32> {
         sender_roles: &args.roles,
         recipient: &args.to,
         envelope: &envelope,
+        encoded_envelope: None,
         now,
     });
     write!(out, "{}", explanation.to_text())?;

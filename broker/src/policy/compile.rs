@@ -354,6 +354,7 @@ pub fn compile(sources: Vec<SourceFile>, base_dir: &Path) -> Result<PolicySet, V
         rules,
         routes,
         calendar,
+        wire: fields::WirePlan::new(&envelope),
         envelope,
         routing_mask: Arc::new(routing_mask),
         tests,

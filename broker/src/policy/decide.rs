@@ -378,7 +378,7 @@ pub fn precheck(set: &PolicySet, request: &DecisionRequest<'_>) -> Prechecked {
 
 pub fn decide(set: &PolicySet, request: &DecisionRequest<'_>) -> Decision {
     let refuse = |code: ReasonCode, explanation: String, rule_ids: Vec<String>| {
-        refusal(set, request.envelope, code, explanation, rule_ids)
+        refusal(set, request, code, explanation, rule_ids)
     };
     let (sender, recipient, kind) = match precheck(set, request) {
         Prechecked::Refused(code, explanation) => return refuse(code, explanation, Vec::new()),
@@ -526,7 +526,7 @@ pub fn decide(set: &PolicySet, request: &DecisionRequest<'_>) -> Decision {
         explanation.push_str(" (the family's agreement was overridden; the override is recorded)");
     }
     let mut fields_withheld = Vec::with_capacity(16);
-    fields::withheld_paths(&envelope.encode_to_vec(), &mask, &mut fields_withheld);
+    with_encoded(request, |encoded| fields::withheld_paths(encoded, &mask, &mut fields_withheld));
     fields_withheld.sort();
     Decision {
         permitted: true,
@@ -543,15 +543,23 @@ pub fn decide(set: &PolicySet, request: &DecisionRequest<'_>) -> Decision {
     }
 }
 
+/// Calls `work` with the request's envelope encoded: the bytes the caller gave, or encoded here.
+fn with_encoded<T>(request: &DecisionRequest<'_>, work: impl FnOnce(&[u8]) -> T) -> T {
+    match request.encoded_envelope {
+        Some(encoded) => work(encoded),
+        None => work(&request.envelope.encode_to_vec()),
+    }
+}
+
 fn refusal(
     set: &PolicySet,
-    envelope: &proto::pb::Envelope,
+    request: &DecisionRequest<'_>,
     code: ReasonCode,
     explanation: String,
     rule_ids: Vec<String>,
 ) -> Decision {
     let mut fields_withheld = Vec::new();
-    fields::withheld_paths(&envelope.encode_to_vec(), &set.routing_mask, &mut fields_withheld);
+    with_encoded(request, |encoded| fields::withheld_paths(encoded, &set.routing_mask, &mut fields_withheld));
     fields_withheld.sort();
     Decision {
         permitted: false,

@@ -272,6 +272,7 @@ pub(crate) fn decide_point(set: &PolicySet, route: &Route, point: &Point) -> Dec
         sender_roles: &point.token_roles,
         recipient: &route.recipient,
         envelope: &envelope,
+        encoded_envelope: None,
         now,
     })
 }

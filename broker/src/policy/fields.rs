@@ -389,12 +389,85 @@ impl<'a> WireReader<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MalformedMessage;
 
-/// Writes to `out` the fields of the encoded message `bytes` (of type `message`) that `node` holds (`None`: every
-/// known field), recursing into message fields so that only fields the descriptors know are ever written. Fields are
-/// copied, never removed: what is not held, and every unknown field, is simply not written.
+/// The message types reachable from the envelope, compiled for copying: each type's known field numbers and, for
+/// message fields, which type they hold. Built once per policy set, so a copy walks plain sorted arrays instead of
+/// asking the descriptor pool about every field it meets (`MessageDescriptor::get_field` and `FieldDescriptor::kind`
+/// were 13% of a copy's time in a profile of the 16 KiB referral).
+#[derive(Debug)]
+pub struct WirePlan {
+    /// Index 0 is the root type.
+    messages: Vec<MessagePlan>,
+}
+
+/// One message type of a [`WirePlan`].
+#[derive(Debug, Default)]
+struct MessagePlan {
+    /// Known field numbers, sorted.
+    numbers: Vec<u32>,
+    /// For each of `numbers`: the index in [`WirePlan::messages`] of the type a message field holds, `None` for
+    /// every other kind of field.
+    children: Vec<Option<usize>>,
+}
+
+impl WirePlan {
+    /// Compiles every message type reachable from `root` (each once, so recursive types are fine).
+    pub fn new(root: &MessageDescriptor) -> WirePlan {
+        let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        let mut types = vec![root.clone()];
+        index.insert(root.full_name().to_owned(), 0);
+        let mut messages = Vec::new();
+        let mut next = 0;
+        while let Some(message) = types.get(next).cloned() {
+            let mut fields: Vec<(u32, Option<usize>)> = Vec::new();
+            for field in message.fields() {
+                let child = match field.kind() {
+                    Kind::Message(child) => Some(match index.get(child.full_name()) {
+                        Some(known) => *known,
+                        None => {
+                            index.insert(child.full_name().to_owned(), types.len());
+                            types.push(child);
+                            types.len() - 1
+                        }
+                    }),
+                    _ => None,
+                };
+                fields.push((field.number(), child));
+            }
+            fields.sort_unstable_by_key(|(number, _)| *number);
+            messages.push(MessagePlan {
+                numbers: fields.iter().map(|(number, _)| *number).collect(),
+                children: fields.iter().map(|(_, child)| *child).collect(),
+            });
+            next += 1;
+        }
+        WirePlan { messages }
+    }
+
+    /// Whether field `number` of type `message` is known, and if it is a message field, the type it holds.
+    fn field(&self, message: usize, number: u32) -> Option<Option<usize>> {
+        let plan = self.messages.get(message)?;
+        let position = plan.numbers.binary_search(&number).ok()?;
+        plan.children.get(position).copied()
+    }
+}
+
+/// Writes to `out` the fields of the encoded message `bytes` (of the root type of `plan`) that `node` holds (`None`:
+/// every known field), recursing into message fields so that only fields the descriptors know are ever written.
+/// Fields are copied, never removed: what is not held, and every unknown field, is simply not written. `out` gets
+/// the fields in the order `bytes` has them, so a canonically encoded message gives a canonically encoded copy.
 pub fn copy_wire(
     bytes: &[u8],
-    message: &MessageDescriptor,
+    plan: &WirePlan,
+    node: Option<&MaskNode>,
+    out: &mut Vec<u8>,
+) -> Result<(), MalformedMessage> {
+    copy_message(bytes, plan, 0, node, out)
+}
+
+fn copy_message(
+    bytes: &[u8],
+    plan: &WirePlan,
+    message: usize,
     node: Option<&MaskNode>,
     out: &mut Vec<u8>,
 ) -> Result<(), MalformedMessage> {
@@ -412,7 +485,7 @@ pub fn copy_wire(
             _ => None,
         }
         .ok_or(MalformedMessage)?;
-        let Some(field) = message.get_field(number) else {
+        let Some(child_type) = plan.field(message, number) else {
             continue;
         };
         let mask = match node {
@@ -422,8 +495,8 @@ pub fn copy_wire(
         let Some(mask) = mask else {
             continue;
         };
-        match (field.kind(), payload) {
-            (Kind::Message(child_message), Some(payload)) => {
+        match (child_type, payload) {
+            (Some(child_type), Some(payload)) => {
                 let child_node = match mask {
                     FieldMask::Whole => None,
                     FieldMask::Partial(child) => Some(child),
@@ -436,7 +509,7 @@ pub fn copy_wire(
                 let length_at = out.len();
                 out.extend_from_slice(&room[..room_len]);
                 let child_at = out.len();
-                copy_wire(payload, &child_message, child_node, out)?;
+                copy_message(payload, plan, child_type, child_node, out)?;
                 let child_len = out.len() - child_at;
                 let mut length = [0u8; 10];
                 let length_len = varint_into(child_len as u64, &mut length);
@@ -447,8 +520,8 @@ pub fn copy_wire(
                 }
             }
             // A message field must be length-delimited; anything else is not a value of this field.
-            (Kind::Message(_), None) => {}
-            (_, _) => out.extend_from_slice(&reader.bytes[field_start..reader.position]),
+            (Some(_), None) => {}
+            (None, _) => out.extend_from_slice(&reader.bytes[field_start..reader.position]),
         }
     }
     Ok(())

@@ -49,6 +49,8 @@ pub struct PolicySet {
     routes: compile::Routes,
     calendar: Calendar,
     envelope: prost_reflect::MessageDescriptor,
+    /// The envelope's message types compiled for building copies.
+    wire: fields::WirePlan,
     /// The mask of a refusal: routing facts only (used to list what a refused message held).
     routing_mask: Arc<MaskNode>,
     tests: Vec<testing::LoadedTest>,
@@ -96,6 +98,9 @@ pub struct DecisionRequest<'a> {
     /// One recipient agency id named in the envelope.
     pub recipient: &'a str,
     pub envelope: &'a proto::pb::Envelope,
+    /// `envelope` encoded, when the caller has it (a send encodes its envelope once for all its recipients); the
+    /// decision lists the withheld fields from these bytes, so they must be `envelope`'s. `None`: encoded here.
+    pub encoded_envelope: Option<&'a [u8]>,
     pub now: time::OffsetDateTime,
 }
 
@@ -409,7 +414,13 @@ impl PolicySet {
         envelope: &proto::pb::Envelope,
         decision: &Decision,
     ) -> Result<proto::pb::Envelope, CopyError> {
-        copy::build_copy(&self.envelope, envelope, decision)
+        copy::build_copy(&self.wire, envelope, decision)
+    }
+
+    /// [`PolicySet::build_copy`] on an encoded envelope, giving the encoded copy: what a send does, having encoded
+    /// its envelope once for all its recipients. `encoded` must be the envelope the decision was made on.
+    pub fn build_copy_encoded(&self, encoded: &[u8], decision: &Decision) -> Result<Vec<u8>, CopyError> {
+        copy::build_copy_encoded(&self.wire, encoded, decision)
     }
 
     /// The same copy built over prost-reflect `DynamicMessage`s (the reference implementation; slower).

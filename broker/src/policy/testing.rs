@@ -287,6 +287,7 @@ impl PolicySet {
                 sender_roles: &test.roles,
                 recipient: &test.recipient,
                 envelope: &test.envelope,
+                encoded_envelope: None,
                 now: test.now,
             };
             let decision = self.decide(&request);

@@ -117,6 +117,7 @@ fn request<'a>(
         sender_roles: roles,
         recipient,
         envelope,
+        encoded_envelope: None,
         now: datetime!(2026-03-04 10:00 UTC),
     }
 }
@@ -726,6 +727,7 @@ fn the_sample_f1_copy_holds_the_encompass_minimum_only() {
         sender_roles: &test.roles,
         recipient: &test.recipient,
         envelope: &test.envelope,
+        encoded_envelope: None,
         now: test.now,
     };
     let decision = set.decide(&request);
@@ -938,6 +940,7 @@ fn the_wire_builder_and_the_dynamic_builder_make_the_same_copy() {
             sender_roles: &test.roles,
             recipient: &test.recipient,
             envelope: &test.envelope,
+            encoded_envelope: None,
             now: test.now,
         });
         if !decision.permitted {
@@ -966,12 +969,12 @@ fn the_wire_builder_never_writes_unknown_fields_even_inside_whole_shared_message
     bytes.extend_from_slice(&[0xa2, 0x01, u8::try_from(referral.len()).unwrap_or(0)]);
     bytes.extend_from_slice(&referral);
     let mut out = Vec::new();
-    assert!(fields::copy_wire(&bytes, &set.envelope, Some(&mask), &mut out).is_ok());
+    assert!(fields::copy_wire(&bytes, &set.wire, Some(&mask), &mut out).is_ok());
     assert!(out.windows(2).any(|window| window == b"ok"));
     assert!(!out.windows(4).any(|window| window == b"LEAK"));
     // Truncated input is refused rather than half-copied.
     let mut out = Vec::new();
-    assert!(fields::copy_wire(&bytes[..bytes.len() - 2], &set.envelope, Some(&mask), &mut out).is_err());
+    assert!(fields::copy_wire(&bytes[..bytes.len() - 2], &set.wire, Some(&mask), &mut out).is_err());
 }
 
 #[test]
