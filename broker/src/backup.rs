@@ -23,7 +23,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::store::journal;
+use crate::store::{format::FORMAT_FILE, journal};
 
 /// The checkpoints, copied first (relative to the data directory; skipped if missing).
 const CHECKPOINTS_FILE: &str = "audit/checkpoints.log";
@@ -93,6 +93,7 @@ fn write_archive<W: Write>(data_dir: &Path, out: W) -> Result<(BackupReport, W),
         report.files.push((name, length));
         Ok(())
     };
+    copy(FORMAT_FILE.to_owned(), &data_dir.join(FORMAT_FILE), None)?;
     copy(CHECKPOINTS_FILE.to_owned(), &data_dir.join(CHECKPOINTS_FILE), None)?;
     // After the checkpoints (see the module documentation). Listed again once if the first look fails: the broker
     // may have been undoing a move to a new segment just then.
@@ -163,7 +164,7 @@ pub fn restore(backup_file: &Path, data_dir: &Path) -> Result<BackupReport, Back
     for entry in archive.entries().map_err(io(backup_file))? {
         let mut entry = entry.map_err(io(backup_file))?;
         let name = entry.path().map_err(io(backup_file))?.to_string_lossy().into_owned();
-        let allowed = [CHECKPOINTS_FILE, ENTRIES_FILE, journal::LEGACY_FILE].contains(&name.as_str())
+        let allowed = [FORMAT_FILE, CHECKPOINTS_FILE, ENTRIES_FILE, journal::LEGACY_FILE].contains(&name.as_str())
             || name
                 .strip_prefix(journal::DIR)
                 .and_then(|rest| rest.strip_prefix('/'))
@@ -211,12 +212,16 @@ mod tests {
         std::fs::write(source.path().join("journal/next.ready"), vec![0u8; 4096]).unwrap();
         std::fs::write(source.path().join("audit/entries.log"), b"entries").unwrap();
         std::fs::write(source.path().join("keys/pseudonym-v1.key"), b"key").unwrap();
+        crate::store::format::check_and_mark(source.path()).unwrap();
         std::fs::create_dir_all(source.path().join("index")).unwrap();
         std::fs::write(source.path().join("index/db"), b"not copied").unwrap();
         let out = source.path().join("backup.tar");
         let report = backup(source.path(), &out).unwrap();
         let names: Vec<&str> = report.files.iter().map(|(name, _)| name.as_str()).collect();
-        assert_eq!(names, ["journal.log", segment_name.as_str(), "audit/entries.log", "keys/pseudonym-v1.key"]);
+        assert_eq!(
+            names,
+            ["format", "journal.log", segment_name.as_str(), "audit/entries.log", "keys/pseudonym-v1.key"]
+        );
         let target = tempfile::tempdir().unwrap();
         let restored = target.path().join("data");
         restore(&out, &restored).unwrap();
@@ -224,6 +229,8 @@ mod tests {
         assert_eq!(std::fs::read(restored.join(&segment_name)).unwrap(), records);
         assert_eq!(std::fs::read(restored.join("audit/entries.log")).unwrap(), b"entries");
         assert_eq!(std::fs::read(restored.join("keys/pseudonym-v1.key")).unwrap(), b"key");
+        let mark = crate::store::format::read_mark(&restored).unwrap();
+        assert_eq!(mark, crate::store::format::Mark::Format(crate::store::format::DATA_FORMAT));
         assert!(!restored.join("index").exists());
         assert!(!restored.join("journal/next.ready").exists());
         assert!(matches!(restore(&out, &restored), Err(BackupError::NotEmpty(_))));

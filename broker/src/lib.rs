@@ -50,11 +50,11 @@ use crate::{
 pub enum BrokerError {
     #[error("the policy set in `{dir}` is not valid, so the broker will not start:\n{errors}")]
     Policy { dir: String, errors: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Audit(#[from] audit::AuditError),
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] store::StoreError),
-    #[error("{0}")]
+    #[error(transparent)]
     Tls(#[from] transport::TlsError),
     #[error("the token settings are not valid:\n{0}")]
     Tokens(String),
@@ -121,6 +121,8 @@ pub async fn run(
     // read on its own thread while sled opens (which replays sled's own log); they share nothing.
     let opening = std::time::Instant::now();
     let data_dir_lock = store::lock_data_dir(&config.data_dir)?;
+    // Before the audit log is read: a directory from a newer broker is refused with one clear error.
+    store::format::check_and_mark(&config.data_dir)?;
     let audit_dir = config.data_dir.join("audit");
     let reading_audit = std::thread::Builder::new()
         .name("audit-open".to_owned())

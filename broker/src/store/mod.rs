@@ -55,6 +55,7 @@
 //! flight.
 //! The journal is never truncated yet (see ARCHITECTURE.md, "known limits").
 
+pub mod format;
 pub mod journal;
 pub mod log;
 
@@ -97,6 +98,16 @@ pub enum StoreError {
     InUse(PathBuf),
     #[error("the index could not apply an acknowledged change; restart the broker, which replays it from the journal")]
     IndexBroken,
+    #[error(
+        "the data directory `{path}` was written by a newer broker (data format {found}; this broker reads formats up to \
+         {supported}): run that version of the broker or a newer one; nothing in the directory was changed"
+    )]
+    NewerFormat { path: PathBuf, found: u32, supported: u32 },
+    #[error(
+        "`{0}` does not say which data format the directory holds (expected one line, `safeguarding-broker data format \
+         <number>`); nothing in the directory was changed"
+    )]
+    UnreadableFormat(PathBuf),
 }
 
 impl StoreError {
@@ -345,6 +356,7 @@ impl Store {
     /// audit log is read.
     pub fn open_index(data_dir: &Path, options: StoreOptions) -> Result<OpenedIndex, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|source| LogError::Io { path: data_dir.to_owned(), source })?;
+        format::check_and_mark(data_dir)?;
         let index_dir = data_dir.join("index");
         let config = sled::Config::new()
             .path(&index_dir)
@@ -1304,6 +1316,23 @@ mod tests {
 
     /// Writes encode exactly as they did when keys and values were plain sequences of `u8` (journals written
     /// before still replay, and re-encode to their own bytes), and decode back.
+    /// A data directory a newer broker marked is refused before anything in it is opened or written.
+    #[test]
+    fn a_data_directory_from_a_newer_broker_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let mark = format!("safeguarding-broker data format {}\n", format::DATA_FORMAT + 1);
+        std::fs::write(dir.path().join(format::FORMAT_FILE), &mark).unwrap();
+        let refused = Store::open_index(dir.path(), StoreOptions::for_tests()).err();
+        assert!(matches!(refused, Some(StoreError::NewerFormat { .. })), "{refused:?}");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|entry| entry.unwrap().file_name()).collect();
+        assert_eq!(names, [format::FORMAT_FILE], "nothing else was created");
+        assert_eq!(std::fs::read_to_string(dir.path().join(format::FORMAT_FILE)).unwrap(), mark);
+        // A new directory is marked when it is opened.
+        let fresh = tempfile::tempdir().unwrap();
+        drop(Store::open_index(fresh.path(), StoreOptions::for_tests()).unwrap());
+        assert_eq!(format::read_mark(fresh.path()).unwrap(), format::Mark::Format(format::DATA_FORMAT));
+    }
+
     #[test]
     fn writes_encode_as_before_byte_strings() {
         #[derive(Serialize)]

@@ -1,0 +1,109 @@
+//! The data directory's format mark: a one-line file, `format`, naming the storage format the directory holds, so a
+//! broker refuses, with a clear error, a directory written by a newer broker instead of misreading it.
+//!
+//! Marks began with format 1 (the layout since the sixth session: records and copies kept in the journal, copies
+//! attached to their queue entries). A directory without a mark was written by an earlier broker; this broker reads
+//! every earlier layout, so it opens such a directory and marks it. A broker that changes what it writes in a way
+//! older brokers cannot read raises [`DATA_FORMAT`]; a broker always marks a directory with its own format before it
+//! writes anything else there, because from then on it writes that format.
+
+use std::{
+    fs::File,
+    io::{self, Write as _},
+    path::{Path, PathBuf},
+};
+
+use super::{StoreError, log::LogError};
+
+/// The storage format this broker writes, and the newest it reads.
+pub const DATA_FORMAT: u32 = 1;
+/// The mark's file name, in the data directory.
+pub const FORMAT_FILE: &str = "format";
+const PREFIX: &str = "safeguarding-broker data format ";
+
+/// What the data directory's mark says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// No mark: a new directory, or one written before marks began.
+    None,
+    Format(u32),
+}
+
+/// Reads the mark of `data_dir` (without checking it).
+pub fn read_mark(data_dir: &Path) -> Result<Mark, StoreError> {
+    let path = data_dir.join(FORMAT_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.trim().parse::<u32>().ok())
+            .map(Mark::Format)
+            .ok_or(StoreError::UnreadableFormat(path)),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(Mark::None),
+        Err(source) => Err(StoreError::Log(LogError::Io { path, source })),
+    }
+}
+
+/// Checks that this broker reads the format of `data_dir`, and marks the directory with [`DATA_FORMAT`] (durably)
+/// unless it already says so. Called before anything else in the directory is read or written.
+pub fn check_and_mark(data_dir: &Path) -> Result<(), StoreError> {
+    match read_mark(data_dir)? {
+        Mark::Format(found) if found == DATA_FORMAT => Ok(()),
+        Mark::Format(found) if found > DATA_FORMAT => {
+            Err(StoreError::NewerFormat { path: data_dir.to_owned(), found, supported: DATA_FORMAT })
+        }
+        Mark::Format(_) | Mark::None => write_mark(data_dir, DATA_FORMAT),
+    }
+}
+
+/// Writes the mark: a new file made durable, renamed over the old one, and the folder made durable.
+fn write_mark(data_dir: &Path, format: u32) -> Result<(), StoreError> {
+    let io_err = |path: PathBuf| move |source| StoreError::Log(LogError::Io { path, source });
+    std::fs::create_dir_all(data_dir).map_err(io_err(data_dir.to_owned()))?;
+    let path = data_dir.join(FORMAT_FILE);
+    let fresh = data_dir.join(format!("{FORMAT_FILE}.new"));
+    let mut file = File::create(&fresh).map_err(io_err(fresh.clone()))?;
+    file.write_all(format!("{PREFIX}{format}\n").as_bytes()).map_err(io_err(fresh.clone()))?;
+    file.sync_all().map_err(io_err(fresh.clone()))?;
+    std::fs::rename(&fresh, &path).map_err(io_err(path.clone()))?;
+    File::open(data_dir).and_then(|folder| folder.sync_all()).map_err(io_err(data_dir.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_or_unmarked_directory_is_marked_and_a_marked_one_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        assert_eq!(read_mark(&data).unwrap(), Mark::None);
+        check_and_mark(&data).unwrap();
+        assert_eq!(read_mark(&data).unwrap(), Mark::Format(DATA_FORMAT));
+        assert_eq!(
+            std::fs::read_to_string(data.join(FORMAT_FILE)).unwrap(),
+            format!("safeguarding-broker data format {DATA_FORMAT}\n")
+        );
+        assert!(!data.join("format.new").exists());
+        check_and_mark(&data).unwrap();
+        assert_eq!(read_mark(&data).unwrap(), Mark::Format(DATA_FORMAT));
+    }
+
+    #[test]
+    fn a_directory_from_a_newer_broker_or_with_an_unreadable_mark_is_refused_and_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let newer = format!("safeguarding-broker data format {}\n", DATA_FORMAT + 1);
+        std::fs::write(dir.path().join(FORMAT_FILE), &newer).unwrap();
+        let error = check_and_mark(dir.path()).unwrap_err();
+        assert!(
+            matches!(error, StoreError::NewerFormat { found, supported, .. } if found == DATA_FORMAT + 1 && supported == DATA_FORMAT),
+            "{error}"
+        );
+        assert!(error.to_string().contains("newer broker"), "{error}");
+        assert_eq!(std::fs::read_to_string(dir.path().join(FORMAT_FILE)).unwrap(), newer);
+
+        std::fs::write(dir.path().join(FORMAT_FILE), "format two\n").unwrap();
+        let error = check_and_mark(dir.path()).unwrap_err();
+        assert!(matches!(error, StoreError::UnreadableFormat(_)), "{error}");
+        assert_eq!(std::fs::read_to_string(dir.path().join(FORMAT_FILE)).unwrap(), "format two\n");
+    }
+}
