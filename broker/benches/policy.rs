@@ -1,8 +1,9 @@
 //! Criterion benchmarks of the policy hot path: a decision including the field mask, at 10, 100, 1,000 and 10,000
 //! rules (it should stay flat: a route-keyed lookup plus a few checks), and building a recipient's copy of a 16 KiB
-//! referral: from the encoded envelope to the encoded copy, as a send does (`referral_16k_from_encoded`), and from the
-//! decoded envelope to the decoded copy (`referral_16k_to_front_door`, which adds an encode and a decode). Besides criterion's means, each benchmark prints p50/p99/p99.9 of single calls (issue 3's targets are
-//! p99 ≤ 10 µs per decision and ≤ 20 µs per copy).
+//! referral: from the encoded envelope to the encoded copy, as a send does (`referral_16k_from_encoded`), and from
+//! the decoded envelope to the decoded copy (`referral_16k_to_front_door`, which adds an encode and a decode).
+//! Besides criterion's means, each benchmark prints p50/p99/p99.9 of single calls (issue 3's targets are p99 ≤ 10 µs
+//! per decision and ≤ 20 µs per copy).
 //!
 //! Run: `cargo bench -p broker --bench policy`.
 

@@ -4,6 +4,7 @@
 //! prefixes plus the broker's keys; the sled index is not copied but rebuilt on restore by replaying the journal
 //! from the start. Files are copied in an order that keeps the copy consistent without stopping the broker:
 //!
+//! 0. `format`: the data format mark (a backup of a directory a newer broker marked is refused),
 //! 1. `audit/checkpoints.log`: every checkpoint copied covers only entries already durable (in the journal),
 //! 2. the journal's segments (`journal/*.seg`, and `journal.log` from older brokers), in order: state, each change
 //!    carrying its audit entries,
@@ -23,7 +24,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::store::{format::FORMAT_FILE, journal};
+use crate::store::{
+    StoreError,
+    format::{self, FORMAT_FILE, Mark},
+    journal,
+};
 
 /// The checkpoints, copied first (relative to the data directory; skipped if missing).
 const CHECKPOINTS_FILE: &str = "audit/checkpoints.log";
@@ -45,6 +50,8 @@ pub enum BackupError {
     JournalDamaged { path: PathBuf, end: u64, next: u64 },
     #[error("`{0}` in the backup is not a file this broker writes")]
     UnexpectedEntry(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// What a backup holds.
@@ -74,6 +81,12 @@ fn write_archive<W: Write>(data_dir: &Path, out: W) -> Result<(BackupReport, W),
     let journal_dir = data_dir.join(journal::DIR);
     if journal::segment_files(data_dir).map_err(io(&journal_dir))?.is_empty() {
         return Err(BackupError::NotADataDirectory(data_dir.to_owned()));
+    }
+    // A newer broker's directory may hold files this one does not know to copy.
+    if let Mark::Format(found) = format::read_mark(data_dir)?
+        && found > format::DATA_FORMAT
+    {
+        return Err(StoreError::NewerFormat { path: data_dir.to_owned(), found, supported: format::DATA_FORMAT }.into());
     }
     let out_path = PathBuf::from("backup output");
     let mut archive = tar::Builder::new(out);
@@ -235,6 +248,13 @@ mod tests {
         assert!(!restored.join("journal/next.ready").exists());
         assert!(matches!(restore(&out, &restored), Err(BackupError::NotEmpty(_))));
         assert!(matches!(backup(target.path(), &out), Err(BackupError::NotADataDirectory(_))));
+        // A directory a newer broker marked may hold files this broker would not know to copy.
+        std::fs::write(
+            source.path().join("format"),
+            format!("safeguarding-broker data format {}\n", format::DATA_FORMAT + 1),
+        )
+        .unwrap();
+        assert!(matches!(backup(source.path(), &out), Err(BackupError::Store(StoreError::NewerFormat { .. }))));
     }
 
     /// A segment whose whole records stop short of the next segment fails the backup: its copy would not open.

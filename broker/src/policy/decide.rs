@@ -546,7 +546,13 @@ pub fn decide(set: &PolicySet, request: &DecisionRequest<'_>) -> Decision {
 /// Calls `work` with the request's envelope encoded: the bytes the caller gave, or encoded here.
 fn with_encoded<T>(request: &DecisionRequest<'_>, work: impl FnOnce(&[u8]) -> T) -> T {
     match request.encoded_envelope {
-        Some(encoded) => work(encoded),
+        Some(encoded) => {
+            debug_assert!(
+                encoded == request.envelope.encode_to_vec().as_slice(),
+                "a decision request's encoded envelope is not its envelope's encoding"
+            );
+            work(encoded)
+        }
         None => work(&request.envelope.encode_to_vec()),
     }
 }

@@ -943,12 +943,35 @@ fn the_wire_builder_and_the_dynamic_builder_make_the_same_copy() {
             encoded_envelope: None,
             now: test.now,
         });
+        // A send decides on the bytes it encoded once: the same decision, the same fields listed as withheld.
+        let encoded = test.envelope.encode_to_vec();
+        let on_bytes = set.decide(&DecisionRequest {
+            sender: &test.sender,
+            sender_practitioner: &test.practitioner,
+            sender_roles: &test.roles,
+            recipient: &test.recipient,
+            envelope: &test.envelope,
+            encoded_envelope: Some(&encoded),
+            now: test.now,
+        });
+        assert_eq!(
+            (on_bytes.permitted, &on_bytes.rule_ids, &on_bytes.fields_shared, &on_bytes.fields_withheld),
+            (decision.permitted, &decision.rule_ids, &decision.fields_shared, &decision.fields_withheld),
+            "{}",
+            test.name
+        );
         if !decision.permitted {
             continue;
         }
         let fast = set.build_copy(&test.envelope, &decision);
         let reference = set.build_copy_dynamic(&test.envelope, &decision);
         assert_eq!(fast, reference, "{}", test.name);
+        // The copy a send stores, as it comes out of the builder, decodes to the reference copy and is exactly
+        // prost's encoding of it (so stored copies are what they were when the copy was decoded and encoded again).
+        let stored = set.build_copy_encoded(&encoded, &on_bytes).unwrap_or_default();
+        let decoded = pb::Envelope::decode(stored.as_slice()).unwrap_or_default();
+        assert_eq!(Ok(decoded.clone()), reference, "{}", test.name);
+        assert_eq!(decoded.encode_to_vec(), stored, "{}", test.name);
         compared += 1;
     }
     assert!(compared >= 20, "only {compared} permitted sample cases");

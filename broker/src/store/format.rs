@@ -32,9 +32,10 @@ pub enum Mark {
 /// Reads the mark of `data_dir` (without checking it).
 pub fn read_mark(data_dir: &Path) -> Result<Mark, StoreError> {
     let path = data_dir.join(FORMAT_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => text
-            .strip_prefix(PREFIX)
+    match std::fs::read(&path) {
+        Ok(bytes) => std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|text| text.strip_prefix(PREFIX))
             .and_then(|rest| rest.trim().parse::<u32>().ok())
             .map(Mark::Format)
             .ok_or(StoreError::UnreadableFormat(path)),
@@ -44,7 +45,8 @@ pub fn read_mark(data_dir: &Path) -> Result<Mark, StoreError> {
 }
 
 /// Checks that this broker reads the format of `data_dir`, and marks the directory with [`DATA_FORMAT`] (durably)
-/// unless it already says so. Called before anything else in the directory is read or written.
+/// unless it already says so. Called before anything else in the directory is read or written, but for
+/// `broker.lock`, which the broker takes first.
 pub fn check_and_mark(data_dir: &Path) -> Result<(), StoreError> {
     match read_mark(data_dir)? {
         Mark::Format(found) if found == DATA_FORMAT => Ok(()),
@@ -101,9 +103,11 @@ mod tests {
         assert!(error.to_string().contains("newer broker"), "{error}");
         assert_eq!(std::fs::read_to_string(dir.path().join(FORMAT_FILE)).unwrap(), newer);
 
-        std::fs::write(dir.path().join(FORMAT_FILE), "format two\n").unwrap();
-        let error = check_and_mark(dir.path()).unwrap_err();
-        assert!(matches!(error, StoreError::UnreadableFormat(_)), "{error}");
-        assert_eq!(std::fs::read_to_string(dir.path().join(FORMAT_FILE)).unwrap(), "format two\n");
+        for unreadable in [&b"format two\n"[..], b"safeguarding-broker data format \xff\n"] {
+            std::fs::write(dir.path().join(FORMAT_FILE), unreadable).unwrap();
+            let error = check_and_mark(dir.path()).unwrap_err();
+            assert!(matches!(error, StoreError::UnreadableFormat(_)), "{error}");
+            assert_eq!(std::fs::read(dir.path().join(FORMAT_FILE)).unwrap(), unreadable);
+        }
     }
 }

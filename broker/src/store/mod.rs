@@ -100,7 +100,7 @@ pub enum StoreError {
     IndexBroken,
     #[error(
         "the data directory `{path}` was written by a newer broker (data format {found}; this broker reads formats up to \
-         {supported}): run that version of the broker or a newer one; nothing in the directory was changed"
+         {supported}): run that version of the broker or a newer one; nothing else in the directory was read or changed"
     )]
     NewerFormat { path: PathBuf, found: u32, supported: u32 },
     #[error(
@@ -1314,8 +1314,6 @@ mod tests {
         store.close();
     }
 
-    /// Writes encode exactly as they did when keys and values were plain sequences of `u8` (journals written
-    /// before still replay, and re-encode to their own bytes), and decode back.
     /// A data directory a newer broker marked is refused before anything in it is opened or written.
     #[test]
     fn a_data_directory_from_a_newer_broker_is_refused_untouched() {
@@ -1333,6 +1331,8 @@ mod tests {
         assert_eq!(format::read_mark(fresh.path()).unwrap(), format::Mark::Format(format::DATA_FORMAT));
     }
 
+    /// Writes encode exactly as they did when keys and values were plain sequences of `u8` (journals written
+    /// before still replay, and re-encode to their own bytes), and decode back.
     #[test]
     fn writes_encode_as_before_byte_strings() {
         #[derive(Serialize)]
