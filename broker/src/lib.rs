@@ -66,6 +66,17 @@ pub enum BrokerError {
     Serve(#[from] tonic::transport::Error),
 }
 
+/// Installs the broker's log: lines on standard error (JSON lines when `json`) that `filter` lets through. A line that
+/// cannot be written (standard error on a full disk, a closed pipe) is dropped: logging never stops the broker.
+/// tracing-subscriber would otherwise report the failed write with `eprintln!`, which panics when standard error
+/// cannot be written; with the log on a full disk, that panic stopped the committer thread and every send after it.
+/// Does nothing if a logger is already installed.
+pub fn init_logging(json: bool, filter: tracing_subscriber::EnvFilter) {
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).log_internal_errors(false);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
 /// Loads the policy set and runs its tests; the broker never runs without a valid one.
 pub fn load_policy(config: &Config) -> Result<PolicySet, BrokerError> {
     reload::load_and_test(&config.policy_dir)

@@ -144,12 +144,7 @@ fn clamp_exit(code: i32) -> u8 {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    broker::init_logging(json, filter);
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {

@@ -796,6 +796,10 @@ impl Drop for Preparer {
     }
 }
 
+/// How long the preparer waits before trying again to fill a segment it could not (a full disk).
+const PREPARE_RETRY: std::time::Duration =
+    if cfg!(test) { std::time::Duration::from_millis(50) } else { std::time::Duration::from_secs(10) };
+
 fn run_preparer(shared: &Prepared, dir: &Path, segment_bytes: u64) {
     loop {
         {
@@ -823,21 +827,24 @@ fn run_preparer(shared: &Prepared, dir: &Path, segment_bytes: u64) {
             Ok(None) => return,
             Err(error) => {
                 // The committer goes on growing the current segment (appends, slower) and asks again at its next move.
-                tracing::warn!(error = %error, "could not prepare the next journal segment; retrying in ten seconds");
-                let waited = shared.state.lock().ok().and_then(|state| {
-                    shared
-                        .changed
-                        .wait_timeout_while(state, std::time::Duration::from_secs(10), |_| {
-                            !shared.stop.load(Ordering::Acquire)
-                        })
-                        .ok()
-                });
-                if waited.is_none() || shared.stop.load(Ordering::Acquire) {
+                tracing::warn!(
+                    error = %error,
+                    retry_after_millis = PREPARE_RETRY.as_millis() as u64,
+                    "could not prepare the next journal segment; trying again after a pause"
+                );
+                // The pause and the next request are made under one hold of the lock, which is let go before the
+                // next fill. (Re-taking the lock while the wait's guard was still held deadlocked this thread after
+                // its first failure, and with it the committer's next request and the journal's closing.)
+                let Ok(state) = shared.state.lock() else { return };
+                let Ok((mut state, _)) =
+                    shared.changed.wait_timeout_while(state, PREPARE_RETRY, |_| !shared.stop.load(Ordering::Acquire))
+                else {
+                    return;
+                };
+                if shared.stop.load(Ordering::Acquire) {
                     return;
                 }
-                if let Ok(mut state) = shared.state.lock() {
-                    state.wanted = true;
-                }
+                state.wanted = true;
             }
         }
     }
@@ -1183,6 +1190,45 @@ mod tests {
         let (records, recovery) = closed_after(journal, b"next".as_slice(), dir.path());
         assert_eq!(records, [b"kept".as_slice(), b"next".as_slice()]);
         assert_eq!(recovery.truncated_bytes, 0);
+    }
+
+    /// A segment that cannot be filled (here `next.tmp` is a folder, as a full disk would refuse the file) is tried
+    /// again after a pause, as often as it takes; meanwhile the committer can still ask for one and the journal can
+    /// still be closed, and once the fill can succeed the segment is made.
+    #[test]
+    fn a_segment_that_could_not_be_filled_is_tried_again_without_holding_up_anyone() {
+        fn within<T: Send + 'static>(what: &str, work: impl FnOnce() -> T + Send + 'static) -> T {
+            let (done, answer) = std::sync::mpsc::channel();
+            thread::spawn(move || {
+                let _ = done.send(work());
+            });
+            answer.recv_timeout(std::time::Duration::from_secs(10)).unwrap_or_else(|_| panic!("{what} hung"))
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("next.tmp")).unwrap();
+        let preparer = Arc::new(Preparer::start(dir.path(), SEGMENT, true).unwrap());
+        thread::sleep(PREPARE_RETRY * 4);
+        let asking = preparer.clone();
+        let ready = within("asking for a segment after failed fills", move || {
+            asking.want();
+            asking.take()
+        });
+        assert!(ready.is_none(), "nothing can be filled yet");
+        std::fs::remove_dir(dir.path().join("next.tmp")).unwrap();
+        let waiting = preparer.clone();
+        let ready = within("filling once it can", move || {
+            loop {
+                if let Some(path) = waiting.take() {
+                    return path;
+                }
+                thread::sleep(PREPARE_RETRY);
+            }
+        });
+        assert_eq!(std::fs::metadata(ready).unwrap().len(), SEGMENT.max(MIN_SEGMENT_BYTES));
+        std::fs::create_dir(dir.path().join("next.tmp")).unwrap();
+        preparer.want();
+        thread::sleep(PREPARE_RETRY * 3);
+        within("closing while fills fail", move || drop(preparer));
     }
 
     /// If the ready segment cannot be moved into place, the journal goes on in the current one and asks for another.

@@ -12,7 +12,7 @@ fn main() -> ExitCode {
     };
     // BROKER_TEST_LOG sets the level; the log is JSON lines, as `broker serve --log-json` writes it.
     let level = std::env::var("BROKER_TEST_LOG").unwrap_or_else(|_| "warn".to_owned());
-    let _ = tracing_subscriber::fmt().json().with_writer(std::io::stderr).with_env_filter(level).try_init();
+    broker::init_logging(true, tracing_subscriber::EnvFilter::new(level));
     let config = match broker::config::Config::load(std::path::Path::new(&path), |_| None) {
         Ok(config) => config,
         Err(errors) => {

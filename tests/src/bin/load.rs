@@ -150,7 +150,7 @@ fn serve(config_path: Option<&String>, bare: bool) -> Result<()> {
     // Warnings only, unless RUST_LOG asks for more (`RUST_LOG=broker=info` shows how long each start-up step took).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).try_init();
+    broker::init_logging(false, filter);
     let config = broker::config::Config::load(Path::new(path), |_| None).map_err(|errors| anyhow!("{errors}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {

@@ -212,6 +212,37 @@ fn the_deploy_example_configurations_parse() {
     assert!(agent.is_ok(), "deploy/agent.toml: {agent:?}");
 }
 
+/// With its log going to a device that is always full (`/dev/full`: every write fails with ENOSPC, as on a full
+/// disk), the broker still takes sends, delivers and records acknowledgements, and stops cleanly: a log line that
+/// cannot be written is dropped. (tracing-subscriber's fallback, `eprintln!`, panicked on the same full device:
+/// sends failed with an HTTP/2 error and the committer thread stopped.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_cannot_be_written_does_not_stop_the_broker() -> Result<()> {
+    let area = Area::new()?;
+    let broker = BrokerProcess::start_logged(BROKER, &area, "127.0.0.1:0".parse()?, std::path::Path::new("/dev/full"))?;
+    let mut police = area.client(POLICE, broker.address).await?;
+    let mut school = area.client(SCHOOL, broker.address).await?;
+    let mut stream = school.deliveries(pb::DeliveriesRequest {}).await?.into_inner();
+    for round in 0..3 {
+        let mut envelope = example("operation-encompass-notification.json")?;
+        envelope.idempotency_key = format!("full-log-{round}");
+        let receipt = police.send(pb::SendRequest { envelope: Some(envelope) }).await?.into_inner();
+        let accepted = pb::RecipientOutcome::Accepted as i32;
+        assert!(receipt.recipients.iter().all(|recipient| recipient.outcome == accepted), "{receipt:?}");
+        let delivery = tokio::time::timeout(Duration::from_secs(10), tokio_stream::StreamExt::next(&mut stream))
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the delivery stream ended"))??;
+        assert_eq!(delivery.message_id, receipt.message_id);
+        school.acknowledge(pb::AcknowledgeRequest { delivery_id: delivery.delivery_id }).await?;
+        let track = police.track(pb::TrackRequest { message_id: receipt.message_id }).await?.into_inner();
+        assert_eq!(track.recipients[0].state, pb::DeliveryState::Acknowledged as i32);
+    }
+    drop(stream);
+    let status = tokio::task::spawn_blocking(move || broker.terminate()).await??;
+    assert!(status.success(), "the broker exited with {status}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_debug_log_of_real_traffic_holds_no_personal_data() -> Result<()> {
     let area = Area::new()?;
