@@ -219,7 +219,6 @@ pub fn is_permanent_failure(code: tonic::Code) -> bool {
             | Code::PermissionDenied
             | Code::Unauthenticated
             | Code::FailedPrecondition
-            | Code::ResourceExhausted
             | Code::AlreadyExists
             | Code::NotFound
             | Code::OutOfRange
@@ -287,7 +286,10 @@ mod tests {
     #[test]
     fn permanent_and_transient_codes() {
         assert!(is_permanent_failure(tonic::Code::PermissionDenied));
-        assert!(is_permanent_failure(tonic::Code::ResourceExhausted));
+        // The broker's disk is full: the same envelope is accepted once there is space again. (An oversized
+        // envelope is OUT_OF_RANGE, from tonic's size limit, and stays permanent.)
+        assert!(!is_permanent_failure(tonic::Code::ResourceExhausted));
+        assert!(is_permanent_failure(tonic::Code::OutOfRange));
         assert!(!is_permanent_failure(tonic::Code::Unavailable));
         assert!(!is_permanent_failure(tonic::Code::DeadlineExceeded));
     }
