@@ -217,8 +217,25 @@ pub async fn run(
     });
     let local = listener.local_addr().ok();
     tracing::info!(address = ?local, "broker listening (mutual TLS)");
+    // A store whose index could not apply an acknowledged change (sled failing, on a full disk say) refuses every
+    // read and change until a restart replays the journal into it; the broker then stops as on SIGTERM and exits
+    // with an error, so that its supervisor starts it again (and again, with backoff, until there is space).
+    let index_broke = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let broken = {
+        let (store, index_broke) = (store.clone(), index_broke.clone());
+        async move {
+            store.index_broken().await;
+            index_broke.store(true, std::sync::atomic::Ordering::Release);
+        }
+    };
     let signal = async move {
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {}
+            () = broken => tracing::error!(
+                "the index could not apply an acknowledged change (a full disk?): stopping, so that a restart replays \
+                 the journal into it"
+            ),
+        }
         tracing::info!("shutting down: no new connections, ending delivery streams");
         health.set_not_serving::<proto::pb::broker_server::BrokerServer<BrokerService>>().await;
         let _ = stop_streams.send(true);
@@ -252,5 +269,9 @@ pub async fn run(
         tracing::error!(error = %error, "could not sign the final checkpoint");
     }
     tracing::info!("broker stopped");
-    served.map_err(BrokerError::from)
+    served.map_err(BrokerError::from)?;
+    if index_broke.load(std::sync::atomic::Ordering::Acquire) {
+        return Err(store::StoreError::IndexBroken.into());
+    }
+    Ok(())
 }

@@ -529,6 +529,14 @@ impl Store {
         }
     }
 
+    /// Resolves once the index could not apply an acknowledged change (see [`StoreError::IndexBroken`]); from then on
+    /// the store refuses every read and change until a restart. Checked four times a second.
+    pub async fn index_broken(&self) {
+        while !self.inner.index_broken.load(std::sync::atomic::Ordering::Acquire) {
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    }
+
     /// Keeps the data directory's lock ([`lock_data_dir`]) for as long as the store lives (its committer and
     /// checkpointer threads included), not just for as long as the caller's scope.
     pub fn hold_lock(&self, lock: std::fs::File) {
@@ -1365,6 +1373,8 @@ mod tests {
         let store = open(dir.path());
         let put = |key: &[u8]| Commit { audit: Vec::new(), writes: vec![Write::Put(key.to_vec(), b"v".to_vec())] };
         store.commit(put(b"k/1")).await.unwrap();
+        let healthy = tokio::time::timeout(std::time::Duration::from_millis(600), store.index_broken()).await;
+        assert!(healthy.is_err(), "a sound index is not reported broken");
         // What `Applying::apply` does when sled fails.
         store.inner.index_broken.store(true, std::sync::atomic::Ordering::Release);
         assert!(matches!(store.get(b"k/1"), Err(StoreError::IndexBroken)));
@@ -1374,6 +1384,8 @@ mod tests {
         assert!(matches!(store.scan_page(b"k/", None, 10), Err(StoreError::IndexBroken)));
         assert!(matches!(store.scan_prefix(b"k/").next(), Some(Err(StoreError::IndexBroken))));
         assert!(matches!(store.commit(put(b"k/2")).await, Err(StoreError::CommitFailed { .. })));
+        // What the broker waits on to stop (and be restarted, which replays the journal).
+        tokio::time::timeout(std::time::Duration::from_secs(5), store.index_broken()).await.unwrap();
         store.close();
     }
 
