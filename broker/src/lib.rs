@@ -217,23 +217,18 @@ pub async fn run(
     });
     let local = listener.local_addr().ok();
     tracing::info!(address = ?local, "broker listening (mutual TLS)");
-    // A store whose index could not apply an acknowledged change (sled failing, on a full disk say) refuses every
-    // read and change until a restart replays the journal into it; the broker then stops as on SIGTERM and exits
-    // with an error, so that its supervisor starts it again (and again, with backoff, until there is space).
-    let index_broke = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A store that needs a restart (its index could not apply an acknowledged change, sled failing on a full disk
+    // say, or its committer stopped after a failure) refuses every change until then; the broker then stops as on
+    // SIGTERM and exits with an error, so that its supervisor starts it again, which recovers from the journal.
     let broken = {
-        let (store, index_broke) = (store.clone(), index_broke.clone());
-        async move {
-            store.index_broken().await;
-            index_broke.store(true, std::sync::atomic::Ordering::Release);
-        }
+        let store = store.clone();
+        async move { store.restart_needed().await }
     };
     let signal = async move {
         tokio::select! {
             () = shutdown => {}
             () = broken => tracing::error!(
-                "the index could not apply an acknowledged change (a full disk?): stopping, so that a restart replays \
-                 the journal into it"
+                "storage needs a restart (a full disk?): stopping, so that the next start recovers from the journal"
             ),
         }
         tracing::info!("shutting down: no new connections, ending delivery streams");
@@ -270,8 +265,9 @@ pub async fn run(
     }
     tracing::info!("broker stopped");
     served.map_err(BrokerError::from)?;
-    if index_broke.load(std::sync::atomic::Ordering::Acquire) {
-        return Err(store::StoreError::IndexBroken.into());
+    // Also when it broke during a shutdown that SIGTERM began.
+    if store.needs_restart() {
+        return Err(store::StoreError::NeedsRestart.into());
     }
     Ok(())
 }

@@ -796,6 +796,14 @@ impl Drop for Preparer {
     }
 }
 
+/// Free space a segment filled ahead must leave on the journal's filesystem, for commits and the index.
+const FILL_HEADROOM: u64 = 64 * 1024 * 1024;
+
+/// Whether a segment of `segment_bytes` may be filled ahead with `available` bytes free.
+fn room_to_fill(available: u64, segment_bytes: u64) -> bool {
+    available >= segment_bytes.saturating_add(FILL_HEADROOM)
+}
+
 /// How long the preparer waits before trying again to fill a segment it could not (a full disk).
 const PREPARE_RETRY: std::time::Duration =
     if cfg!(test) { std::time::Duration::from_millis(50) } else { std::time::Duration::from_secs(10) };
@@ -826,7 +834,7 @@ fn run_preparer(shared: &Prepared, dir: &Path, segment_bytes: u64) {
             }
             Ok(None) => return,
             Err(error) => {
-                // The committer goes on growing the current segment (appends, slower) and asks again at its next move.
+                // The committer goes on growing the current segment (appends, slower); this thread tries again.
                 tracing::warn!(
                     error = %error,
                     retry_after_millis = PREPARE_RETRY.as_millis() as u64,
@@ -853,6 +861,27 @@ fn run_preparer(shared: &Prepared, dir: &Path, segment_bytes: u64) {
 /// Writes a segment full of zeros, makes it durable and names it `next.ready`; `None` if asked to stop meanwhile.
 /// `paced`: in steps (see [`FILL_CHUNK`]), for filling while commits are being made.
 fn fill_segment(dir: &Path, segment_bytes: u64, stop: &AtomicBool, paced: bool) -> Result<Option<PathBuf>, LogError> {
+    if paced {
+        // Filling ahead is an optimisation: on a nearly full disk it would take the last free space (for the moments
+        // before a failed fill is removed) from the commits and the index, every time it tried.
+        let available = rustix::fs::statvfs(dir)
+            .map(|stats| stats.f_bavail.saturating_mul(stats.f_frsize))
+            .map_err(|error| LogError::Io { path: dir.to_owned(), source: error.into() })?;
+        if !room_to_fill(available, segment_bytes) {
+            return Err(LogError::Io {
+                path: dir.to_owned(),
+                source: io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    format!(
+                        "{} MiB free: the next segment ({} MiB) is filled only while {} MiB more stay free",
+                        available >> 20,
+                        segment_bytes >> 20,
+                        FILL_HEADROOM >> 20
+                    ),
+                ),
+            });
+        }
+    }
     let filling = dir.join("next.tmp");
     let filled = fill(&filling, dir, segment_bytes, stop, paced);
     if !matches!(filled, Ok(Some(_))) {
@@ -1229,6 +1258,16 @@ mod tests {
         preparer.want();
         thread::sleep(PREPARE_RETRY * 3);
         within("closing while fills fail", move || drop(preparer));
+    }
+
+    /// A segment is filled ahead only while it leaves the headroom free (statvfs is asked by every paced fill in
+    /// these tests, on a disk with room).
+    #[test]
+    fn a_segment_is_filled_ahead_only_with_room_to_spare() {
+        assert!(room_to_fill(SEGMENT + FILL_HEADROOM, SEGMENT));
+        assert!(!room_to_fill(SEGMENT + FILL_HEADROOM - 1, SEGMENT));
+        assert!(!room_to_fill(0, SEGMENT));
+        assert!(!room_to_fill(u64::MAX - 1, u64::MAX));
     }
 
     /// If the ready segment cannot be moved into place, the journal goes on in the current one and asks for another.

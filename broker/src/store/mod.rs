@@ -99,6 +99,11 @@ pub enum StoreError {
     #[error("the index could not apply an acknowledged change; restart the broker, which replays it from the journal")]
     IndexBroken,
     #[error(
+        "storage stopped accepting changes after a failure only a restart recovers from (a full disk?); the broker \
+         stopped so that its next start recovers from the journal"
+    )]
+    NeedsRestart,
+    #[error(
         "the data directory `{path}` was written by a newer broker (data format {found}; this broker reads formats up to \
          {supported}): run that version of the broker or a newer one; nothing else in the directory was read or changed"
     )]
@@ -291,6 +296,9 @@ struct Inner {
     /// Set when applying an answered group to sled failed: sled may hold part of it, so every read is refused until
     /// a restart replays the group from the journal.
     index_broken: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when the committer stopped accepting changes after a failure only a restart recovers from (shared with
+    /// [`Applier`]).
+    commits_stopped: Arc<std::sync::atomic::AtomicBool>,
     /// The data directory's lock ([`lock_data_dir`]), held as long as the store, if the caller gave it.
     data_dir_lock: std::sync::Mutex<Option<std::fs::File>>,
     /// Read-only handles on the journal's segments, to read [`Write::PutBlob`] values and [`Write::PutAttached`]
@@ -460,13 +468,14 @@ impl Store {
         };
         let applying = Arc::new(std::sync::RwLock::new(()));
         let index_broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let commits_stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (sender, receiver) = mpsc::channel::<Job>();
         let committer = Applier {
             db: db.clone(),
             applying: applying.clone(),
             applied: applied.clone(),
             index_broken: index_broken.clone(),
-            stopped: std::sync::atomic::AtomicBool::new(false),
+            stopped: commits_stopped.clone(),
             audit_written,
         };
         let handle = thread::Builder::new()
@@ -486,6 +495,7 @@ impl Store {
             checkpoint_thread: std::sync::Mutex::new(Some(checkpoint_thread)),
             checkpointer,
             index_broken,
+            commits_stopped,
             data_dir_lock: std::sync::Mutex::new(None),
             journal_reader,
             audit_index,
@@ -529,10 +539,17 @@ impl Store {
         }
     }
 
-    /// Resolves once the index could not apply an acknowledged change (see [`StoreError::IndexBroken`]); from then on
-    /// the store refuses every read and change until a restart. Checked four times a second.
-    pub async fn index_broken(&self) {
-        while !self.inner.index_broken.load(std::sync::atomic::Ordering::Acquire) {
+    /// Whether the store needs a restart: the index could not apply an acknowledged change (see
+    /// [`StoreError::IndexBroken`]; every read and change is refused), or the committer stopped accepting changes
+    /// after a failed commit could not be taken back. A restart recovers both from what is durable.
+    pub fn needs_restart(&self) -> bool {
+        self.inner.index_broken.load(std::sync::atomic::Ordering::Acquire)
+            || self.inner.commits_stopped.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves once [`Store::needs_restart`]; checked four times a second.
+    pub async fn restart_needed(&self) {
+        while !self.needs_restart() {
             tokio::time::sleep(std::time::Duration::from_millis(250)).await;
         }
     }
@@ -820,7 +837,7 @@ struct Applier {
     index_broken: Arc<std::sync::atomic::AtomicBool>,
     /// Set when a group whose `fdatasync` failed could not be cut back off the logs: no further commit is accepted
     /// (what the files hold past that point is unknown; a restart recovers from what is durable).
-    stopped: std::sync::atomic::AtomicBool,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
     /// How long `entries.log` was after the last group applied (see [`IndexCheckpointer`]).
     audit_written: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -1373,8 +1390,8 @@ mod tests {
         let store = open(dir.path());
         let put = |key: &[u8]| Commit { audit: Vec::new(), writes: vec![Write::Put(key.to_vec(), b"v".to_vec())] };
         store.commit(put(b"k/1")).await.unwrap();
-        let healthy = tokio::time::timeout(std::time::Duration::from_millis(600), store.index_broken()).await;
-        assert!(healthy.is_err(), "a sound index is not reported broken");
+        let healthy = tokio::time::timeout(std::time::Duration::from_millis(600), store.restart_needed()).await;
+        assert!(healthy.is_err() && !store.needs_restart(), "a sound store does not ask for a restart");
         // What `Applying::apply` does when sled fails.
         store.inner.index_broken.store(true, std::sync::atomic::Ordering::Release);
         assert!(matches!(store.get(b"k/1"), Err(StoreError::IndexBroken)));
@@ -1385,7 +1402,8 @@ mod tests {
         assert!(matches!(store.scan_prefix(b"k/").next(), Some(Err(StoreError::IndexBroken))));
         assert!(matches!(store.commit(put(b"k/2")).await, Err(StoreError::CommitFailed { .. })));
         // What the broker waits on to stop (and be restarted, which replays the journal).
-        tokio::time::timeout(std::time::Duration::from_secs(5), store.index_broken()).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), store.restart_needed()).await.unwrap();
+        assert!(store.needs_restart());
         store.close();
     }
 

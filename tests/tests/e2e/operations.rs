@@ -238,7 +238,8 @@ async fn a_log_that_cannot_be_written_does_not_stop_the_broker() -> Result<()> {
         assert_eq!(track.recipients[0].state, pb::DeliveryState::Acknowledged as i32);
     }
     drop(stream);
-    let status = tokio::task::spawn_blocking(move || broker.terminate()).await??;
+    let stopping = tokio::task::spawn_blocking(move || broker.terminate());
+    let status = tokio::time::timeout(Duration::from_secs(30), stopping).await???;
     assert!(status.success(), "the broker exited with {status}");
     Ok(())
 }
