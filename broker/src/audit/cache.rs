@@ -506,14 +506,7 @@ impl Files {
         for file in self.levels.iter().chain([&self.offsets, &self.postings]) {
             file.sync_data()?;
         }
-        let temporary = self.dir.join("meta.new");
-        {
-            let file = OpenOptions::new().create(true).truncate(true).write(true).open(&temporary)?;
-            file.write_all_at(&meta.encode(), 0)?;
-            file.sync_all()?;
-        }
-        std::fs::rename(&temporary, self.dir.join("meta"))?;
-        sync_dir(&self.dir)
+        crate::store::log::replace_durably(&self.dir, "meta", &meta.encode())
     }
 }
 

@@ -677,20 +677,11 @@ pub(crate) fn read_durable_mark(dir: &Path) -> Result<Option<u64>, AuditError> {
 
 /// Records `offset` as the durable point of `entries.log` (write, `fsync`, rename, `fsync` the folder).
 pub(crate) fn write_durable_mark(dir: &Path, offset: u64) -> Result<(), AuditError> {
-    let path = dir.join(DURABLE_MARK);
-    let temporary = dir.join("durable.new");
     let mut bytes = DURABLE_MARK_MAGIC.to_vec();
     bytes.extend_from_slice(&offset.to_le_bytes());
     bytes.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
-    let written = (|| {
-        use std::io::Write as _;
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, &path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    written.map_err(|source| LogError::Io { path, source }.into())
+    crate::store::log::replace_durably(dir, DURABLE_MARK, &bytes)
+        .map_err(|source| LogError::Io { path: dir.join(DURABLE_MARK), source }.into())
 }
 
 /// Keyed pseudonyms of children's identifiers.

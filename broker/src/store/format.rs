@@ -7,11 +7,7 @@
 //! older brokers cannot read raises [`DATA_FORMAT`]; a broker always marks a directory with its own format before it
 //! writes anything else there, because from then on it writes that format.
 
-use std::{
-    fs::File,
-    io::{self, Write as _},
-    path::{Path, PathBuf},
-};
+use std::{io, path::Path};
 
 use super::{StoreError, log::LogError};
 
@@ -57,17 +53,11 @@ pub fn check_and_mark(data_dir: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// Writes the mark: a new file made durable, renamed over the old one, and the folder made durable.
+/// Writes the mark durably ([`super::log::replace_durably`]).
 fn write_mark(data_dir: &Path, format: u32) -> Result<(), StoreError> {
-    let io_err = |path: PathBuf| move |source| StoreError::Log(LogError::Io { path, source });
-    std::fs::create_dir_all(data_dir).map_err(io_err(data_dir.to_owned()))?;
-    let path = data_dir.join(FORMAT_FILE);
-    let fresh = data_dir.join(format!("{FORMAT_FILE}.new"));
-    let mut file = File::create(&fresh).map_err(io_err(fresh.clone()))?;
-    file.write_all(format!("{PREFIX}{format}\n").as_bytes()).map_err(io_err(fresh.clone()))?;
-    file.sync_all().map_err(io_err(fresh.clone()))?;
-    std::fs::rename(&fresh, &path).map_err(io_err(path.clone()))?;
-    File::open(data_dir).and_then(|folder| folder.sync_all()).map_err(io_err(data_dir.to_owned()))
+    std::fs::create_dir_all(data_dir)
+        .and_then(|()| super::log::replace_durably(data_dir, FORMAT_FILE, format!("{PREFIX}{format}\n").as_bytes()))
+        .map_err(|source| StoreError::Log(LogError::Io { path: data_dir.join(FORMAT_FILE), source }))
 }
 
 #[cfg(test)]

@@ -266,6 +266,18 @@ pub(super) fn read_frame(reader: &mut impl Read, payload: &mut Vec<u8>, remainin
     Ok(Frame::Record)
 }
 
+/// Replaces the small file `dir/name` with `bytes` so that a crash leaves the old or the new one whole: writes
+/// `name.new`, makes it durable, renames it over `name` and makes the folder durable. Used for the marks and
+/// metadata that sit beside the logs (the data format, the audit log's durable point, its start-up cache's `meta`).
+pub fn replace_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let temporary = dir.join(format!("{name}.new"));
+    let mut file = File::create(&temporary)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, dir.join(name))?;
+    File::open(dir)?.sync_all()
+}
+
 /// Reads every record of a log without changing it (for offline verification and export).
 pub fn read_all(path: &Path, mut visit: impl FnMut(u64, &[u8]) -> Result<(), LogError>) -> Result<u64, LogError> {
     let io_err = |source| LogError::Io { path: path.to_owned(), source };
