@@ -6,8 +6,8 @@
 //!   encoded envelope and writes into an empty buffer only the fields the decision's mask holds, recursing into
 //!   every message field through a [`WirePlan`] compiled from the descriptors, so a field held whole is still written
 //!   field by field. Bytes in, bytes out: a send encodes its envelope once for all its recipients and stores each
-//!   copy as it comes out, so on the send's path nothing is decoded or encoded again per recipient. [`build_copy`] wraps it for
-//!   callers that hold decoded messages (tests, tools).
+//!   copy as it comes out, so on the send's path nothing is decoded or encoded again per recipient. [`build_copy`]
+//!   wraps it for callers that hold decoded messages (tests, tools).
 //! - [`build_copy_dynamic`] reads the envelope into a `DynamicMessage` and fills an empty `DynamicMessage` field by
 //!   field. It is the reference implementation; tests check both give the same copy.
 //!
