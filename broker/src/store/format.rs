@@ -87,7 +87,11 @@ mod tests {
         std::fs::write(dir.path().join(FORMAT_FILE), &newer).unwrap();
         let error = check_and_mark(dir.path()).unwrap_err();
         assert!(
-            matches!(error, StoreError::NewerFormat { found, supported, .. } if found == DATA_FORMAT + 1 && supported == DATA_FORMAT),
+            matches!(
+                error,
+                StoreError::NewerFormat { found, supported, .. }
+                    if found == DATA_FORMAT + 1 && supported == DATA_FORMAT
+            ),
             "{error}"
         );
         assert!(error.to_string().contains("newer broker"), "{error}");
