@@ -51,6 +51,7 @@ use super::{
     AuditEntry,
     index::MemoryIndex,
     merkle::{Hash, MerkleTree, leaf_hash},
+    postings::Postings,
 };
 
 /// How often the cache thread makes what it was handed durable and names it in `meta`. A start after a crash reads at
@@ -295,7 +296,7 @@ fn read_items<T, const N: usize>(
 
 /// Reads the postings `meta` covers into the index's map; every sequence must be below `meta.entries` and each
 /// key's sequences ascending.
-fn read_postings(path: &Path, meta: &Meta) -> Result<HashMap<u64, Vec<u64>>, Unusable> {
+fn read_postings(path: &Path, meta: &Meta) -> Result<HashMap<u64, Postings>, Unusable> {
     let io = |source| Unusable::Io { path: path.to_owned(), source };
     let mut file = File::open(path).map_err(io)?;
     let have = file.metadata().map_err(io)?.len();
@@ -303,7 +304,7 @@ fn read_postings(path: &Path, meta: &Meta) -> Result<HashMap<u64, Vec<u64>>, Unu
         return Err(Unusable::Disagrees(format!("`{}` holds fewer than {} postings", path.display(), meta.postings)));
     }
     let disagrees = || Unusable::Disagrees(format!("`{}` fails its checksum", path.display()));
-    let mut postings: HashMap<u64, Vec<u64>> = HashMap::new();
+    let mut postings: HashMap<u64, Postings> = HashMap::new();
     let mut crc = crc32fast::Hasher::new();
     let mut buffer = vec![0u8; READ_CHUNK];
     let mut left = meta.postings;
@@ -316,11 +317,10 @@ fn read_postings(path: &Path, meta: &Meta) -> Result<HashMap<u64, Vec<u64>>, Unu
             let (hash, sequence) = pair.split_at(8);
             let hash = u64::from_le_bytes(hash.try_into().unwrap_or_default());
             let sequence = u64::from_le_bytes(sequence.try_into().unwrap_or_default());
-            let sequences = postings.entry(hash).or_default();
-            if sequence >= meta.entries || sequences.last().is_some_and(|last| *last >= sequence) {
+            // Each key's sequence numbers must ascend (`push` refuses any other).
+            if sequence >= meta.entries || !postings.entry(hash).or_default().push(sequence) {
                 return Err(disagrees());
             }
-            sequences.push(sequence);
         }
         left -= pairs as u64;
     }

@@ -32,16 +32,16 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use super::{AuditEntry, Pseudonym};
+use super::{AuditEntry, Pseudonym, postings::Postings};
 
 /// The in-memory index, shared between the committer (the only writer) and queries.
 pub type SharedIndex = Arc<RwLock<MemoryIndex>>;
 
-/// For each index key (by [`key_hash`]), the sequence numbers of the entries under it (ascending); and each entry's
-/// byte offset.
+/// For each index key (by [`key_hash`]), the sequence numbers of the entries under it (ascending, held compactly:
+/// [`Postings`]); and each entry's byte offset.
 #[derive(Debug, Default)]
 pub struct MemoryIndex {
-    postings: HashMap<u64, Vec<u64>>,
+    postings: HashMap<u64, Postings>,
     offsets: Vec<u64>,
     /// Reused to spell each key while adding, so that adding allocates only for new keys.
     scratch: Vec<u8>,
@@ -58,12 +58,9 @@ impl MemoryIndex {
         self.offsets.push(offset);
         let mut scratch = std::mem::take(&mut self.scratch);
         for_each_key_hash(entry, &mut scratch, |hash| {
-            let sequences = self.postings.entry(hash).or_default();
-            if sequences.last() != Some(&sequence) {
-                sequences.push(sequence);
-                if self.recording {
-                    self.unsaved.push((hash, sequence));
-                }
+            // A key an entry names twice (a rule listed twice) holds the entry once.
+            if self.postings.entry(hash).or_default().push(sequence) && self.recording {
+                self.unsaved.push((hash, sequence));
             }
         });
         self.scratch = scratch;
@@ -71,7 +68,7 @@ impl MemoryIndex {
 
     /// An index loaded from [`crate::audit::cache`]: every key's ascending sequence numbers, and every entry's
     /// offset.
-    pub(crate) fn from_parts(postings: HashMap<u64, Vec<u64>>, offsets: Vec<u64>) -> Self {
+    pub(crate) fn from_parts(postings: HashMap<u64, Postings>, offsets: Vec<u64>) -> Self {
         Self { postings, offsets, scratch: Vec::new(), unsaved: Vec::new(), recording: false }
     }
 
@@ -105,12 +102,11 @@ impl MemoryIndex {
     /// The (sequence, offset) of the entries under `prefix` with `first <= sequence < size_bound`, at most `limit`.
     pub fn lookup(&self, prefix: &[u8], first: u64, size_bound: u64, limit: usize) -> Vec<(u64, u64)> {
         let Some(sequences) = self.postings.get(&key_hash(prefix)) else { return Vec::new() };
-        let start = sequences.partition_point(|sequence| *sequence < first);
-        sequences[start..]
-            .iter()
-            .take_while(|sequence| **sequence < size_bound)
+        sequences
+            .from(first)
+            .take_while(|sequence| *sequence < size_bound)
             .take(limit)
-            .filter_map(|sequence| self.offsets.get(*sequence as usize).map(|offset| (*sequence, *offset)))
+            .filter_map(|sequence| self.offsets.get(sequence as usize).map(|offset| (sequence, *offset)))
             .collect()
     }
 }

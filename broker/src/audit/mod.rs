@@ -30,6 +30,7 @@ pub mod checkpoints;
 pub mod cli;
 pub mod index;
 pub mod merkle;
+pub mod postings;
 pub mod query;
 pub mod verify;
 

@@ -113,9 +113,16 @@ struct Args {
     /// The brokers' `storage.journal_segment_bytes` (the broker's default when not given).
     #[arg(long = "journal-segment-bytes")]
     journal_segment_bytes: Option<u64>,
+    /// The brokers' `storage.index_cache_bytes`, sled's cache (the broker's default when not given).
+    #[arg(long = "index-cache-bytes")]
+    index_cache_bytes: Option<u64>,
 }
 
 impl Args {
+    fn storage_settings(&self) -> StorageSettings {
+        StorageSettings { journal_segment_bytes: self.journal_segment_bytes, index_cache_bytes: self.index_cache_bytes }
+    }
+
     /// Where a scenario's receiving agents write their inboxes.
     fn inbox_root(&self, subject: &Subject) -> PathBuf {
         match &self.inbox_dir {
@@ -497,7 +504,7 @@ async fn measure_references(args: &Args, area: &Area, workload: &Workload) -> Re
     println!("disk: {fsyncs_per_second:.0} fsyncs/s (1 KiB, 1 per fdatasync)");
     println!("disk: {group_records_per_second:.0} records/s (1 KiB, 64 per fdatasync)");
 
-    let config = write_config(area, "127.0.0.1:0".parse()?, &tests::sample_policy_dir(), None)?;
+    let config = write_config(area, "127.0.0.1:0".parse()?, &tests::sample_policy_dir(), &StorageSettings::default())?;
     let bare = Server::spawn("serve-bare", &config, None)?;
     let senders = Senders::connect(area, bare.address, workload, args.connections_per_sender, None).await?;
     let one = closed_loop(&senders, workload, (args.messages / 5).max(100), 1, args.phase_timeout).await?;
@@ -525,13 +532,15 @@ async fn measure_references(args: &Args, area: &Area, workload: &Workload) -> Re
 // ---------------------------------------------------------------------------------------------------------------
 // The area and the broker's configuration.
 
-/// Writes a broker configuration for `listen` using the policy folder `policy_dir` and returns its path.
-fn write_config(
-    area: &Area,
-    listen: SocketAddr,
-    policy_dir: &Path,
+/// The brokers' `[storage]` settings the load generator's options give (the broker's defaults where not given).
+#[derive(Debug, Default, Clone, Copy)]
+struct StorageSettings {
     journal_segment_bytes: Option<u64>,
-) -> Result<PathBuf> {
+    index_cache_bytes: Option<u64>,
+}
+
+/// Writes a broker configuration for `listen` using the policy folder `policy_dir` and returns its path.
+fn write_config(area: &Area, listen: SocketAddr, policy_dir: &Path, storage: &StorageSettings) -> Result<PathBuf> {
     let settings = &area.settings;
     let mut issuers = String::new();
     for (agency, _) in &area.agencies {
@@ -553,10 +562,15 @@ fn write_config(
         attempts = settings.max_attempts,
         retry = settings.default_retry_delay_millis,
     );
-    let storage =
-        journal_segment_bytes.map(|bytes| format!("[storage]\njournal_segment_bytes = {bytes}\n")).unwrap_or_default();
+    let mut text = text + "[storage]\n";
+    if let Some(bytes) = storage.journal_segment_bytes {
+        text.push_str(&format!("journal_segment_bytes = {bytes}\n"));
+    }
+    if let Some(bytes) = storage.index_cache_bytes {
+        text.push_str(&format!("index_cache_bytes = {bytes}\n"));
+    }
     let path = area.path().join("broker.toml");
-    std::fs::write(&path, text + &storage)?;
+    std::fs::write(&path, text)?;
     Ok(path)
 }
 
@@ -1095,7 +1109,7 @@ impl Subject {
         for id in &extra {
             area.agencies.push((id.clone(), "practitioner".to_owned()));
         }
-        let config = write_config(&area, "127.0.0.1:0".parse()?, &policy_dir, args.journal_segment_bytes)?;
+        let config = write_config(&area, "127.0.0.1:0".parse()?, &policy_dir, &args.storage_settings())?;
         let server = Server::spawn("serve-broker", &config, Some(area.data_dir()))?;
         let address = server.address;
         let pid = server.pid;
