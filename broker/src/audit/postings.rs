@@ -49,11 +49,16 @@ impl Postings {
                 self.skips.get_or_insert_default().push((self.last, at));
             }
         }
-        let mut varint = [0u8; 10];
-        let mut free = &mut varint[..];
-        encode_varint(delta, &mut free);
-        let written = 10 - free.len();
-        self.bytes.extend_from_slice(&varint[..written]);
+        if delta < 0x80 {
+            // The usual difference in a busy key's list: one byte.
+            self.bytes.push(delta as u8);
+        } else {
+            let mut varint = [0u8; 10];
+            let mut free = &mut varint[..];
+            encode_varint(delta, &mut free);
+            let written = 10 - free.len();
+            self.bytes.extend_from_slice(&varint[..written]);
+        }
         self.last = sequence;
         true
     }
