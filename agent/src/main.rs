@@ -2,7 +2,7 @@
 //! message's state per recipient). A thin layer over the `agent` library; see its documentation and
 //! `agent --help`.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{io::Write as _, path::PathBuf, process::ExitCode};
 
 use agent::{
     AgentConfig, AgentError,
@@ -77,7 +77,9 @@ fn main() -> ExitCode {
     match runtime.block_on(execute(arguments.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            // Not `eprintln!`, which panics (exit status 101) when standard error cannot be written: a log file on
+            // the full disk that stopped the process, say. The exit status still tells the supervisor.
+            let _ = writeln!(std::io::stderr(), "error: {error:#}");
             ExitCode::FAILURE
         }
     }

@@ -112,6 +112,18 @@ async fn reload_tokens_on_change(config: Config, current: transport::service::Cu
     }
 }
 
+/// A write past the process's file-size limit (`RLIMIT_FSIZE`: `ulimit -f`, systemd's `LimitFSIZE=`) raises SIGXFSZ,
+/// whose default action ends the process at once, in the middle of whatever it was writing. With a handler installed
+/// (tokio's, which only counts the signal) the write fails with EFBIG instead, which the broker treats as a full
+/// disk: the change is refused with RESOURCE_EXHAUSTED and nothing is lost (PostgreSQL ignores the signal likewise).
+/// The handler stays installed for the life of the process.
+fn survive_file_size_limit() {
+    let kind = tokio::signal::unix::SignalKind::from_raw(rustix::process::Signal::XFSZ.as_raw());
+    if let Err(error) = tokio::signal::unix::signal(kind) {
+        tracing::warn!(error = %error, "could not handle SIGXFSZ: a file-size limit would end the broker");
+    }
+}
+
 /// Serves the broker on `listener` until `shutdown` resolves, then stops accepting, ends delivery streams, lets
 /// requests in flight finish and closes the store.
 pub async fn run(
@@ -120,6 +132,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), BrokerError> {
     let policy = load_policy(&config)?;
+    survive_file_size_limit();
     // Everything that can fail is checked before any task starts, so a failed start leaves nothing running.
     let tls = transport::server_tls(&config.tls)?;
     tracing::info!(policy_set_hash = %policy.hash(), "policy set loaded");
@@ -217,8 +230,8 @@ pub async fn run(
     });
     let local = listener.local_addr().ok();
     tracing::info!(address = ?local, "broker listening (mutual TLS)");
-    // A store that needs a restart (its index could not apply an acknowledged change, sled failing on a full disk
-    // say, or its committer stopped after a failure) refuses every change until then; the broker then stops as on
+    // A store that needs a restart (its index failed: sled met a full disk, say, while applying an acknowledged change
+    // or while read; or its committer stopped after a failure) refuses every change until then; the broker then stops as on
     // SIGTERM and exits with an error, so that its supervisor starts it again, which recovers from the journal.
     let broken = {
         let store = store.clone();

@@ -1,7 +1,7 @@
 //! The `broker` command: `serve` runs the broker; other subcommands are tools for information-governance leads,
 //! auditors and operators. Kept thin: the work is in the library.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -130,7 +130,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            // Not `eprintln!`, which panics (exit status 101) when standard error cannot be written: a log file on
+            // the full disk that stopped the process, say. The exit status still tells the supervisor.
+            let _ = writeln!(std::io::stderr(), "error: {error:#}");
             ExitCode::FAILURE
         }
     }

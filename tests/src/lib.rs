@@ -402,6 +402,32 @@ impl BrokerProcess {
         self.child.id()
     }
 
+    /// Waits up to `within` for the process to exit by itself; its status if it did.
+    pub fn exited_within(&mut self, within: std::time::Duration) -> Result<Option<std::process::ExitStatus>> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Limits the size any file the process writes may reach (`RLIMIT_FSIZE`, as `ulimit -f` would), so that its
+    /// files cannot grow past `bytes`: what a full disk does to the files that still need room, without the root
+    /// privileges a small filesystem needs.
+    pub fn limit_file_size(&self, bytes: u64) -> Result<()> {
+        use rustix::process::{Pid, Resource, Rlimit, getrlimit, prlimit};
+        let pid = Pid::from_raw(self.child.id() as i32).ok_or_else(|| anyhow!("no such process"))?;
+        // The hard limit stays as it is (this process's, which the child inherited).
+        let maximum = getrlimit(Resource::Fsize).maximum;
+        prlimit(Some(pid), Resource::Fsize, Rlimit { current: Some(bytes), maximum })?;
+        Ok(())
+    }
+
     /// SIGTERM, then waits for the process to exit (graceful shutdown).
     pub fn terminate(mut self) -> Result<std::process::ExitStatus> {
         let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status()?;

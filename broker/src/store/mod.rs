@@ -96,7 +96,10 @@ pub enum StoreError {
     Stopped,
     #[error("`{0}` is in use by another broker process (it holds `broker.lock` there)")]
     InUse(PathBuf),
-    #[error("the index could not apply an acknowledged change; restart the broker, which replays it from the journal")]
+    #[error(
+        "the index failed (it could not apply an acknowledged change, or sled reported a failure of its own); restart \
+         the broker, which replays the journal into it"
+    )]
     IndexBroken,
     #[error(
         "storage stopped accepting changes after a failure only a restart recovers from (a full disk?); the broker \
@@ -116,7 +119,9 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// True when the failure is lack of space: the caller may retry later.
+    /// True when the failure is lack of space: the disk is full (`ENOSPC`), a quota is used up (`EDQUOT`), or a file
+    /// reached the process's file-size limit (`EFBIG`; `broker::run` makes that an error rather than the signal that
+    /// would kill the broker). The caller may retry later.
     pub fn is_disk_full(&self) -> bool {
         let io = match self {
             StoreError::Log(LogError::Io { source, .. }) => Some(source),
@@ -124,7 +129,12 @@ impl StoreError {
             StoreError::CommitFailed { disk_full, .. } => return *disk_full,
             _ => None,
         };
-        io.is_some_and(|error| error.raw_os_error() == Some(28))
+        io.is_some_and(|error| {
+            matches!(
+                error.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded | std::io::ErrorKind::FileTooLarge
+            )
+        })
     }
 }
 
@@ -539,8 +549,8 @@ impl Store {
         }
     }
 
-    /// Whether the store needs a restart: the index could not apply an acknowledged change (see
-    /// [`StoreError::IndexBroken`]; every read and change is refused), or the committer stopped accepting changes
+    /// Whether the store needs a restart: the index could not apply an acknowledged change, or sled failed while
+    /// read (see [`StoreError::IndexBroken`]; every read and change is refused), or the committer stopped accepting changes
     /// after a failed commit could not be taken back. A restart recovers both from what is durable.
     pub fn needs_restart(&self) -> bool {
         self.inner.index_broken.load(std::sync::atomic::Ordering::Acquire)
@@ -597,7 +607,22 @@ impl Store {
     /// The value under `key` as the index holds it, read while no answered group is half applied.
     fn held(&self, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
         let _whole_groups = self.whole_groups()?;
-        Ok(self.inner.tree.get(key)?)
+        self.inner.tree.get(key).map_err(|error| self.index_failed(error))
+    }
+
+    /// A failure of sled itself met while reading: an I/O error (a full disk met by its flusher, say), a corruption it
+    /// found, or a bug it reports. sled keeps an I/O failure and answers every later call with it, so without this the
+    /// store would refuse every read from then on while no change ever failed to apply (sends fail at their first
+    /// read, before they commit), and the broker would stay up refusing everything. The store is marked as needing
+    /// a restart instead ([`Store::needs_restart`]), which `broker::run` acts on; the next start replays the journal
+    /// into the index.
+    fn index_failed(&self, error: sled::Error) -> StoreError {
+        if !matches!(error, sled::Error::CollectionNotFound(_) | sled::Error::Unsupported(_))
+            && !self.inner.index_broken.swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            tracing::error!(error = %error, "the index failed; refusing reads and changes until a restart");
+        }
+        StoreError::Sled(error)
     }
 
     /// A value as the index holds it, with a [`BlobRef`] replaced by the bytes it points at and an attached value
@@ -628,15 +653,13 @@ impl Store {
     pub fn scan_prefix(&self, prefix: &[u8]) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
         // Waits for a group being applied (its callers may have been answered already).
         let refused = self.whole_groups().err();
-        let items = match refused {
-            Some(_) => None,
-            None => Some(
-                self.inner
-                    .tree
-                    .scan_prefix(prefix)
-                    .map(|item| item.map_err(StoreError::from).and_then(|pair| self.resolve_pair(pair))),
-            ),
-        };
+        let items =
+            match refused {
+                Some(_) => None,
+                None => Some(self.inner.tree.scan_prefix(prefix).map(|item| {
+                    item.map_err(|error| self.index_failed(error)).and_then(|pair| self.resolve_pair(pair))
+                })),
+            };
         refused.map(Err).into_iter().chain(items.into_iter().flatten())
     }
 
@@ -651,7 +674,7 @@ impl Store {
         };
         let mut page = Vec::new();
         for item in self.inner.tree.range::<Vec<u8>, _>((start, std::ops::Bound::Unbounded)) {
-            let (key, value) = item?;
+            let (key, value) = item.map_err(|error| self.index_failed(error))?;
             if !key.starts_with(prefix) || page.len() == limit {
                 break;
             }
@@ -664,7 +687,7 @@ impl Store {
     pub fn next_after(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
         let found = {
             let _whole_groups = self.whole_groups()?;
-            self.inner.tree.get_gt(key)?
+            self.inner.tree.get_gt(key).map_err(|error| self.index_failed(error))?
         };
         found.map(|pair| self.resolve_pair(pair)).transpose()
     }
@@ -673,7 +696,7 @@ impl Store {
     pub fn last_under(&self, prefix: &[u8]) -> Result<Option<KeyValue>, StoreError> {
         let found = {
             let _whole_groups = self.whole_groups()?;
-            self.inner.tree.scan_prefix(prefix).next_back().transpose()?
+            self.inner.tree.scan_prefix(prefix).next_back().transpose().map_err(|error| self.index_failed(error))?
         };
         found.map(|pair| self.resolve_pair(pair)).transpose()
     }
@@ -1380,6 +1403,42 @@ mod tests {
         let encoded = postcard::to_stdvec(&now).unwrap();
         assert_eq!(encoded, postcard::to_stdvec(&before).unwrap());
         assert_eq!(postcard::from_bytes::<Vec<Write>>(&encoded).unwrap(), now);
+    }
+
+    /// No room (a full disk, a used-up quota, a file at the process's size limit) is told apart from other failures:
+    /// the change may be retried later.
+    #[test]
+    fn lack_of_room_is_told_apart() {
+        let io = |source: std::io::Error| StoreError::Log(LogError::Io { path: PathBuf::from("journal"), source });
+        for raw in [28, 122, 27] {
+            // ENOSPC, EDQUOT, EFBIG on Linux.
+            assert!(io(std::io::Error::from_raw_os_error(raw)).is_disk_full(), "os error {raw}");
+        }
+        assert!(!io(std::io::Error::from_raw_os_error(5)).is_disk_full(), "EIO");
+        assert!(!io(std::io::Error::other("injected failure")).is_disk_full());
+    }
+
+    /// sled keeps an I/O failure and answers every later call with it: met by a read (a send's first step), it marks
+    /// the store as needing a restart, as a failed apply does, and every later read is refused. A failure that says
+    /// nothing about sled's state does not.
+    #[tokio::test]
+    async fn a_failure_of_sled_met_by_a_read_asks_for_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let put = Commit { audit: Vec::new(), writes: vec![Write::Put(b"k/1".to_vec(), b"v".to_vec())] };
+        store.commit(put).await.unwrap();
+        let refused = store.index_failed(sled::Error::Unsupported("a request sled does not support".to_owned()));
+        assert!(matches!(refused, StoreError::Sled(_)));
+        assert!(!store.needs_restart(), "not a failure of sled's state");
+        assert_eq!(store.get(b"k/1").unwrap(), Some(b"v".to_vec()));
+        // What `held`, the scans and the seeks do with an error from sled.
+        let failed = store.index_failed(sled::Error::Io(std::io::Error::from(std::io::ErrorKind::FileTooLarge)));
+        assert!(matches!(failed, StoreError::Sled(_)));
+        tokio::time::timeout(std::time::Duration::from_secs(5), store.restart_needed()).await.unwrap();
+        assert!(matches!(store.get(b"k/1"), Err(StoreError::IndexBroken)));
+        assert!(matches!(store.scan_page(b"k/", None, 10), Err(StoreError::IndexBroken)));
+        let change = Commit { audit: Vec::new(), writes: vec![Write::Put(b"k/2".to_vec(), b"v".to_vec())] };
+        assert!(store.commit(change).await.is_err(), "changes are refused too");
     }
 
     /// Once sled could not apply an answered group (it may hold part of it), every read is refused, scans and seeks

@@ -3,7 +3,7 @@
 //! Usage: `broker-under-test CONFIG.toml`. Binds the configured address (port 0 picks a free one), prints
 //! `LISTENING <address>` on standard output once bound, and serves until SIGTERM or SIGINT.
 
-use std::process::ExitCode;
+use std::{io::Write as _, process::ExitCode};
 
 fn main() -> ExitCode {
     let Some(path) = std::env::args().nth(1) else {
@@ -45,7 +45,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            // Not `eprintln!`, which panics (exit status 101) when standard error cannot be written: a log file on
+            // the full disk that stopped the process, say. The exit status still tells the supervisor.
+            let _ = writeln!(std::io::stderr(), "error: {error:#}");
             ExitCode::FAILURE
         }
     }

@@ -244,6 +244,89 @@ async fn a_log_that_cannot_be_written_does_not_stop_the_broker() -> Result<()> {
     Ok(())
 }
 
+/// Sends from the police to the offline school under a file-size limit (`RLIMIT_FSIZE`) set on the running broker
+/// to `limit(size of sled's file)` bytes, until a send is refused or the broker stops; then expects the broker to stop
+/// by itself with a failure status (so that its supervisor starts it again), starts it again without the limit, and
+/// expects every send it acknowledged before to reach the school. Returns how many were acknowledged.
+///
+/// A file-size limit makes writes past it fail (EFBIG), which is what a full disk does to the files that still need
+/// room, without the root privileges a small filesystem needs; unlike a full disk it also refuses writes into the
+/// journal's segments, which were filled ahead of use, once they lie past the limit.
+async fn limited_then_restarted(limit: impl FnOnce(u64) -> u64) -> Result<usize> {
+    let area = Area::new()?;
+    // Its log, at debug level, is under the limit too, as on a full disk: it soon cannot be written either.
+    let log = area.path().join("broker.log");
+    let mut broker = BrokerProcess::start_logged(BROKER, &area, "127.0.0.1:0".parse()?, &log)?;
+    let mut police = area.client(POLICE, broker.address).await?;
+    // Serving (storage open, the journal's first segment filled) before the limit.
+    let mut accepted = BTreeSet::new();
+    accepted.insert(send_f1(&mut police, "before-the-limit").await?.message_id);
+    broker.limit_file_size(limit(std::fs::metadata(area.data_dir().join("index").join("db"))?.len()))?;
+    let mut refusals = Vec::new();
+    let mut exited = None;
+    for round in 0..20_000 {
+        let mut envelope = example("operation-encompass-notification.json")?;
+        envelope.idempotency_key = format!("limited-{round}");
+        let request = pb::SendRequest { envelope: Some(envelope) };
+        match tokio::time::timeout(Duration::from_secs(10), police.send(request)).await? {
+            Ok(receipt) => {
+                accepted.insert(receipt.into_inner().message_id);
+            }
+            Err(status) => refusals.push(status.code()),
+        }
+        // Once refused, the broker is about to stop (it checks four times a second).
+        let wait = if refusals.is_empty() { Duration::ZERO } else { Duration::from_secs(30) };
+        exited = broker.exited_within(wait)?;
+        if exited.is_some() || !refusals.is_empty() {
+            break;
+        }
+    }
+    let status = exited.ok_or_else(|| anyhow::anyhow!("the broker did not stop; refusals: {refusals:?}"))?;
+    // 1: not a panic's 101 (`eprintln!` of the final error panicked on the unwritable log), nor death by the signal a
+    // file-size limit sends by default.
+    assert_eq!(status.code(), Some(1), "it stops with a failure status for its supervisor: {status}");
+    assert!(
+        refusals.iter().all(|code| matches!(code, tonic::Code::Unavailable | tonic::Code::ResourceExhausted)),
+        "refusals say to retry: {refusals:?}"
+    );
+
+    // The next start, with room again, recovers from the journal: every acknowledged send reaches the school.
+    let broker = BrokerProcess::start(BROKER, &area, "127.0.0.1:0".parse()?)?;
+    let mut school = area.client(SCHOOL, broker.address).await?;
+    let mut stream = school.deliveries(pb::DeliveriesRequest {}).await?.into_inner();
+    let mut delivered = BTreeSet::new();
+    while !accepted.is_subset(&delivered) {
+        let delivery = tokio::time::timeout(Duration::from_secs(20), tokio_stream::StreamExt::next(&mut stream))
+            .await
+            .map_err(|_| anyhow::anyhow!("{} of {} acknowledged sends delivered", delivered.len(), accepted.len()))?
+            .ok_or_else(|| anyhow::anyhow!("the delivery stream ended"))??;
+        school.acknowledge(pb::AcknowledgeRequest { delivery_id: delivery.delivery_id }).await?;
+        delivered.insert(delivery.message_id);
+    }
+    drop(stream);
+    tokio::task::spawn_blocking(move || broker.terminate()).await??;
+    Ok(accepted.len())
+}
+
+/// sled meets the limit first (the journal's 1 MiB segments lie below it): its write fails, and it answers every
+/// later call with that failure. The broker stops whether a change failed to apply or a send's first read met it
+/// first (it stayed up, refusing every send, until the store marked a failed read as needing a restart too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_whose_index_cannot_grow_stops_and_its_next_start_loses_nothing() -> Result<()> {
+    let accepted = limited_then_restarted(|sled_file| sled_file.max(1024 * 1024) + 256 * 1024).await?;
+    assert!(accepted > 1, "sends were taken under the limit until sled met it");
+    Ok(())
+}
+
+/// The journal meets the limit first: a commit's write fails and cannot be taken back (the zeros that would cover it
+/// lie past the limit too), so the committer stops taking changes and the broker stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_whose_journal_cannot_be_written_stops_and_its_next_start_loses_nothing() -> Result<()> {
+    let accepted = limited_then_restarted(|sled_file| sled_file + 64 * 1024).await?;
+    assert!(accepted > 1, "sends were taken under the limit until the journal met it");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_debug_log_of_real_traffic_holds_no_personal_data() -> Result<()> {
     let area = Area::new()?;
