@@ -402,8 +402,9 @@ impl BrokerProcess {
         self.child.id()
     }
 
-    /// Waits up to `within` for the process to exit by itself; its status if it did.
-    pub fn exited_within(&mut self, within: std::time::Duration) -> Result<Option<std::process::ExitStatus>> {
+    /// Waits up to `within` for the process to exit by itself (without holding up the runtime's worker); its status
+    /// if it did.
+    pub async fn exited_within(&mut self, within: std::time::Duration) -> Result<Option<std::process::ExitStatus>> {
         let deadline = std::time::Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -412,7 +413,7 @@ impl BrokerProcess {
             if std::time::Instant::now() >= deadline {
                 return Ok(None);
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 

@@ -9,8 +9,9 @@
 //!
 //! Keys are held as a 64-bit hash of the key's bytes ([`key_hash`], fixed because the cache saves them), built
 //! without allocating: a collision costs a read, never a wrong answer (see below). Memory: 8 bytes per entry for its
-//! offset, 8 bytes per (entry, key) pair, plus one map slot and one small list per distinct key; every message id is
-//! a distinct key, so about 100–150 bytes per message in all. Event types are not indexed (each would hold every
+//! offset, 1–3 bytes per (entry, key) pair in a busy key's list ([`crate::audit::postings`]), plus one map slot of
+//! 48 bytes per distinct key, which holds a short list (a message's entries) inline; every message id is a distinct
+//! key. Event types are not indexed (each would hold every
 //! entry); a filter on events alone reads the log in order.
 //!
 //! | kind | value |

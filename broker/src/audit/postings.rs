@@ -5,8 +5,8 @@
 //! agency, a rule). A list is held as varints: the first sequence number, then each one's difference from the one
 //! before it, in a small vector whose first 16 bytes live inline, so that a message's entries need no allocation of
 //! their own. Every [`SKIP_BYTES`] bytes or so a skip records where a varint starts and the sequence number before it,
-//! so that a lookup from a given sequence number decodes at most that many bytes before it finds its place instead
-//! of the whole list.
+//! so that a lookup from a given sequence number decodes about that many bytes (at most one varint more) before it
+//! finds its place instead of the whole list.
 //!
 //! Held as `Vec<u64>` each with its own allocation, as before, a key cost 8 bytes per posting plus 16–32 bytes of
 //! vector and ~16 bytes of allocator overhead: with 100,000 messages queued, the postings were the largest single

@@ -303,8 +303,8 @@ struct Inner {
     checkpoints: std::sync::Mutex<Option<mpsc::Sender<()>>>,
     checkpoint_thread: std::sync::Mutex<Option<thread::JoinHandle<()>>>,
     checkpointer: Arc<IndexCheckpointer>,
-    /// Set when applying an answered group to sled failed: sled may hold part of it, so every read is refused until
-    /// a restart replays the group from the journal.
+    /// Set when applying an answered group to sled failed (sled may hold part of it) or a read met an I/O failure of
+    /// sled's ([`Store::index_failed`]): every read is refused until a restart replays the journal into the index.
     index_broken: Arc<std::sync::atomic::AtomicBool>,
     /// Set when the committer stopped accepting changes after a failure only a restart recovers from (shared with
     /// [`Applier`]).
@@ -610,16 +610,25 @@ impl Store {
         self.inner.tree.get(key).map_err(|error| self.index_failed(error))
     }
 
-    /// A failure of sled itself met while reading: an I/O error (a full disk met by its flusher, say), a corruption it
-    /// found, or a bug it reports. sled keeps an I/O failure and answers every later call with it, so without this the
-    /// store would refuse every read from then on while no change ever failed to apply (sends fail at their first
-    /// read, before they commit), and the broker would stay up refusing everything. The store is marked as needing
-    /// a restart instead ([`Store::needs_restart`]), which `broker::run` acts on; the next start replays the journal
-    /// into the index.
+    /// An I/O failure of sled met while reading. When sled's own background write fails (a full disk, say), sled
+    /// keeps the failure and fails its later writes with it, and so the reads that need one (a page to consolidate or
+    /// split) or a page from disk: a send's first step is such a read, so without this the store could refuse every
+    /// send from then on while no change ever failed to apply, and the broker would stay up refusing everything. The
+    /// store is marked as needing a restart instead ([`Store::needs_restart`]), which `broker::run` acts on; the next
+    /// start replays the journal into the index. Failures a restart does not mend, or that pass by themselves, leave
+    /// the store as it was and fail only the read: a corruption or a bug sled reports (a crash loop would not repair
+    /// the page; an operator rebuilds the index with `broker restore` from a backup), and an interrupted call, no
+    /// memory, or too many open files.
     fn index_failed(&self, error: sled::Error) -> StoreError {
-        if !matches!(error, sled::Error::CollectionNotFound(_) | sled::Error::Unsupported(_))
-            && !self.inner.index_broken.swap(true, std::sync::atomic::Ordering::AcqRel)
-        {
+        let needs_restart = match &error {
+            sled::Error::Io(io) => {
+                !matches!(io.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::OutOfMemory)
+                    // EMFILE, ENFILE.
+                    && !matches!(io.raw_os_error(), Some(23 | 24))
+            }
+            _ => false,
+        };
+        if needs_restart && !self.inner.index_broken.swap(true, std::sync::atomic::Ordering::AcqRel) {
             tracing::error!(error = %error, "the index failed; refusing reads and changes until a restart");
         }
         StoreError::Sled(error)
@@ -855,8 +864,8 @@ struct Applier {
     db: sled::Db,
     applying: Arc<std::sync::RwLock<()>>,
     applied: Arc<std::sync::atomic::AtomicU64>,
-    /// Set when applying a group to sled failed: from then on `applied` stays where it was, and reads are refused
-    /// (shared with [`Store`]).
+    /// Set when applying a group to sled failed, or a read met an I/O failure of sled's: from then on `applied` stays
+    /// where it was, and reads are refused (shared with [`Store`]).
     index_broken: Arc<std::sync::atomic::AtomicBool>,
     /// Set when a group whose `fdatasync` failed could not be cut back off the logs: no further commit is accepted
     /// (what the files hold past that point is unknown; a restart recovers from what is durable).
@@ -1418,18 +1427,23 @@ mod tests {
         assert!(!io(std::io::Error::other("injected failure")).is_disk_full());
     }
 
-    /// sled keeps an I/O failure and answers every later call with it: met by a read (a send's first step), it marks
-    /// the store as needing a restart, as a failed apply does, and every later read is refused. A failure that says
-    /// nothing about sled's state does not.
+    /// An I/O failure of sled's met by a read (a send's first step) marks the store as needing a restart, as a failed
+    /// apply does, and every later read is refused. A failure a restart would not mend, or one that passes, does not.
     #[tokio::test]
     async fn a_failure_of_sled_met_by_a_read_asks_for_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let put = Commit { audit: Vec::new(), writes: vec![Write::Put(b"k/1".to_vec(), b"v".to_vec())] };
         store.commit(put).await.unwrap();
-        let refused = store.index_failed(sled::Error::Unsupported("a request sled does not support".to_owned()));
-        assert!(matches!(refused, StoreError::Sled(_)));
-        assert!(!store.needs_restart(), "not a failure of sled's state");
+        for passing in [
+            sled::Error::Unsupported("a request sled does not support".to_owned()),
+            sled::Error::ReportableBug("a bug sled reports".to_owned()),
+            sled::Error::Io(std::io::Error::from(std::io::ErrorKind::Interrupted)),
+            sled::Error::Io(std::io::Error::from_raw_os_error(24)),
+        ] {
+            assert!(matches!(store.index_failed(passing), StoreError::Sled(_)));
+        }
+        assert!(!store.needs_restart(), "not a failure a restart mends");
         assert_eq!(store.get(b"k/1").unwrap(), Some(b"v".to_vec()));
         // What `held`, the scans and the seeks do with an error from sled.
         let failed = store.index_failed(sled::Error::Io(std::io::Error::from(std::io::ErrorKind::FileTooLarge)));

@@ -244,6 +244,9 @@ async fn a_log_that_cannot_be_written_does_not_stop_the_broker() -> Result<()> {
     Ok(())
 }
 
+/// The journal segment size of the file-size-limit tests.
+const JOURNAL_SEGMENT: u64 = 1024 * 1024;
+
 /// Sends from the police to the offline school under a file-size limit (`RLIMIT_FSIZE`) set on the running broker
 /// to `limit(size of sled's file)` bytes, until a send is refused or the broker stops; then expects the broker to stop
 /// by itself with a failure status (so that its supervisor starts it again), starts it again without the limit, and
@@ -253,7 +256,9 @@ async fn a_log_that_cannot_be_written_does_not_stop_the_broker() -> Result<()> {
 /// room, without the root privileges a small filesystem needs; unlike a full disk it also refuses writes into the
 /// journal's segments, which were filled ahead of use, once they lie past the limit.
 async fn limited_then_restarted(limit: impl FnOnce(u64) -> u64) -> Result<usize> {
-    let area = Area::new()?;
+    // The tests' limits are set against 1 MiB journal segments.
+    let area =
+        Area::with_settings(BrokerSettings { journal_segment_bytes: JOURNAL_SEGMENT, ..BrokerSettings::default() })?;
     // Its log, at debug level, is under the limit too, as on a full disk: it soon cannot be written either.
     let log = area.path().join("broker.log");
     let mut broker = BrokerProcess::start_logged(BROKER, &area, "127.0.0.1:0".parse()?, &log)?;
@@ -276,7 +281,7 @@ async fn limited_then_restarted(limit: impl FnOnce(u64) -> u64) -> Result<usize>
         }
         // Once refused, the broker is about to stop (it checks four times a second).
         let wait = if refusals.is_empty() { Duration::ZERO } else { Duration::from_secs(30) };
-        exited = broker.exited_within(wait)?;
+        exited = broker.exited_within(wait).await?;
         if exited.is_some() || !refusals.is_empty() {
             break;
         }
@@ -313,7 +318,7 @@ async fn limited_then_restarted(limit: impl FnOnce(u64) -> u64) -> Result<usize>
 /// first (it stayed up, refusing every send, until the store marked a failed read as needing a restart too).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_whose_index_cannot_grow_stops_and_its_next_start_loses_nothing() -> Result<()> {
-    let accepted = limited_then_restarted(|sled_file| sled_file.max(1024 * 1024) + 256 * 1024).await?;
+    let accepted = limited_then_restarted(|sled_file| sled_file.max(JOURNAL_SEGMENT) + 256 * 1024).await?;
     assert!(accepted > 1, "sends were taken under the limit until sled met it");
     Ok(())
 }
@@ -322,7 +327,8 @@ async fn a_broker_whose_index_cannot_grow_stops_and_its_next_start_loses_nothing
 /// lie past the limit too), so the committer stops taking changes and the broker stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_whose_journal_cannot_be_written_stops_and_its_next_start_loses_nothing() -> Result<()> {
-    let accepted = limited_then_restarted(|sled_file| sled_file + 64 * 1024).await?;
+    // Below the current segment's end, and far below where sled writes: the journal's next group meets it.
+    let accepted = limited_then_restarted(|sled_file| (sled_file + 64 * 1024).min(JOURNAL_SEGMENT / 2)).await?;
     assert!(accepted > 1, "sends were taken under the limit until the journal met it");
     Ok(())
 }
