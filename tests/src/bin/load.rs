@@ -244,6 +244,8 @@ struct Server {
     child: Option<Child>,
     pid: Option<u32>,
     data_dir: Option<PathBuf>,
+    /// Whether it runs under `LOAD_BROKER_WRAPPER`.
+    wrapped: bool,
 }
 
 impl Server {
@@ -273,7 +275,7 @@ impl Server {
             .with_context(|| format!("could not start `{mode}`"))?;
         let address = tests::listening_address(&mut child, mode)?;
         let pid = Some(child.id());
-        Ok(Self { address, child: Some(child), pid, data_dir })
+        Ok(Self { address, child: Some(child), pid, data_dir, wrapped: !wrapper.is_empty() })
     }
 
     fn stats(&self) -> Option<ProcessStats> {
@@ -307,6 +309,12 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // A wrapper (a profiler) killed outright writes nothing and leaves the broker running on its own: SIGTERM
+        // reaches the broker through it (valgrind runs in the broker's process; `perf record` passes it on), and the
+        // wrapper writes its output as the broker exits.
+        if self.wrapped {
+            let _ = self.stop(true);
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
