@@ -231,8 +231,8 @@ pub async fn run(
     let local = listener.local_addr().ok();
     tracing::info!(address = ?local, "broker listening (mutual TLS)");
     // A store that needs a restart (its index failed: sled met a full disk, say, while applying an acknowledged change
-    // or while read; or its committer stopped after a failure) refuses every change until then; the broker then stops as on
-    // SIGTERM and exits with an error, so that its supervisor starts it again, which recovers from the journal.
+    // or while read; or its committer stopped after a failure) refuses every change until then; the broker then stops
+    // as on SIGTERM and exits with an error, so that its supervisor starts it again, which recovers from the journal.
     let broken = {
         let store = store.clone();
         async move { store.restart_needed().await }

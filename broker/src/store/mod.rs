@@ -97,7 +97,7 @@ pub enum StoreError {
     #[error("`{0}` is in use by another broker process (it holds `broker.lock` there)")]
     InUse(PathBuf),
     #[error(
-        "the index failed (it could not apply an acknowledged change, or sled reported a failure of its own); restart \
+        "the index failed (it could not apply an acknowledged change, or a read met an I/O failure of sled's); restart \
          the broker, which replays the journal into it"
     )]
     IndexBroken,
@@ -549,9 +549,9 @@ impl Store {
         }
     }
 
-    /// Whether the store needs a restart: the index could not apply an acknowledged change, or sled failed while
-    /// read (see [`StoreError::IndexBroken`]; every read and change is refused), or the committer stopped accepting changes
-    /// after a failed commit could not be taken back. A restart recovers both from what is durable.
+    /// Whether the store needs a restart: the index could not apply an acknowledged change, or a read met an I/O
+    /// failure of sled's (see [`StoreError::IndexBroken`]; every read and change is refused), or the committer stopped
+    /// accepting changes after a failed commit could not be taken back. A restart recovers both from what is durable.
     pub fn needs_restart(&self) -> bool {
         self.inner.index_broken.load(std::sync::atomic::Ordering::Acquire)
             || self.inner.commits_stopped.load(std::sync::atomic::Ordering::Acquire)
