@@ -77,6 +77,25 @@ pub fn init_logging(json: bool, filter: tracing_subscriber::EnvFilter) {
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
+/// An error and its causes on one line, for a command's last words on standard error. Each cause is added unless the
+/// line already says it: the broker's errors write their cause into their own message *and* return it as their
+/// source (so that a log line, which prints only the message, still says why), so anyhow's `{:#}` said each cause
+/// two or three times (``storage: `…/journal`: No space left on device (os error 28): `…/journal`: No space left …``).
+pub fn error_report(error: &anyhow::Error) -> String {
+    let mut report = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || report.contains(&text) {
+            continue;
+        }
+        if !report.is_empty() {
+            report.push_str(": ");
+        }
+        report.push_str(&text);
+    }
+    report
+}
+
 /// Loads the policy set and runs its tests; the broker never runs without a valid one.
 pub fn load_policy(config: &Config) -> Result<PolicySet, BrokerError> {
     reload::load_and_test(&config.policy_dir)
@@ -283,4 +302,25 @@ pub async fn run(
         return Err(store::StoreError::NeedsRestart.into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context as _;
+
+    #[test]
+    fn an_error_report_says_each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(28);
+        let said = io.to_string();
+        let error = store::StoreError::Log(store::log::LogError::Io { path: "/data/journal".into(), source: io });
+        let error = anyhow::Error::from(error).context("could not open the storage");
+        let report = error_report(&error);
+        assert_eq!(report, format!("could not open the storage: storage: `/data/journal`: {said}"));
+        assert_eq!(report.matches(&said).count(), 1, "{report}");
+        // A cause its error does not write into its own message is still said.
+        let error = Err::<(), _>(std::io::Error::other("permission denied")).context("cannot read `x.toml`");
+        let report = error_report(&error.expect_err("an error"));
+        assert_eq!(report, "cannot read `x.toml`: permission denied");
+    }
 }

@@ -111,7 +111,7 @@ pub fn run(command: &PolicyCommand) -> i32 {
     match run_to(command, &mut out) {
         Ok(code) => code,
         Err(error) => {
-            let _ = writeln!(std::io::stderr(), "error: {error:#}");
+            let _ = writeln!(std::io::stderr(), "error: {}", crate::error_report(&error));
             2
         }
     }

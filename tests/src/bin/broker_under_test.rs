@@ -47,7 +47,7 @@ fn main() -> ExitCode {
         Err(error) => {
             // Not `eprintln!`, which panics (exit status 101) when standard error cannot be written: a log file on
             // the full disk that stopped the process, say. The exit status still tells the supervisor.
-            let _ = writeln!(std::io::stderr(), "error: {error:#}");
+            let _ = writeln!(std::io::stderr(), "error: {}", broker::error_report(&error));
             ExitCode::FAILURE
         }
     }
