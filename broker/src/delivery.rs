@@ -35,7 +35,7 @@
 //! leaves the queue only when the recipient acknowledges it (or it is dead-lettered after `max_attempts`).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -246,7 +246,7 @@ impl Deliveries {
                     None => match store.get(&records::delivery_key(&delivery_id))? {
                         Some(bytes) => {
                             let record: DeliveryRecord = records::decode(&bytes)?;
-                            if record.escalated { None } else { record.acknowledge_by_micros }
+                            pending_deadline(&record)
                         }
                         None => None,
                     },
@@ -502,6 +502,8 @@ enum Submitted {
 struct Acknowledging {
     delivery_id: String,
     seq: u64,
+    /// Its record's pending acknowledgement deadline, taken out of the deadlines once the commit is durable.
+    deadline: Option<i64>,
     reply: oneshot::Sender<Result<(), DeliveryError>>,
     /// Where the copy was, if not in flight (a late acknowledgement, or one of a copy delivered before a restart):
     /// it was taken out of that queue, and goes back to it if the commit fails.
@@ -527,57 +529,86 @@ struct ActorHandle {
     direct_room: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// A recipient's ready copies, by sequence number, holding each delivery id compactly: a delivery id is
+/// A recipient's ready copies, in sequence order, holding each delivery id compactly: a delivery id is
 /// `<message id>.<recipient>` (`records::delivery_id`) and the broker's message ids are UUIDs, so for those only the
-/// UUID's 16 bytes are kept (a long queue held each id as a `String`: ~130 bytes a copy with its map entry, now
-/// ~40). Any other id is kept whole.
+/// UUID's 16 bytes are kept, beside the sequence number in one sorted deque (24 bytes a copy, plus the deque's spare
+/// room). Any other id is kept whole in `others`, by sequence number (its place in the deque holds zeros).
+///
+/// A deque, not a map: copies come in almost always at the back (sends, in sequence order give or take the order
+/// their commits finished) or near the front (copies put back from flight or a retry delay), go out at the front,
+/// and a long queue held ~61 bytes a copy in a `BTreeMap`'s half-full nodes (~130 as `String`s before that).
+/// Inserting elsewhere (the start-up load, whose stored copies sort before those sent meanwhile) moves the shorter
+/// side, and removing from the middle (a late acknowledgement) is rare.
 struct Ready {
     recipient: String,
-    ids: BTreeMap<u64, HeldId>,
-}
-
-enum HeldId {
-    Uuid([u8; 16]),
-    Other(Box<str>),
+    ids: VecDeque<(u64, [u8; 16])>,
+    others: HashMap<u64, Box<str>>,
 }
 
 impl Ready {
     fn new(recipient: String) -> Self {
-        Self { recipient, ids: BTreeMap::new() }
+        Self { recipient, ids: VecDeque::new(), others: HashMap::new() }
     }
 
-    fn hold(&self, delivery_id: String) -> HeldId {
-        let message_id = delivery_id.strip_suffix(self.recipient.as_str()).and_then(|rest| rest.strip_suffix('.'));
-        if let Some(message_id) = message_id
-            && let Ok(uuid) = uuid::Uuid::try_parse(message_id)
-            // Only where the id is exactly how the UUID prints, so it reads back the same.
-            && uuid.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()) == message_id
-        {
-            return HeldId::Uuid(uuid.into_bytes());
-        }
-        HeldId::Other(delivery_id.into_boxed_str())
+    /// The UUID's bytes if `delivery_id` is `<UUID>.<recipient>` with the UUID as it prints, so it reads back the same.
+    fn uuid_of(&self, delivery_id: &str) -> Option<[u8; 16]> {
+        let message_id = delivery_id.strip_suffix(self.recipient.as_str())?.strip_suffix('.')?;
+        let uuid = uuid::Uuid::try_parse(message_id).ok()?;
+        (uuid.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()) == message_id).then(|| uuid.into_bytes())
     }
 
-    fn read(&self, held: &HeldId) -> String {
-        match held {
-            HeldId::Uuid(bytes) => {
-                records::delivery_id(&uuid::Uuid::from_bytes(*bytes).hyphenated().to_string(), &self.recipient)
-            }
-            HeldId::Other(id) => id.to_string(),
+    fn read(&self, seq: u64, bytes: &[u8; 16]) -> String {
+        match self.others.get(&seq) {
+            Some(id) => id.to_string(),
+            None => records::delivery_id(&uuid::Uuid::from_bytes(*bytes).hyphenated().to_string(), &self.recipient),
         }
     }
 
+    fn position(&self, seq: u64) -> Result<usize, usize> {
+        self.ids.binary_search_by_key(&seq, |(held, _)| *held)
+    }
+
+    /// Adds the copy (replacing the id of a copy already held under `seq`).
     fn insert(&mut self, seq: u64, delivery_id: String) {
-        let held = self.hold(delivery_id);
-        self.ids.insert(seq, held);
+        let bytes = match self.uuid_of(&delivery_id) {
+            Some(bytes) => {
+                self.others.remove(&seq);
+                bytes
+            }
+            None => {
+                self.others.insert(seq, delivery_id.into_boxed_str());
+                [0; 16]
+            }
+        };
+        if self.ids.back().is_none_or(|(last, _)| *last < seq) {
+            self.ids.push_back((seq, bytes));
+            return;
+        }
+        match self.position(seq) {
+            Ok(at) => self.ids[at].1 = bytes,
+            Err(at) => self.ids.insert(at, (seq, bytes)),
+        }
     }
 
     fn remove(&mut self, seq: u64) {
-        self.ids.remove(&seq);
+        let removed = if self.ids.front().is_some_and(|(first, _)| *first == seq) {
+            self.ids.pop_front().is_some()
+        } else {
+            self.position(seq).is_ok_and(|at| self.ids.remove(at).is_some())
+        };
+        if removed {
+            self.others.remove(&seq);
+            // A drained long queue gives back its room.
+            if self.ids.capacity() > 4096 && self.ids.len() < self.ids.capacity() / 4 {
+                self.ids.shrink_to(self.ids.len() * 2);
+            }
+        }
     }
 
     fn get(&self, seq: u64) -> Option<String> {
-        self.ids.get(&seq).map(|held| self.read(held))
+        let at = self.position(seq).ok()?;
+        let (seq, bytes) = &self.ids[at];
+        Some(self.read(*seq, bytes))
     }
 
     fn is_empty(&self) -> bool {
@@ -586,20 +617,24 @@ impl Ready {
 
     /// The first `count` copies with sequence numbers up to `up_to`, in order.
     fn first(&self, count: usize, up_to: u64) -> Vec<(u64, String)> {
-        self.ids.range(..=up_to).take(count).map(|(seq, held)| (*seq, self.read(held))).collect()
+        self.ids
+            .iter()
+            .take_while(|(seq, _)| *seq <= up_to)
+            .take(count)
+            .map(|(seq, bytes)| (*seq, self.read(*seq, bytes)))
+            .collect()
     }
 
     /// The sequence number of `delivery_id`, by a scan (for rare late acknowledgements).
     fn find(&self, delivery_id: &str) -> Option<u64> {
-        let wanted = self.hold(delivery_id.to_owned());
-        self.ids
-            .iter()
-            .find(|(_, held)| match (held, &wanted) {
-                (HeldId::Uuid(left), HeldId::Uuid(right)) => left == right,
-                (HeldId::Other(left), HeldId::Other(right)) => left == right,
-                _ => false,
-            })
-            .map(|(seq, _)| *seq)
+        match self.uuid_of(delivery_id) {
+            Some(wanted) => self
+                .ids
+                .iter()
+                .find(|(seq, bytes)| *bytes == wanted && !self.others.contains_key(seq))
+                .map(|(seq, _)| *seq),
+            None => self.others.iter().find(|(_, id)| id.as_ref() == delivery_id).map(|(seq, _)| *seq),
+        }
     }
 }
 
@@ -616,11 +651,13 @@ struct RecipientActor {
     /// Acknowledgement deadlines from policy obligations, as (when, seq), when in microseconds since the Unix epoch
     /// (the obligation's own terms, and half the size of an `Instant`: every queued copy of a flow with a deadline
     /// has one); the delivery id is looked up when one is due ([`Self::id_for_seq`]), so that a long queue holds
-    /// each id once (in `ready`), not twice.
+    /// each id once (in `ready`), not twice. A copy let go for good takes its entry out by the deadline its record
+    /// holds ([`pending_deadline`]), so no map from seq to deadline is kept (~30 bytes a queued copy); an entry
+    /// that outlives its copy all the same (one re-added for a retried escalation) is dropped when it falls due,
+    /// as the copy is no longer held.
     deadlines: BTreeSet<(i64, u64)>,
-    /// When each delayed or deadline entry is due, by seq, so an acknowledgement can remove it without a scan.
+    /// When each delayed entry is due, by seq, so an acknowledgement can remove it without a scan.
     delayed_at: HashMap<u64, Instant>,
-    deadline_at: HashMap<u64, i64>,
     stream: Option<mpsc::Sender<StreamItem>>,
     /// Commits submitted and not yet handled, in the order submitted (see the module documentation).
     submitted: FuturesOrdered<BoxFuture<'static, Submitted>>,
@@ -661,7 +698,6 @@ impl RecipientActor {
             in_flight: HashMap::new(),
             deadlines: BTreeSet::new(),
             delayed_at: HashMap::new(),
-            deadline_at: HashMap::new(),
             stream: None,
             submitted: FuturesOrdered::new(),
             delivering: HashMap::new(),
@@ -753,9 +789,9 @@ impl RecipientActor {
             }
             Submitted::Acknowledged { done, result } => match result {
                 Ok(()) => {
-                    for Acknowledging { delivery_id, seq, reply, .. } in done {
+                    for Acknowledging { delivery_id, seq, deadline, reply, .. } in done {
                         let repeated = self.acking.remove(&delivery_id).unwrap_or_default();
-                        self.forget(&delivery_id, seq);
+                        self.forget(&delivery_id, seq, deadline);
                         for reply in std::iter::once(reply).chain(repeated) {
                             let _ = reply.send(Ok(()));
                         }
@@ -763,7 +799,7 @@ impl RecipientActor {
                 }
                 Err(error) => {
                     let message = error.to_string();
-                    for Acknowledging { delivery_id, seq, reply, taken_from } in done {
+                    for Acknowledging { delivery_id, seq, reply, taken_from, .. } in done {
                         let repeated = self.acking.remove(&delivery_id).unwrap_or_default();
                         match taken_from {
                             Some(Waiting::Ready) => self.ready.insert(seq, delivery_id),
@@ -954,7 +990,8 @@ impl RecipientActor {
             .or_else(|| self.delayed.iter().find(|(_, id)| id.as_str() == delivery_id).map(|((_, seq), _)| *seq))
     }
 
-    fn forget(&mut self, delivery_id: &str, seq: u64) {
+    /// Lets a copy go for good; `deadline` is its record's pending acknowledgement deadline ([`pending_deadline`]).
+    fn forget(&mut self, delivery_id: &str, seq: u64, deadline: Option<i64>) {
         self.one_fewer();
         self.in_flight.remove(delivery_id);
         self.ready.remove(seq);
@@ -962,7 +999,7 @@ impl RecipientActor {
         if let Some(when) = self.delayed_at.remove(&seq) {
             self.delayed.remove(&(when, seq));
         }
-        if let Some(when) = self.deadline_at.remove(&seq) {
+        if let Some(when) = deadline {
             self.deadlines.remove(&(when, seq));
         }
     }
@@ -979,7 +1016,6 @@ impl RecipientActor {
 
     fn add_deadline(&mut self, when: i64, seq: u64) {
         self.deadlines.insert((when, seq));
-        self.deadline_at.insert(seq, when);
     }
 
     /// The delivery id of a copy this actor holds, ready, waiting out a retry delay or in flight (at most
@@ -1040,6 +1076,7 @@ impl RecipientActor {
                 continue;
             };
             let mut record = record;
+            let deadline = pending_deadline(&record);
             if let Some(delivered) = record.last_delivered_at_micros {
                 metrics().acknowledgement_seconds.observe((now - delivered).max(0) as f64 / 1_000_000.0);
             }
@@ -1059,7 +1096,7 @@ impl RecipientActor {
                 Some(Waiting::Ready)
             };
             self.acking.insert(delivery_id.clone(), Vec::new());
-            done.push(Acknowledging { delivery_id, seq, reply, taken_from });
+            done.push(Acknowledging { delivery_id, seq, deadline, reply, taken_from });
         }
         if done.is_empty() {
             return;
@@ -1091,6 +1128,7 @@ impl RecipientActor {
                 continue;
             };
             let mut record = record;
+            let deadline = pending_deadline(&record);
             let reason = sanitise_reason(&reason);
             record.push_event(now, "negatively-acknowledged", reason.clone());
             commit.audit.push(entry_for(&record, EventType::NegativeAcknowledgement, actor, now, reason));
@@ -1101,16 +1139,16 @@ impl RecipientActor {
                 record.state = DeliveryState::Queued;
                 commit.writes.push(Write::PutBlob(records::delivery_key(&delivery_id), encode_or_empty(&record)));
             }
-            done.push((delivery_id, seq, delay, dead, reply));
+            done.push((delivery_id, seq, deadline, delay, dead, reply));
         }
         if done.is_empty() {
             return;
         }
         match self.shared.store.commit(commit).await {
             Ok(_) => {
-                for (delivery_id, seq, delay, dead, reply) in done {
+                for (delivery_id, seq, deadline, delay, dead, reply) in done {
                     if dead {
-                        self.forget(&delivery_id, seq);
+                        self.forget(&delivery_id, seq, deadline);
                     } else {
                         self.in_flight.remove(&delivery_id);
                         self.ready.remove(seq);
@@ -1179,7 +1217,6 @@ impl RecipientActor {
                 break;
             }
             self.deadlines.remove(&(when, seq));
-            self.deadline_at.remove(&seq);
             // A copy the actor no longer holds has been acknowledged or dead-lettered: nothing to escalate.
             if let Some(delivery_id) = self.id_for_seq(seq) {
                 due.push(((when, seq), delivery_id));
@@ -1202,8 +1239,9 @@ impl RecipientActor {
             };
             if record.attempts >= self.shared.config.max_attempts {
                 let mut record = record;
+                let deadline = pending_deadline(&record);
                 self.dead_letter(&mut commit, &mut record, entry.seq, now_micros);
-                dead.push((delivery_id, entry.seq));
+                dead.push((delivery_id, entry.seq, deadline));
             } else {
                 // Redelivered by the next pump, which records the attempt.
                 self.ready.insert(entry.seq, delivery_id);
@@ -1214,13 +1252,13 @@ impl RecipientActor {
         }
         match self.shared.store.commit(commit).await {
             Ok(_) => {
-                for (delivery_id, seq) in dead {
-                    self.forget(&delivery_id, seq);
+                for (delivery_id, seq, deadline) in dead {
+                    self.forget(&delivery_id, seq, deadline);
                 }
             }
             Err(error) => {
                 tracing::error!(error = %error, recipient = %self.recipient, "could not record dead letters; will retry");
-                for (delivery_id, seq) in dead {
+                for (delivery_id, seq, _) in dead {
                     self.in_flight
                         .insert(delivery_id, InFlight { seq, deadline: Instant::now() + Duration::from_secs(1) });
                 }
@@ -1368,6 +1406,12 @@ impl RecipientActor {
             self.submit(commit, move |result| Submitted::Delivered { outgoing, result });
         }
     }
+}
+
+/// The acknowledgement deadline a copy's record still waits for: none once it has escalated. The actor's deadlines
+/// hold this for every copy it holds (from its send, or from its `q/` entry on start, which says the same).
+fn pending_deadline(record: &DeliveryRecord) -> Option<i64> {
+    if record.escalated { None } else { record.acknowledge_by_micros }
 }
 
 /// Records a delivery attempt of `record`'s copy at `now`: the attempt, the state, the event; returns its audit entry.
@@ -2018,8 +2062,8 @@ mod tests {
         for (seq, id) in ids.iter().enumerate() {
             ready.insert(seq as u64, id.clone());
         }
-        assert!(matches!(ready.ids.get(&0), Some(HeldId::Uuid(_))));
-        assert!(ready.ids.values().skip(1).all(|held| matches!(held, HeldId::Other(_))));
+        assert!(!ready.others.contains_key(&0));
+        assert_eq!(ready.others.len(), ids.len() - 1);
         for (seq, id) in ids.iter().enumerate() {
             assert_eq!(ready.get(seq as u64).as_deref(), Some(id.as_str()));
             assert_eq!(ready.find(id), Some(seq as u64));
@@ -2030,5 +2074,47 @@ mod tests {
         ready.remove(0);
         assert_eq!(ready.get(0), None);
         assert_eq!(ready.find(&ids[0]), None);
+        // A UUID id replacing another id under the same sequence number is not read as the old one.
+        ready.insert(3, ids[0].clone());
+        assert_eq!(ready.get(3).as_deref(), Some(ids[0].as_str()));
+        assert_eq!(ready.find(&ids[3]), None);
+        assert_eq!(ready.others.len(), ids.len() - 2);
+    }
+
+    /// Copies inserted in any order come out in sequence order, wherever they are removed from.
+    #[test]
+    fn ready_copies_keep_sequence_order() {
+        let mut ready = Ready::new(SCHOOL.to_owned());
+        let id = |seq: u64| records::delivery_id(&uuid::Uuid::from_u128(u128::from(seq) << 64 | 7).to_string(), SCHOOL);
+        // At the back, at the front, in the middle, and one repeated.
+        for seq in [50, 60, 70, 10, 20, 65, 15, 80, 55, 65] {
+            ready.insert(seq, id(seq));
+        }
+        ready.insert(30, "an-older-id".to_owned());
+        let order: Vec<u64> = ready.first(usize::MAX, u64::MAX).into_iter().map(|(seq, _)| seq).collect();
+        assert_eq!(order, vec![10, 15, 20, 30, 50, 55, 60, 65, 70, 80]);
+        for (seq, delivery_id) in ready.first(usize::MAX, u64::MAX) {
+            let expected = if seq == 30 { "an-older-id".to_owned() } else { id(seq) };
+            assert_eq!(delivery_id, expected);
+        }
+        assert_eq!(ready.first(3, 55).len(), 3);
+        assert_eq!(ready.first(9, 55).last().map(|(seq, _)| *seq), Some(55));
+        for seq in [10, 65, 80, 30, 999] {
+            ready.remove(seq);
+        }
+        let order: Vec<u64> = ready.first(usize::MAX, u64::MAX).into_iter().map(|(seq, _)| seq).collect();
+        assert_eq!(order, vec![15, 20, 50, 55, 60, 70]);
+        assert!(ready.others.is_empty());
+        assert_eq!(ready.find(&id(55)), Some(55));
+        // A long queue drained gives back its room.
+        for seq in 1_000..21_000 {
+            ready.insert(seq, id(seq));
+        }
+        let full = ready.ids.capacity();
+        for seq in 1_000..20_990 {
+            ready.remove(seq);
+        }
+        assert!(ready.ids.capacity() < full / 4, "{} of {full}", ready.ids.capacity());
+        assert_eq!(ready.first(usize::MAX, u64::MAX).len(), 16);
     }
 }
