@@ -144,6 +144,9 @@ struct Shared {
     config: DeliveryConfig,
     actors: Mutex<HashMap<String, ActorHandle>>,
     next_seq: AtomicU64,
+    /// The highest queue sequence number stored at start: the loader hands over copies up to it, and sends meanwhile
+    /// take higher ones.
+    stored_up_to: AtomicU64,
     shutdown: watch::Receiver<bool>,
     /// Called when a copy's acknowledgement deadline passes (escalation notices are sent through it).
     on_escalation: Mutex<Option<EscalationHook>>,
@@ -173,6 +176,7 @@ impl Deliveries {
                 config,
                 actors: Mutex::new(HashMap::new()),
                 next_seq: AtomicU64::new(1),
+                stored_up_to: AtomicU64::new(0),
                 shutdown: shutdown.clone(),
                 on_escalation: Mutex::new(None),
                 tasks: Mutex::new(Vec::new()),
@@ -183,6 +187,7 @@ impl Deliveries {
         let max_seq = loading.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
         // Nothing else has asked for a sequence number yet: the server starts after this returns.
         deliveries.shared.next_seq.store(max_seq + 1, Ordering::Relaxed);
+        deliveries.shared.stored_up_to.store(max_seq, Ordering::Relaxed);
         if let Ok(mut actors) = deliveries.shared.actors.lock() {
             for (recipient, _) in &loading {
                 deliveries.actor(&mut actors, recipient, true);
@@ -681,6 +686,10 @@ struct RecipientActor {
     loading: bool,
     loaded_up_to: u64,
     deferred: Vec<Command>,
+    /// Copies sent while the stored queue loads (sequence numbers above every stored one): they join `ready` at
+    /// [`Command::Loaded`], behind the whole stored queue. In `ready` meanwhile, each loaded copy would go in
+    /// front of them and move them all (a million loaded past a few thousand sent is tens of GB moved).
+    sent_while_loading: Vec<(u64, String)>,
 }
 
 impl RecipientActor {
@@ -691,6 +700,7 @@ impl RecipientActor {
             loading,
             loaded_up_to: 0,
             deferred: Vec::new(),
+            sent_while_loading: Vec::new(),
             recipient,
             shared,
             ready,
@@ -924,11 +934,11 @@ impl RecipientActor {
                         // Copies ahead of it on the open stream it was recorded for: it follows them shortly.
                         Some(copy) if self.stream_open() => {
                             self.recorded.insert(entry.seq, copy);
-                            self.ready.insert(entry.seq, entry.delivery_id);
+                            self.make_ready(entry.seq, entry.delivery_id);
                         }
                         // Not recorded, or the stream it was recorded for has gone (that attempt never reached the
                         // agent, and the hand-off to its next stream is recorded as an attempt of its own).
-                        _ => self.ready.insert(entry.seq, entry.delivery_id),
+                        _ => self.make_ready(entry.seq, entry.delivery_id),
                     }
                 }
                 Command::Subscribe { stream } => {
@@ -962,8 +972,11 @@ impl RecipientActor {
                     let _ = taken.send(());
                 }
                 Command::Loaded => {
-                    // What was held back while the queue loaded is handled next, before the rest of this batch.
                     self.loading = false;
+                    for (seq, delivery_id) in std::mem::take(&mut self.sent_while_loading) {
+                        self.ready.insert(seq, delivery_id);
+                    }
+                    // What was held back while the queue loaded is handled next, before the rest of this batch.
                     for held in std::mem::take(&mut self.deferred).into_iter().rev() {
                         commands.push_front(held);
                     }
@@ -977,6 +990,15 @@ impl RecipientActor {
             // They read the records of copies that may have commits under way (see the module documentation).
             self.settle().await;
             self.negative_acknowledge(nacks).await;
+        }
+    }
+
+    /// Puts a copy just queued in the ready queue (see `sent_while_loading`).
+    fn make_ready(&mut self, seq: u64, delivery_id: String) {
+        if self.loading && seq > self.shared.stored_up_to.load(Ordering::Relaxed) {
+            self.sent_while_loading.push((seq, delivery_id));
+        } else {
+            self.ready.insert(seq, delivery_id);
         }
     }
 
@@ -1004,6 +1026,13 @@ impl RecipientActor {
         }
     }
 
+    /// Lets go of a copy whose delivery record is missing (it cannot be delivered, acknowledged or escalated): its
+    /// deadline, if any, is found by a scan (this never happens unless the store lost the record).
+    fn drop_lost(&mut self, seq: u64) {
+        self.one_fewer();
+        self.deadlines.retain(|(_, held)| *held != seq);
+    }
+
     /// A copy has left this queue for good (see [`RecipientActor::depth`]).
     fn one_fewer(&self) {
         let _ = self.depth.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |depth| Some(depth.saturating_sub(1)));
@@ -1018,13 +1047,16 @@ impl RecipientActor {
         self.deadlines.insert((when, seq));
     }
 
-    /// The delivery id of a copy this actor holds, ready, waiting out a retry delay or in flight (at most
-    /// `max_in_flight`, so a scan).
+    /// The delivery id of a copy this actor holds: ready, waiting out a retry delay, sent while the stored queue
+    /// loads (a scan, only then), or in flight (at most `max_in_flight`, so a scan).
     fn id_for_seq(&self, seq: u64) -> Option<String> {
         if let Some(id) = self.ready.get(seq) {
             return Some(id);
         }
         if let Some(id) = self.delayed_at.get(&seq).and_then(|when| self.delayed.get(&(*when, seq))) {
+            return Some(id.clone());
+        }
+        if let Some((_, id)) = self.sent_while_loading.iter().find(|(held, _)| *held == seq) {
             return Some(id.clone());
         }
         self.in_flight.iter().find(|(_, entry)| entry.seq == seq).map(|(id, _)| id.clone())
@@ -1235,7 +1267,18 @@ impl RecipientActor {
             let Some(entry) = self.in_flight.remove(&delivery_id) else { continue };
             let record = match self.load(&delivery_id) {
                 Ok(Some(record)) => record,
-                _ => continue,
+                Ok(None) => {
+                    tracing::error!(%delivery_id, "a copy in flight has no stored record: dropped from the queue");
+                    self.drop_lost(entry.seq);
+                    continue;
+                }
+                // Still in flight, its wait run out again in a second (it was lost from memory before).
+                Err(error) => {
+                    tracing::error!(error = %error, %delivery_id, "could not read a delivery record; will retry");
+                    let retry = Instant::now() + Duration::from_secs(1);
+                    self.in_flight.insert(delivery_id, InFlight { seq: entry.seq, deadline: retry });
+                    continue;
+                }
             };
             if record.attempts >= self.shared.config.max_attempts {
                 let mut record = record;
@@ -1273,7 +1316,14 @@ impl RecipientActor {
         for ((_, seq), delivery_id) in &due {
             let mut record = match self.load(delivery_id) {
                 Ok(Some(record)) => record,
-                _ => continue,
+                Ok(None) => continue,
+                // Its deadline was taken out when it fell due: put back, so the escalation is retried (it was lost
+                // until a restart before).
+                Err(error) => {
+                    tracing::error!(error = %error, %delivery_id, "could not read a delivery record; will retry its escalation");
+                    self.add_deadline(now + 1_000_000, *seq);
+                    continue;
+                }
             };
             if record.escalated || matches!(record.state, DeliveryState::Acknowledged) {
                 continue;
@@ -1375,7 +1425,7 @@ impl RecipientActor {
                         }
                         _ => {
                             tracing::error!(%delivery_id, "a queued copy has no stored record: dropped from the queue");
-                            self.one_fewer();
+                            self.drop_lost(*seq);
                             continue;
                         }
                     };
@@ -1573,6 +1623,8 @@ mod tests {
             stored.push(store_copy(&store, seq).await);
         }
         let sent = store_copy(&store, 4).await;
+        // What `Deliveries::start` would have found stored.
+        deliveries.shared.stored_up_to.store(3, Ordering::Relaxed);
         {
             let mut actors = deliveries.shared.actors.lock().unwrap();
             deliveries.actor(&mut actors, SCHOOL, true);
@@ -2044,6 +2096,64 @@ mod tests {
             queued_agencies(&store).unwrap(),
             vec![("a-b".into(), 3), ("a".into(), 12), ("ab".into(), 40), ("b9".into(), 100_000_000_000)]
         );
+    }
+
+    /// A queued copy whose delivery record is missing is dropped from the queue with its deadline (which stayed until
+    /// it fell due before), and the rest still go out.
+    #[tokio::test]
+    async fn a_copy_without_its_record_is_dropped_with_its_deadline() {
+        let mut school = standalone(2, 16).await;
+        let lost = school.ids[0].clone();
+        school
+            .store
+            .commit(Commit { audit: Vec::new(), writes: vec![Write::Delete(records::delivery_key(&lost))] })
+            .await
+            .unwrap();
+        let far = AuditEntry::now_micros() + 3_600_000_000;
+        let mut commands = Vec::new();
+        for (seq, delivery_id) in [(1, lost.clone()), (2, school.ids[1].clone())] {
+            school.actor.depth.fetch_add(1, Ordering::Relaxed);
+            commands.push(Command::Enqueue(Enqueued {
+                recipient: SCHOOL.into(),
+                seq,
+                delivery_id,
+                acknowledge_by_micros: Some(far + seq as i64),
+                recorded: None,
+            }));
+        }
+        let (stream, mut agent) = mpsc::channel(16);
+        commands.push(Command::Subscribe { stream });
+        school.step(commands).await;
+        assert_eq!(received(&mut agent), vec![(school.ids[1].clone(), 1)]);
+        assert_eq!(school.actor.deadlines.iter().map(|(_, seq)| *seq).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(school.actor.depth.load(Ordering::Relaxed), 1);
+    }
+
+    /// Copies sent while the stored queue loads wait beside the ready queue, not in it (each loaded copy would go in
+    /// front of them and move them all), are found there when a deadline falls due, and join it behind the whole
+    /// stored queue, in order, when the load ends.
+    #[tokio::test]
+    async fn copies_sent_while_loading_wait_behind_the_whole_stored_queue() {
+        let mut school = standalone(6, 16).await;
+        school.actor.shared.stored_up_to.store(4, Ordering::Relaxed);
+        school.actor.loading = true;
+        // Sends of copies 6 and 5 (their commits finished in that order), then the loader's 1 to 4.
+        let mut commands = school.enqueue(6..=6);
+        commands.extend(school.enqueue(5..=5));
+        commands.extend(school.enqueue(1..=4));
+        school.actor.handle(commands, false).await;
+        let ready: Vec<u64> = school.actor.ready.first(usize::MAX, u64::MAX).into_iter().map(|(seq, _)| seq).collect();
+        assert_eq!(ready, vec![1, 2, 3, 4]);
+        assert_eq!(school.actor.sent_while_loading.len(), 2);
+        assert_eq!(school.actor.id_for_seq(5).as_deref(), Some(school.ids[4].as_str()));
+        school.actor.handle(vec![Command::Loaded], false).await;
+        assert!(school.actor.sent_while_loading.is_empty());
+        let ready: Vec<(u64, String)> = school.actor.ready.first(usize::MAX, u64::MAX);
+        let expected: Vec<(u64, String)> = (1..=6).map(|seq| (seq, school.ids[seq as usize - 1].clone())).collect();
+        assert_eq!(ready, expected);
+        // Once loaded, a send goes straight into the ready queue.
+        school.actor.handle(school.enqueue(6..=6), false).await;
+        assert!(school.actor.sent_while_loading.is_empty());
     }
 
     /// Whatever form a delivery id has, the ready queue gives back exactly the id it was given, finds it by id, and
