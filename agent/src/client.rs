@@ -23,7 +23,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Builds the endpoint: URL, TLS settings and certificates read from the configured files.
 fn endpoint(config: &AgentConfig) -> Result<Endpoint, AgentError> {
     let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|source| AgentError::Io { path: path.to_path_buf(), source })
+        std::fs::read(path).map_err(|error| AgentError::Io { path: path.to_path_buf(), error })
     };
     let ca_certificate = Certificate::from_pem(read(&config.ca_cert)?);
     let identity = Identity::from_pem(read(&config.cert)?, read(&config.key)?);

@@ -40,8 +40,10 @@ pub use run::run;
 pub enum AgentError {
     #[error(transparent)]
     Config(#[from] ConfigProblems),
-    #[error("`{path}`: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// The I/O error is said in the message and not returned as the source, so a report of the chain (`{:#}`) says
+    /// it once.
+    #[error("`{path}`: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("cannot use broker url `{url}`: {reason}")]
     Endpoint { url: String, reason: String },
     #[error("cannot connect to the broker at `{url}`: {reason}")]

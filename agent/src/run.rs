@@ -33,7 +33,7 @@ const OUTBOX_POLL_INTERVAL: Duration = Duration::from_millis(500);
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let folder_error = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| AgentError::Io { path, source }
+        move |error| AgentError::Io { path, error }
     };
     std::fs::create_dir_all(&config.inbox).map_err(folder_error(&config.inbox))?;
     let removed = remove_stale_temporary_files(&config.inbox).map_err(folder_error(&config.inbox))?;

@@ -27,12 +27,14 @@ const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 /// Why no token could be obtained.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("cannot read token file `{path}`: {source}")]
-    ReadFile { path: PathBuf, source: std::io::Error },
+    /// The I/O errors here are said in the message and not returned as the source, so a report of the chain
+    /// (`{:#}`) says them once.
+    #[error("cannot read token file `{path}`: {error}")]
+    ReadFile { path: PathBuf, error: std::io::Error },
     #[error("token file `{path}` is empty")]
     EmptyFile { path: PathBuf },
-    #[error("cannot run token command `{program}`: {source}")]
-    StartCommand { program: String, source: std::io::Error },
+    #[error("cannot run token command `{program}`: {error}")]
+    StartCommand { program: String, error: std::io::Error },
     #[error("token command `{program}` failed with {status}")]
     CommandFailed { program: String, status: std::process::ExitStatus },
     #[error("token command `{program}` printed no token")]
@@ -69,7 +71,7 @@ impl TokenSource {
             TokenSetting::None => Ok(None),
             TokenSetting::File(path) => {
                 let text = std::fs::read_to_string(path)
-                    .map_err(|source| TokenError::ReadFile { path: path.clone(), source })?;
+                    .map_err(|error| TokenError::ReadFile { path: path.clone(), error })?;
                 let token = text.trim();
                 if token.is_empty() {
                     return Err(TokenError::EmptyFile { path: path.clone() });
@@ -92,7 +94,7 @@ impl TokenSource {
             .args(argv.iter().skip(1))
             .stdin(std::process::Stdio::null())
             .output()
-            .map_err(|source| TokenError::StartCommand { program: program.clone(), source })?;
+            .map_err(|error| TokenError::StartCommand { program: program.clone(), error })?;
         if !output.status.success() {
             return Err(TokenError::CommandFailed { program, status: output.status });
         }
@@ -153,6 +155,18 @@ mod tests {
     fn token_with_claims(claims: &str) -> String {
         let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         format!("{}.{}.c2lnbmF0dXJl", engine.encode(r#"{"alg":"ES256"}"#), engine.encode(claims))
+    }
+
+    /// The agent's last error line (`{:#}` of the chain) says an I/O cause once, not once more after itself.
+    #[test]
+    fn an_unreadable_token_file_is_reported_once() {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("missing.jwt");
+        let error = TokenSource::new(TokenSetting::File(path.clone())).current_token().unwrap_err();
+        let said = std::io::Error::from_raw_os_error(2).to_string();
+        let report = format!("{:#}", anyhow::Error::from(error));
+        assert!(report.starts_with(&format!("cannot read token file `{}`: ", path.display())), "{report}");
+        assert_eq!(report.matches(&said).count(), 1, "{report}");
     }
 
     #[test]

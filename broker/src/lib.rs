@@ -78,20 +78,22 @@ pub fn init_logging(json: bool, filter: tracing_subscriber::EnvFilter) {
 }
 
 /// An error and its causes on one line, for a command's last words on standard error. Each cause is added unless the
-/// line already says it: the broker's errors write their cause into their own message *and* return it as their
-/// source (so that a log line, which prints only the message, still says why), so anyhow's `{:#}` said each cause
-/// two or three times (``storage: `…/journal`: No space left on device (os error 28): `…/journal`: No space left …``).
+/// error it caused already says it: the broker's errors write their cause into their own message *and* return it as
+/// their source (so that a log line, which prints only the message, still says why), so anyhow's `{:#}` said each
+/// cause two or three times (``storage: `…/journal`: No space left on device (os error 28): `…/journal`: No space
+/// left …``).
 pub fn error_report(error: &anyhow::Error) -> String {
     let mut report = String::new();
+    let mut caused = String::new();
     for cause in error.chain() {
         let text = cause.to_string();
-        if text.is_empty() || report.contains(&text) {
-            continue;
+        if !text.is_empty() && !caused.contains(&text) {
+            if !report.is_empty() {
+                report.push_str(": ");
+            }
+            report.push_str(&text);
         }
-        if !report.is_empty() {
-            report.push_str(": ");
-        }
-        report.push_str(&text);
+        caused = text;
     }
     report
 }
@@ -322,5 +324,12 @@ mod tests {
         let error = Err::<(), _>(std::io::Error::other("permission denied")).context("cannot read `x.toml`");
         let report = error_report(&error.expect_err("an error"));
         assert_eq!(report, "cannot read `x.toml`: permission denied");
+        // Nor is a cause that only happens to be said further up the line.
+        let error = Err::<(), _>(std::io::Error::other("timed out")).context("sending `referral.json`");
+        let error = error.context("the transfer timed out");
+        assert_eq!(
+            error_report(&error.expect_err("an error")),
+            "the transfer timed out: sending `referral.json`: timed out"
+        );
     }
 }
