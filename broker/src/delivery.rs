@@ -151,6 +151,9 @@ struct Shared {
     /// Called when a copy's acknowledgement deadline passes (escalation notices are sent through it).
     on_escalation: Mutex<Option<EscalationHook>>,
     /// The actor tasks, awaited on shutdown so that nothing holds the store afterwards.
+    /// Set by [`Deliveries::shutdown`] (under the `actors` lock): no actor starts after it, so none runs against a
+    /// store that has closed, and none outlives the wait for them.
+    stopped: std::sync::atomic::AtomicBool,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -180,6 +183,7 @@ impl Deliveries {
                 shutdown: shutdown.clone(),
                 on_escalation: Mutex::new(None),
                 tasks: Mutex::new(Vec::new()),
+                stopped: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         let loading = queued_agencies(&store)?;
@@ -378,6 +382,7 @@ impl Deliveries {
     /// stopped taking requests.
     pub async fn shutdown(&self) {
         if let Ok(mut actors) = self.shared.actors.lock() {
+            self.shared.stopped.store(true, Ordering::Release);
             actors.clear();
         }
         if let Ok(mut hook) = self.shared.on_escalation.lock() {
@@ -424,7 +429,10 @@ impl Deliveries {
 
     fn send_to(&self, recipient: &str, command: Command, start: bool) {
         let Ok(mut actors) = self.shared.actors.lock() else { return };
-        if !start && !actors.contains_key(recipient) {
+        // No actor to take it and none may start: the loader's agencies all had one, and after shutdown none starts.
+        // A queued copy stays in the store for the next start.
+        if !actors.contains_key(recipient) && (!start || self.shared.stopped.load(Ordering::Acquire)) {
+            refuse(command);
             return;
         }
         let actor = self.actor(&mut actors, recipient, false);
@@ -432,17 +440,21 @@ impl Deliveries {
             actor.depth.fetch_add(1, Ordering::Relaxed);
         }
         if let Err(mpsc::error::SendError(command)) = actor.mailbox.send(command) {
-            // The actor has stopped (shutdown): answer rather than leave a caller waiting.
-            match command {
-                Command::Ack { reply, .. } => {
-                    let _ = reply.send(Err(DeliveryError::ShuttingDown));
-                }
-                Command::Nack { reply, .. } => {
-                    let _ = reply.send(Err(DeliveryError::ShuttingDown));
-                }
-                Command::Enqueue(_) | Command::Subscribe { .. } | Command::LoadedUpTo(..) | Command::Loaded => {}
-            }
+            refuse(command);
         }
+    }
+}
+
+/// Answers a command no actor will take (the broker is stopping) rather than leave its caller waiting.
+fn refuse(command: Command) {
+    match command {
+        Command::Ack { reply, .. } => {
+            let _ = reply.send(Err(DeliveryError::ShuttingDown));
+        }
+        Command::Nack { reply, .. } => {
+            let _ = reply.send(Err(DeliveryError::ShuttingDown));
+        }
+        Command::Enqueue(_) | Command::Subscribe { .. } | Command::LoadedUpTo(..) | Command::Loaded => {}
     }
 }
 
@@ -2096,6 +2108,28 @@ mod tests {
             queued_agencies(&store).unwrap(),
             vec![("a-b".into(), 3), ("a".into(), 12), ("ab".into(), 40), ("b9".into(), 100_000_000_000)]
         );
+    }
+
+    /// After shutdown no actor starts (none would be waited for, and its commits would meet a closed store): an
+    /// acknowledgement is answered at once, and a copy queued then stays in the store for the next start.
+    #[tokio::test]
+    async fn no_actor_starts_after_shutdown() {
+        let Engine { _dir, _stop, store, deliveries } = engine(DeliveryConfig::default());
+        let queued = store_copy(&store, 1).await;
+        deliveries.shutdown().await;
+        let school = Actor { agency: SCHOOL.into(), ..Actor::default() };
+        let answer = tokio::time::timeout(Duration::from_secs(10), deliveries.acknowledge(SCHOOL, &queued, school));
+        assert!(matches!(answer.await.unwrap(), Err(DeliveryError::ShuttingDown)));
+        deliveries.enqueued(Enqueued {
+            recipient: SCHOOL.into(),
+            seq: 1,
+            delivery_id: queued.clone(),
+            acknowledge_by_micros: None,
+            recorded: None,
+        });
+        assert!(deliveries.shared.actors.lock().unwrap().is_empty());
+        assert!(deliveries.shared.tasks.lock().unwrap().is_empty());
+        assert!(read_copy(&store, SCHOOL, 1, &queued).unwrap().is_some());
     }
 
     /// A queued copy whose delivery record is missing is dropped from the queue with its deadline (which stayed until
