@@ -2132,6 +2132,63 @@ mod tests {
         assert!(read_copy(&store, SCHOOL, 1, &queued).unwrap().is_some());
     }
 
+    /// A due escalation whose delivery record cannot be read is put back and retried a second later (it was lost
+    /// until a restart), and escalates once the record reads again.
+    #[tokio::test]
+    async fn an_escalation_whose_record_cannot_be_read_is_retried() {
+        let mut school = standalone(1, 16).await;
+        let delivery_id = school.ids[0].clone();
+        school.actor.depth.fetch_add(1, Ordering::Relaxed);
+        let passed = AuditEntry::now_micros() - 1_000;
+        school
+            .step(vec![Command::Enqueue(Enqueued {
+                recipient: SCHOOL.into(),
+                seq: 1,
+                delivery_id: delivery_id.clone(),
+                acknowledge_by_micros: Some(passed),
+                recorded: None,
+            })])
+            .await;
+        school.store.fail_reads_under(&records::delivery_key(&delivery_id));
+        school.actor.expire_timers().await;
+        let (when, seq) = *school.actor.deadlines.first().expect("put back");
+        assert_eq!(seq, 1);
+        assert!(when > AuditEntry::now_micros(), "retried later, not at once");
+        school.store.mend_reads();
+        assert!(!state_of_record(&school.store, &delivery_id).escalated);
+        // The retry falls due (brought forward here rather than waited for).
+        school.actor.deadlines = BTreeSet::from([(AuditEntry::now_micros() - 1, 1)]);
+        school.actor.expire_timers().await;
+        assert!(state_of_record(&school.store, &delivery_id).escalated);
+        assert!(school.actor.deadlines.is_empty());
+    }
+
+    /// A copy whose acknowledgement wait ran out and whose record cannot be read stays in flight, its wait running
+    /// out again a second later (it was lost from the actor until a restart); once the record reads, it is put back
+    /// for redelivery.
+    #[tokio::test]
+    async fn a_copy_whose_wait_ran_out_and_whose_record_cannot_be_read_stays_in_flight() {
+        let mut school = standalone(1, 16).await;
+        let delivery_id = school.ids[0].clone();
+        let mut agent = school.connect(1).await;
+        assert_eq!(received(&mut agent), vec![(delivery_id.clone(), 1)]);
+        let passed = Instant::now() - Duration::from_millis(1);
+        school.actor.in_flight.get_mut(&delivery_id).expect("in flight").deadline = passed;
+        school.store.fail_reads_under(&records::delivery_key(&delivery_id));
+        school.actor.expire_timers().await;
+        let entry = school.actor.in_flight.get(&delivery_id).expect("still in flight");
+        assert!(entry.deadline > Instant::now());
+        school.store.mend_reads();
+        school.actor.in_flight.get_mut(&delivery_id).expect("in flight").deadline = passed;
+        school.actor.expire_timers().await;
+        assert!(school.actor.in_flight.is_empty());
+        assert_eq!(school.actor.ready.first(9, u64::MAX), vec![(1, delivery_id)]);
+    }
+
+    fn state_of_record(store: &Store, delivery_id: &str) -> DeliveryRecord {
+        records::decode(&store.get(&records::delivery_key(delivery_id)).unwrap().unwrap()).unwrap()
+    }
+
     /// A queued copy whose delivery record is missing is dropped from the queue with its deadline (which stayed until
     /// it fell due before), and the rest still go out.
     #[tokio::test]

@@ -322,6 +322,9 @@ struct Inner {
     /// For tests: makes the journal's next write fail after putting its bytes in the file.
     #[cfg(test)]
     fail_next_journal_write: Arc<std::sync::atomic::AtomicBool>,
+    /// For tests: reads of keys under these prefixes fail.
+    #[cfg(test)]
+    failing_reads: std::sync::Mutex<Vec<Vec<u8>>>,
 }
 
 /// What opening found, for the start-up log line.
@@ -514,6 +517,8 @@ impl Store {
             data_dir: data_dir.to_owned(),
             #[cfg(test)]
             fail_next_journal_write,
+            #[cfg(test)]
+            failing_reads: std::sync::Mutex::new(Vec::new()),
         };
         Ok((Self { inner: Arc::new(inner) }, report))
     }
@@ -606,6 +611,10 @@ impl Store {
 
     /// The value under `key` as the index holds it, read while no answered group is half applied.
     fn held(&self, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
+        #[cfg(test)]
+        if self.inner.failing_reads.lock().unwrap().iter().any(|prefix| key.starts_with(prefix)) {
+            return Err(StoreError::Decode("injected read failure".to_owned()));
+        }
         let _whole_groups = self.whole_groups()?;
         self.inner.tree.get(key).map_err(|error| self.index_failed(error))
     }
@@ -726,6 +735,17 @@ impl Store {
     #[cfg(test)]
     pub(crate) fn fail_next_journal_write(&self) {
         self.inner.fail_next_journal_write.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Makes reads of keys under `prefix` fail (as an unreadable page would) until [`Self::mend_reads`] (tests).
+    #[cfg(test)]
+    pub(crate) fn fail_reads_under(&self, prefix: &[u8]) {
+        self.inner.failing_reads.lock().unwrap().push(prefix.to_vec());
+    }
+
+    #[cfg(test)]
+    pub(crate) fn mend_reads(&self) {
+        self.inner.failing_reads.lock().unwrap().clear();
     }
 
     /// The audit log's index (see [`crate::audit::index`]).
