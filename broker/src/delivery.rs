@@ -150,10 +150,10 @@ struct Shared {
     shutdown: watch::Receiver<bool>,
     /// Called when a copy's acknowledgement deadline passes (escalation notices are sent through it).
     on_escalation: Mutex<Option<EscalationHook>>,
-    /// The actor tasks, awaited on shutdown so that nothing holds the store afterwards.
     /// Set by [`Deliveries::shutdown`] (under the `actors` lock): no actor starts after it, so none runs against a
     /// store that has closed, and none outlives the wait for them.
     stopped: std::sync::atomic::AtomicBool,
+    /// The actor tasks, awaited on shutdown so that nothing holds the store afterwards.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -554,8 +554,9 @@ struct ActorHandle {
 /// A deque, not a map: copies come in almost always at the back (sends, in sequence order give or take the order
 /// their commits finished) or near the front (copies put back from flight or a retry delay), go out at the front,
 /// and a long queue held ~61 bytes a copy in a `BTreeMap`'s half-full nodes (~130 as `String`s before that).
-/// Inserting elsewhere (the start-up load, whose stored copies sort before those sent meanwhile) moves the shorter
-/// side, and removing from the middle (a late acknowledgement) is rare.
+/// Inserting elsewhere moves the shorter side, and removing from the middle (a late acknowledgement) is rare. The
+/// one bulk insertion that would not be cheap, the start-up load in front of copies sent meanwhile, does not happen:
+/// those wait beside the deque until the load ends ([`RecipientActor::sent_while_loading`]).
 struct Ready {
     recipient: String,
     ids: VecDeque<(u64, [u8; 16])>,
