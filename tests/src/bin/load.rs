@@ -69,6 +69,10 @@ struct Args {
     /// Messages stored before the restart scenario restarts the broker.
     #[arg(long, default_value_t = 100_000)]
     stored: u64,
+    /// Messages the restart scenario sends (64 in flight, to the same offline agency) while each restarted broker's
+    /// stored queues load; their copies wait behind the whole stored queue.
+    #[arg(long = "send-while-loading", default_value_t = 0)]
+    send_while_loading: u64,
     /// Concurrent agent connections in connections-1000.
     #[arg(long, default_value_t = 1000)]
     connections: usize,
@@ -1653,8 +1657,26 @@ async fn restart(context: &RunContext<'_>) -> Result<()> {
             millis(listening.as_micros() as u64),
             ready.map(|ready| millis(ready.as_micros() as u64)).unwrap_or_else(|| "never (timeout)".to_owned())
         );
-        // The stored queues load in the background once the broker serves.
-        match queues_loaded(&subject, args.phase_timeout).await {
+        // The stored queues load in the background once the broker serves, sends meanwhile if asked.
+        let loaded = if args.send_while_loading > 0 {
+            let senders =
+                Senders::connect(&subject.area, subject.address, &workload, args.connections_per_sender, None).await?;
+            let sending = closed_loop(&senders, &workload, args.send_while_loading, 64, args.phase_timeout);
+            let (loaded, sent) = tokio::join!(queues_loaded(&subject, args.phase_timeout), sending);
+            let sent = sent?;
+            println!(
+                "  sent {} meanwhile in {:.2} s ({:.0}/s), {} errors; {}",
+                sent.latencies.len(),
+                sent.elapsed.as_secs_f64(),
+                sent.rate(),
+                sent.errors,
+                describe("send latency", &percentiles(sent.latencies.clone()))
+            );
+            loaded
+        } else {
+            queues_loaded(&subject, args.phase_timeout).await
+        };
+        match loaded {
             Some(()) => {
                 let rss = subject.stats().map(|stats| stats.rss_kib as f64 / 1024.0).unwrap_or_default();
                 println!(
