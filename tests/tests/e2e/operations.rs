@@ -1,6 +1,6 @@
-//! Operations (issue 7): health and reflection through real clients, a metrics scrape after traffic, graceful
-//! shutdown losing nothing, backup while running and restore, the deploy/ example configurations, and a run's
-//! logs holding no personal data.
+//! Operations (issue 7): health and reflection through real clients, a metrics scrape after traffic (and the commits
+//! a message to an idle agent takes, counted by it), graceful shutdown losing nothing, backup while running and
+//! restore, the deploy/ example configurations, and a run's logs holding no personal data.
 
 use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
@@ -106,6 +106,41 @@ async fn metrics_count_traffic_without_personal_data() -> Result<()> {
     let scrape = http_get(metrics_address, "/metrics").await?;
     assert!(scrape.contains(&format!(r#"broker_queue_depth{{recipient="{SCHOOL}"}} 1"#)), "{scrape}");
     broker.stop().await
+}
+
+/// The value of an unlabelled counter or histogram count in a scrape.
+fn metric(scrape: &str, name: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A message to an idle recipient whose agent is connected takes two commits, the send's (which records the copy's
+/// delivery) and the acknowledgement's, not three: the copy goes to the stream without a commit of the actor's
+/// own (`Deliveries::reserve_direct`). The broker runs as its own process, so its commit count is this test's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_to_an_idle_connected_agent_goes_out_with_its_send_s_commit() -> Result<()> {
+    let metrics_address = free_port();
+    let area =
+        Area::with_settings(BrokerSettings { metrics_listen: Some(metrics_address), ..BrokerSettings::default() })?;
+    let broker = BrokerProcess::start(BROKER, &area, "127.0.0.1:0".parse()?)?;
+    let mut police = area.client(POLICE, broker.address).await?;
+    let mut school = area.client(SCHOOL, broker.address).await?;
+    let mut stream = school.deliveries(pb::DeliveriesRequest {}).await?.into_inner();
+    let mut commits = Vec::new();
+    for key in ["direct-1", "direct-2", "direct-3"] {
+        // Idle: the last copy acknowledged, and time for the actor to say it has room again.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = metric(&http_get(metrics_address, "/metrics").await?, "broker_commit_seconds_count");
+        send_f1(&mut police, key).await?;
+        let copy = tokio::time::timeout(Duration::from_secs(10), stream.message()).await??.expect("a delivery");
+        assert_eq!(copy.attempt, 1);
+        school.acknowledge(pb::AcknowledgeRequest { delivery_id: copy.delivery_id }).await?;
+        let after = metric(&http_get(metrics_address, "/metrics").await?, "broker_commit_seconds_count");
+        commits.push(after.zip(before).map(|(after, before)| after - before));
+    }
+    // The first may find the agent's stream not yet taken in by its actor.
+    assert_eq!(commits[1..], [Some(2.0), Some(2.0)], "commits per message: {commits:?}");
+    broker.terminate()?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
