@@ -491,3 +491,8 @@ pub fn error_reason(status: &tonic::Status) -> Option<String> {
     use tonic_types::StatusExt;
     status.get_details_error_info().map(|info| info.reason)
 }
+
+/// The value of an unlabelled metric (a counter, gauge or histogram count) in a Prometheus text scrape.
+pub fn metric_value(scrape: &str, name: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+}

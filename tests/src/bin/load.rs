@@ -28,7 +28,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use proto::pb::{self, broker_server::Broker};
-use tests::{Area, BrokerSettings};
+use tests::{Area, BrokerSettings, metric_value};
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
@@ -786,6 +786,18 @@ impl SendResults {
         self.latencies.len() as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
+    /// `<n> <what> in <s> s (<rate>/s), <errors> errors`, with the first problem if there was one.
+    fn summary(&self, what: &str) -> String {
+        format!(
+            "{} {what} in {:.2} s ({:.0}/s), {} errors{}",
+            self.latencies.len(),
+            self.elapsed.as_secs_f64(),
+            self.rate(),
+            self.errors,
+            self.first_error.as_ref().map(|error| format!(" (first problem: {error})")).unwrap_or_default()
+        )
+    }
+
     fn merge(&mut self, other: SendResults) {
         self.latencies.extend(other.latencies);
         self.sent_at.extend(other.sent_at);
@@ -1353,10 +1365,6 @@ async fn scrape_metrics(subject: &Subject) -> Option<String> {
 }
 
 /// A sample's value on a metrics page (the first line with exactly that name, no labels).
-fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
-}
-
 /// Prints how many device flushes the phase cost per message: the broker's journal `fdatasync`s (from its metrics,
 /// scraped before and after) and the receiving agents' two `fsync`s per durable write, and what share of the
 /// disk's raw `fdatasync` rate (measured at the start of the run) they came to. Near the disk's rate, commits queue
@@ -1433,14 +1441,7 @@ async fn offline_drain(context: &RunContext<'_>) -> Result<()> {
         Senders::connect(&subject.area, subject.address, &workload, args.connections_per_sender, dev_dir).await?;
     let before = subject.stats();
     let results = closed_loop(&senders, &workload, queued, 64, args.phase_timeout).await?;
-    println!(
-        "queued: {} sends in {:.2} s ({:.0}/s), {} errors{}",
-        results.latencies.len(),
-        results.elapsed.as_secs_f64(),
-        results.rate(),
-        results.errors,
-        results.first_error.as_ref().map(|error| format!(" (first problem: {error})")).unwrap_or_default()
-    );
+    println!("queued: {}", results.summary("sends"));
     println!("{}", describe("send-acknowledged latency while queueing", &percentiles(results.latencies.clone())));
     tokio::time::sleep(Duration::from_millis(500)).await;
     if let Some(stats) = subject.stats() {
@@ -1629,13 +1630,7 @@ async fn restart(context: &RunContext<'_>) -> Result<()> {
     let senders =
         Senders::connect(&subject.area, subject.address, &workload, args.connections_per_sender, None).await?;
     let results = closed_loop(&senders, &workload, stored, 64, args.phase_timeout).await?;
-    println!(
-        "stored: {} messages in {:.2} s ({:.0}/s), {} errors",
-        results.latencies.len(),
-        results.elapsed.as_secs_f64(),
-        results.rate(),
-        results.errors
-    );
+    println!("stored: {}", results.summary("messages"));
     if let Some(disk) = subject.disk() {
         println!(
             "data dir: {}; sled's {:.0} bytes per message",
@@ -1665,11 +1660,8 @@ async fn restart(context: &RunContext<'_>) -> Result<()> {
             let (loaded, sent) = tokio::join!(queues_loaded(&subject, args.phase_timeout), sending);
             let sent = sent?;
             println!(
-                "  sent {} meanwhile in {:.2} s ({:.0}/s), {} errors; {}",
-                sent.latencies.len(),
-                sent.elapsed.as_secs_f64(),
-                sent.rate(),
-                sent.errors,
+                "  sent meanwhile: {}; {}",
+                sent.summary("messages"),
                 describe("send latency", &percentiles(sent.latencies.clone()))
             );
             loaded

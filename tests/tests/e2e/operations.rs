@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 use anyhow::Result;
 use broker::audit::AuditLog;
 use proto::pb;
-use tests::{Area, BrokerProcess, BrokerSettings, InProcessBroker, example};
+use tests::{Area, BrokerProcess, BrokerSettings, InProcessBroker, example, metric_value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const POLICE: &str = "beds-police";
@@ -108,11 +108,6 @@ async fn metrics_count_traffic_without_personal_data() -> Result<()> {
     broker.stop().await
 }
 
-/// The value of an unlabelled counter or histogram count in a scrape.
-fn metric(scrape: &str, name: &str) -> Option<f64> {
-    scrape.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 /// A message to an idle recipient whose agent is connected takes two commits, the send's (which records the copy's
 /// delivery) and the acknowledgement's, not three: the copy goes to the stream without a commit of the actor's
 /// own (`Deliveries::reserve_direct`). The broker runs as its own process, so its commit count is this test's alone.
@@ -129,12 +124,12 @@ async fn a_copy_to_an_idle_connected_agent_goes_out_with_its_send_s_commit() -> 
     for key in ["direct-1", "direct-2", "direct-3"] {
         // Idle: the last copy acknowledged, and time for the actor to say it has room again.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let before = metric(&http_get(metrics_address, "/metrics").await?, "broker_commit_seconds_count");
+        let before = metric_value(&http_get(metrics_address, "/metrics").await?, "broker_commit_seconds_count");
         send_f1(&mut police, key).await?;
         let copy = tokio::time::timeout(Duration::from_secs(10), stream.message()).await??.expect("a delivery");
         assert_eq!(copy.attempt, 1);
         school.acknowledge(pb::AcknowledgeRequest { delivery_id: copy.delivery_id }).await?;
-        let after = metric(&http_get(metrics_address, "/metrics").await?, "broker_commit_seconds_count");
+        let after = metric_value(&http_get(metrics_address, "/metrics").await?, "broker_commit_seconds_count");
         commits.push(after.zip(before).map(|(after, before)| after - before));
     }
     // The first may find the agent's stream not yet taken in by its actor.
