@@ -494,6 +494,111 @@ type PendingNack = (String, Actor, Duration, String, oneshot::Sender<Result<bool
 struct InFlight {
     seq: u64,
     deadline: Instant,
+    /// Its acknowledgement's commit is under way: its wait does not run out meanwhile (see [`InFlightCopies::pause`]).
+    paused: bool,
+}
+
+/// Copies sent and not yet acknowledged, by delivery id, with the acknowledgement waits of those not being
+/// acknowledged in the order they run out: the actor's next wake-up and the waits that ran out are found without a
+/// scan of the window (up to `max_in_flight` copies, and the actor asks after every batch of commands).
+#[derive(Default)]
+struct InFlightCopies {
+    by_id: HashMap<String, InFlight>,
+    /// (wait ends, seq) -> delivery id, for every copy in `by_id` that is not paused.
+    waits: BTreeMap<(Instant, u64), String>,
+}
+
+impl InFlightCopies {
+    fn insert(&mut self, delivery_id: String, seq: u64, deadline: Instant) {
+        self.remove(&delivery_id);
+        self.waits.insert((deadline, seq), delivery_id.clone());
+        self.by_id.insert(delivery_id, InFlight { seq, deadline, paused: false });
+    }
+
+    fn remove(&mut self, delivery_id: &str) -> Option<InFlight> {
+        let entry = self.by_id.remove(delivery_id)?;
+        if !entry.paused {
+            self.waits.remove(&(entry.deadline, entry.seq));
+        }
+        Some(entry)
+    }
+
+    fn get(&self, delivery_id: &str) -> Option<&InFlight> {
+        self.by_id.get(delivery_id)
+    }
+
+    fn contains_key(&self, delivery_id: &str) -> bool {
+        self.by_id.contains_key(delivery_id)
+    }
+
+    fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Its acknowledgement's commit has begun: its wait cannot run out (waking for it would spin) until
+    /// [`Self::resume`] (the commit failed) or [`Self::remove`].
+    fn pause(&mut self, delivery_id: &str) {
+        if let Some(entry) = self.by_id.get_mut(delivery_id)
+            && !entry.paused
+        {
+            entry.paused = true;
+            self.waits.remove(&(entry.deadline, entry.seq));
+        }
+    }
+
+    fn resume(&mut self, delivery_id: &str) {
+        if let Some(entry) = self.by_id.get_mut(delivery_id)
+            && entry.paused
+        {
+            entry.paused = false;
+            self.waits.insert((entry.deadline, entry.seq), delivery_id.to_owned());
+        }
+    }
+
+    /// When the first wait runs out.
+    fn next_wait_end(&self) -> Option<Instant> {
+        self.waits.keys().next().map(|(when, _)| *when)
+    }
+
+    /// The copies whose wait has run out by `now`, taken out of flight with their sequence numbers.
+    fn take_expired(&mut self, now: Instant) -> Vec<(String, u64)> {
+        let mut expired = Vec::new();
+        while let Some(entry) = self.waits.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let ((_, seq), delivery_id) = entry.remove_entry();
+            self.by_id.remove(&delivery_id);
+            expired.push((delivery_id, seq));
+        }
+        expired
+    }
+
+    /// Takes out every copy not being acknowledged, in no particular order.
+    fn take_unpaused(&mut self) -> impl Iterator<Item = (String, u64)> + '_ {
+        let by_id = &mut self.by_id;
+        std::mem::take(&mut self.waits).into_iter().map(move |((_, seq), delivery_id)| {
+            by_id.remove(&delivery_id);
+            (delivery_id, seq)
+        })
+    }
+
+    /// The delivery id of the copy with this sequence number (a scan: at most `max_in_flight`).
+    fn id_for_seq(&self, seq: u64) -> Option<String> {
+        self.by_id.iter().find(|(_, entry)| entry.seq == seq).map(|(id, _)| id.clone())
+    }
+
+    #[cfg(test)]
+    fn set_deadline(&mut self, delivery_id: &str, deadline: Instant) {
+        if let Some(entry) = self.remove(delivery_id) {
+            self.insert(delivery_id.to_owned(), entry.seq, deadline);
+        }
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
 }
 
 /// A copy going out.
@@ -665,7 +770,7 @@ struct RecipientActor {
     /// Copies waiting out a retry delay: (when, seq) -> delivery id.
     delayed: BTreeMap<(Instant, u64), String>,
     /// Copies sent and not yet acknowledged.
-    in_flight: HashMap<String, InFlight>,
+    in_flight: InFlightCopies,
     /// Acknowledgement deadlines from policy obligations, as (when, seq), when in microseconds since the Unix epoch
     /// (the obligation's own terms, and half the size of an `Instant`: every queued copy of a flow with a deadline
     /// has one); the delivery id is looked up when one is due ([`Self::id_for_seq`]), so that a long queue holds
@@ -718,7 +823,7 @@ impl RecipientActor {
             shared,
             ready,
             delayed: BTreeMap::new(),
-            in_flight: HashMap::new(),
+            in_flight: InFlightCopies::default(),
             deadlines: BTreeSet::new(),
             delayed_at: HashMap::new(),
             stream: None,
@@ -827,7 +932,8 @@ impl RecipientActor {
                         match taken_from {
                             Some(Waiting::Ready) => self.ready.insert(seq, delivery_id),
                             Some(Waiting::Delayed(when)) => self.add_delayed(when, seq, delivery_id),
-                            None => {}
+                            // Still in flight: its wait runs again.
+                            None => self.in_flight.resume(&delivery_id),
                         }
                         for reply in std::iter::once(reply).chain(repeated) {
                             let _ = reply.send(Err(StoreError::CommitFailed {
@@ -851,7 +957,7 @@ impl RecipientActor {
             metrics().redeliveries.inc();
         }
         let deadline = Instant::now() + self.shared.config.ack_wait;
-        self.in_flight.insert(delivery_id.clone(), InFlight { seq, deadline });
+        self.in_flight.insert(delivery_id.clone(), seq, deadline);
         // With no stream (the broker is stopping, or the stream was seen closed), the copy stays in flight until the
         // agent's next stream puts it back at the front of the queue, or its wait runs out; a stream closed since
         // puts it back at the next pump.
@@ -900,25 +1006,14 @@ impl RecipientActor {
     fn requeue_in_flight(&mut self) {
         // Copies recorded as delivered by their sends but not handed to the old stream get an attempt of their own.
         self.recorded.clear();
-        let acking = &self.acking;
-        let ready = &mut self.ready;
-        self.in_flight.retain(|delivery_id, entry| {
-            if acking.contains_key(delivery_id) {
-                return true;
-            }
-            ready.insert(entry.seq, delivery_id.clone());
-            false
-        });
+        for (delivery_id, seq) in self.in_flight.take_unpaused() {
+            self.ready.insert(seq, delivery_id);
+        }
     }
 
     fn next_wake(&self) -> Option<Instant> {
-        // A copy being acknowledged does not run out of time (see `expire_timers`): waking for it would spin.
-        let in_flight = self
-            .in_flight
-            .iter()
-            .filter(|(delivery_id, _)| !self.acking.contains_key(*delivery_id))
-            .map(|(_, entry)| entry.deadline)
-            .min();
+        // A copy being acknowledged does not run out of time (see `InFlightCopies::pause`): waking for it would spin.
+        let in_flight = self.in_flight.next_wait_end();
         let delayed = self.delayed.keys().next().map(|(when, _)| *when);
         let deadline = self.deadlines.first().map(|(micros, _)| instant_for_micros(*micros));
         [in_flight, delayed, deadline].into_iter().flatten().min()
@@ -1072,7 +1167,7 @@ impl RecipientActor {
         if let Some((_, id)) = self.sent_while_loading.iter().find(|(held, _)| *held == seq) {
             return Some(id.clone());
         }
-        self.in_flight.iter().find(|(_, entry)| entry.seq == seq).map(|(id, _)| id.clone())
+        self.in_flight.id_for_seq(seq)
     }
 
     fn load(&self, delivery_id: &str) -> Result<Option<DeliveryRecord>, StoreError> {
@@ -1141,6 +1236,7 @@ impl RecipientActor {
                 Some(Waiting::Ready)
             };
             self.acking.insert(delivery_id.clone(), Vec::new());
+            self.in_flight.pause(&delivery_id);
             done.push(Acknowledging { delivery_id, seq, deadline, reply, taken_from });
         }
         if done.is_empty() {
@@ -1241,12 +1337,7 @@ impl RecipientActor {
             self.delayed_at.remove(&seq);
             self.ready.insert(seq, delivery_id);
         }
-        let expired: Vec<String> = self
-            .in_flight
-            .iter()
-            .filter(|(delivery_id, entry)| entry.deadline <= now && !self.acking.contains_key(*delivery_id))
-            .map(|(delivery_id, _)| delivery_id.clone())
-            .collect();
+        let expired = self.in_flight.take_expired(now);
         if !expired.is_empty() {
             self.expire_in_flight(expired).await;
         }
@@ -1272,35 +1363,34 @@ impl RecipientActor {
         }
     }
 
-    async fn expire_in_flight(&mut self, expired: Vec<String>) {
+    async fn expire_in_flight(&mut self, expired: Vec<(String, u64)>) {
         let now_micros = AuditEntry::now_micros();
         let mut commit = Commit::default();
         let mut dead = Vec::new();
-        for delivery_id in expired {
-            let Some(entry) = self.in_flight.remove(&delivery_id) else { continue };
+        for (delivery_id, seq) in expired {
             let record = match self.load(&delivery_id) {
                 Ok(Some(record)) => record,
                 Ok(None) => {
                     tracing::error!(%delivery_id, "a copy in flight has no stored record: dropped from the queue");
-                    self.drop_lost(entry.seq);
+                    self.drop_lost(seq);
                     continue;
                 }
                 // Still in flight, its wait run out again in a second (it was lost from memory before).
                 Err(error) => {
                     tracing::error!(error = %error, %delivery_id, "could not read a delivery record; will retry");
                     let retry = Instant::now() + Duration::from_secs(1);
-                    self.in_flight.insert(delivery_id, InFlight { seq: entry.seq, deadline: retry });
+                    self.in_flight.insert(delivery_id, seq, retry);
                     continue;
                 }
             };
             if record.attempts >= self.shared.config.max_attempts {
                 let mut record = record;
                 let deadline = pending_deadline(&record);
-                self.dead_letter(&mut commit, &mut record, entry.seq, now_micros);
-                dead.push((delivery_id, entry.seq, deadline));
+                self.dead_letter(&mut commit, &mut record, seq, now_micros);
+                dead.push((delivery_id, seq, deadline));
             } else {
                 // Redelivered by the next pump, which records the attempt.
-                self.ready.insert(entry.seq, delivery_id);
+                self.ready.insert(seq, delivery_id);
             }
         }
         if dead.is_empty() {
@@ -1315,8 +1405,7 @@ impl RecipientActor {
             Err(error) => {
                 tracing::error!(error = %error, recipient = %self.recipient, "could not record dead letters; will retry");
                 for (delivery_id, seq, _) in dead {
-                    self.in_flight
-                        .insert(delivery_id, InFlight { seq, deadline: Instant::now() + Duration::from_secs(1) });
+                    self.in_flight.insert(delivery_id, seq, Instant::now() + Duration::from_secs(1));
                 }
             }
         }
@@ -2066,11 +2155,23 @@ mod tests {
     async fn a_copy_being_acknowledged_does_not_wake_the_actor() {
         let mut test = standalone(1, 8).await;
         let _agent = test.connect(1).await;
-        let in_flight = test.actor.in_flight.get_mut(&test.ids[0]).unwrap();
-        in_flight.deadline = Instant::now() - Duration::from_secs(1);
-        assert!(test.actor.next_wake().is_some(), "a copy whose wait ran out wakes the actor");
-        test.actor.acking.insert(test.ids[0].clone(), Vec::new());
+        let passed = Instant::now() - Duration::from_secs(1);
+        test.actor.in_flight.set_deadline(&test.ids[0], passed);
+        assert_eq!(test.actor.next_wake(), Some(passed), "a copy whose wait ran out wakes the actor");
+        // Its acknowledgement's commit is submitted and its outcome not yet handled.
+        test.store.fail_next_journal_write();
+        let (acknowledging, answer) = ack(&test.ids[0]);
+        test.actor.handle(vec![acknowledging], false).await;
         assert_eq!(test.actor.next_wake(), None);
+        test.actor.expire_timers().await;
+        assert!(test.actor.in_flight.contains_key(&test.ids[0]), "its wait does not run out meanwhile");
+        // The commit failed: the copy is still in flight, and its wait runs again.
+        test.actor.settle().await;
+        assert!(answer.await.unwrap().is_err(), "the failed commit is reported");
+        assert_eq!(test.actor.next_wake(), Some(passed));
+        test.actor.expire_timers().await;
+        assert!(!test.actor.in_flight.contains_key(&test.ids[0]), "its wait ran out");
+        assert_eq!(test.actor.ready.first(9, u64::MAX), vec![(1, test.ids[0].clone())], "put back for redelivery");
     }
 
     /// Copies whose "delivered" commit is under way when the agent reconnects reach the new stream in queue order
@@ -2174,13 +2275,13 @@ mod tests {
         let mut agent = school.connect(1).await;
         assert_eq!(received(&mut agent), vec![(delivery_id.clone(), 1)]);
         let passed = Instant::now() - Duration::from_millis(1);
-        school.actor.in_flight.get_mut(&delivery_id).expect("in flight").deadline = passed;
+        school.actor.in_flight.set_deadline(&delivery_id, passed);
         school.store.fail_reads_under(&records::delivery_key(&delivery_id));
         school.actor.expire_timers().await;
         let entry = school.actor.in_flight.get(&delivery_id).expect("still in flight");
         assert!(entry.deadline > Instant::now());
         school.store.mend_reads();
-        school.actor.in_flight.get_mut(&delivery_id).expect("in flight").deadline = passed;
+        school.actor.in_flight.set_deadline(&delivery_id, passed);
         school.actor.expire_timers().await;
         assert!(school.actor.in_flight.is_empty());
         assert_eq!(school.actor.ready.first(9, u64::MAX), vec![(1, delivery_id)]);
