@@ -36,6 +36,8 @@ pub struct ConfigFile {
     pub delivery: DeliveryFile,
     #[serde(default)]
     pub storage: StorageFile,
+    #[serde(default)]
+    pub audit: AuditFile,
     /// Practitioner tokens: the audience, the leeway, and per agency the trusted issuers and their keys.
     #[serde(default)]
     pub tokens: TokensFile,
@@ -77,6 +79,15 @@ pub struct StorageFile {
     pub journal_segment_bytes: Option<u64>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFile {
+    /// The origin line of the audit log's signed checkpoints, which also names their signing key: text that
+    /// identifies this log among others (C2SP `tlog-checkpoint` recommends a schema-less URL such as
+    /// `safeguarding.luton.example/audit`). Fixed when the log is created.
+    pub checkpoint_origin: Option<String>,
+}
+
 /// Environment variables that override the file, with the setting each overrides.
 pub const ENVIRONMENT_OVERRIDES: &[(&str, &str)] = &[
     ("BROKER_LISTEN", "listen"),
@@ -89,6 +100,7 @@ pub const ENVIRONMENT_OVERRIDES: &[(&str, &str)] = &[
     ("BROKER_MAX_MESSAGE_BYTES", "limits.max_message_bytes"),
     ("BROKER_ACK_WAIT_SECONDS", "delivery.ack_wait_seconds"),
     ("BROKER_MAX_ATTEMPTS", "delivery.max_attempts"),
+    ("BROKER_CHECKPOINT_ORIGIN", "audit.checkpoint_origin"),
 ];
 
 /// The checked configuration.
@@ -103,6 +115,8 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// sled's cache and the journal's segment size.
     pub storage: crate::store::StoreOptions,
+    /// The origin line of the audit log's checkpoints (see [`AuditFile::checkpoint_origin`]).
+    pub checkpoint_origin: String,
     pub tokens: TokensFile,
     /// Folder that relative paths in `tokens` are resolved against (the configuration file's).
     pub base_dir: PathBuf,
@@ -181,6 +195,9 @@ impl Config {
         if let Some(value) = environment("BROKER_MAX_ATTEMPTS") {
             file.delivery.max_attempts = number("BROKER_MAX_ATTEMPTS", value).map(|n| n as u32);
         }
+        if let Some(value) = environment("BROKER_CHECKPOINT_ORIGIN") {
+            file.audit.checkpoint_origin = Some(value);
+        }
 
         let listen_text = file.listen.unwrap_or_else(|| "127.0.0.1:50051".to_owned());
         let listen = match listen_text.parse() {
@@ -254,6 +271,14 @@ impl Config {
                 crate::store::journal::MIN_SEGMENT_BYTES
             ));
         }
+        let checkpoint_origin =
+            file.audit.checkpoint_origin.unwrap_or_else(|| crate::audit::checkpoints::DEFAULT_ORIGIN.to_owned());
+        if !crate::audit::checkpoint::is_valid_key_name(&checkpoint_origin) {
+            problems.push(format!(
+                "`audit.checkpoint_origin`: `{checkpoint_origin}` must be non-empty text without spaces, control \
+                 characters or `+`, such as `safeguarding.luton.example/audit`"
+            ));
+        }
         match listen {
             Some(listen) if problems.is_empty() => Ok(Self {
                 listen,
@@ -267,6 +292,7 @@ impl Config {
                     index_cache_bytes: file.storage.index_cache_bytes.unwrap_or(8 * 1024 * 1024),
                     journal_segment_bytes,
                 },
+                checkpoint_origin,
                 tokens: file.tokens,
                 base_dir: base.to_owned(),
             }),
@@ -322,6 +348,19 @@ mod tests {
         let text = error.to_string();
         for expected in ["`listen`", "`data_dir` is required", "`tls.key` is required", "max_attempts"] {
             assert!(text.contains(expected), "missing {expected} in {text}");
+        }
+    }
+
+    #[test]
+    fn the_checkpoint_origin_has_a_default_may_be_set_and_is_checked() {
+        assert_eq!(parse(MINIMAL, &[]).unwrap().checkpoint_origin, crate::audit::checkpoints::DEFAULT_ORIGIN);
+        let set = format!("{MINIMAL}\n[audit]\ncheckpoint_origin = \"safeguarding.luton.example/audit\"");
+        assert_eq!(parse(&set, &[]).unwrap().checkpoint_origin, "safeguarding.luton.example/audit");
+        let overridden = parse(&set, &[("BROKER_CHECKPOINT_ORIGIN", "safeguarding.beds.example/audit")]).unwrap();
+        assert_eq!(overridden.checkpoint_origin, "safeguarding.beds.example/audit");
+        for bad in ["", "luton audit", "luton+audit"] {
+            let error = parse(MINIMAL, &[("BROKER_CHECKPOINT_ORIGIN", bad)]).unwrap_err();
+            assert!(error.to_string().contains("`audit.checkpoint_origin`"), "{bad:?}: {error}");
         }
     }
 

@@ -133,6 +133,7 @@ pub fn prepare(
         max_message_bytes: crate::config::DEFAULT_MAX_MESSAGE_BYTES,
         delivery: DeliveryConfig::default(),
         storage: crate::store::StoreOptions::default(),
+        checkpoint_origin: crate::audit::checkpoints::DEFAULT_ORIGIN.to_owned(),
         tokens,
         base_dir: PathBuf::from("."),
     };

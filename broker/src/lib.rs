@@ -187,7 +187,7 @@ pub async fn run(
         "audit log opened"
     );
     let checkpointer =
-        audit::checkpoints::Checkpointer::open_in(&config.data_dir, audit.tree(), audit::checkpoints::DEFAULT_ORIGIN)
+        audit::checkpoints::Checkpointer::open_in(&config.data_dir, audit.tree(), &config.checkpoint_origin)
             .map_err(audit::AuditError::from)?;
     let (store, report) = Store::open_with(index?, &config.data_dir, audit)?;
     store.hold_lock(data_dir_lock);

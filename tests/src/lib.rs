@@ -85,6 +85,8 @@ pub struct BrokerSettings {
     /// The journal's segment size (default 1 MiB, not the broker's 64 MiB: tests then move between segments, and
     /// each broker they start fills little disk with zeros ahead of use).
     pub journal_segment_bytes: u64,
+    /// The audit log's checkpoint origin (`audit.checkpoint_origin`); the broker's default when `None`.
+    pub checkpoint_origin: Option<String>,
 }
 
 impl Default for BrokerSettings {
@@ -97,6 +99,7 @@ impl Default for BrokerSettings {
             metrics_listen: None,
             policy_dir: None,
             journal_segment_bytes: 1024 * 1024,
+            checkpoint_origin: None,
         }
     }
 }
@@ -182,7 +185,7 @@ max_attempts = {max_attempts}
 default_retry_delay_millis = {retry}
 [storage]
 journal_segment_bytes = {segment}
-{issuers}
+{audit}{issuers}
 "#,
             policy = settings.policy_dir.clone().unwrap_or_else(sample_policy_dir).display(),
             max_message_bytes = settings.max_message_bytes,
@@ -190,6 +193,11 @@ journal_segment_bytes = {segment}
             max_attempts = settings.max_attempts,
             retry = settings.default_retry_delay_millis,
             segment = settings.journal_segment_bytes,
+            audit = settings
+                .checkpoint_origin
+                .as_ref()
+                .map(|origin| format!("[audit]\ncheckpoint_origin = \"{origin}\"\n"))
+                .unwrap_or_default(),
             issuers = self.issuers_toml()?,
         );
         let path = self.path().join("broker.toml");

@@ -141,9 +141,9 @@ fn parse_tree_size(line: &str) -> Result<u64, CheckpointError> {
     line.parse::<u64>().map_err(|_| CheckpointError::MalformedCheckpoint(REASON))
 }
 
-/// Reports whether a key name is valid for a signed note: non-empty, with no Unicode
-/// whitespace, no `+` and no control character.
-fn is_valid_key_name(name: &str) -> bool {
+/// Whether `name` may name a note signing key (and so be a checkpoint's origin): non-empty, with no whitespace,
+/// control characters or `+`.
+pub fn is_valid_key_name(name: &str) -> bool {
     !name.is_empty()
         && !name.chars().any(|character| character.is_whitespace() || character == '+' || character.is_control())
 }

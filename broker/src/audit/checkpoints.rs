@@ -19,7 +19,7 @@ use ed25519_dalek::SigningKey;
 
 use super::{
     AuditError, SharedTree,
-    checkpoint::{Checkpoint, CheckpointError, NoteSigner, NoteVerifier},
+    checkpoint::{Checkpoint, CheckpointError, NoteSigner, NoteVerifier, is_valid_key_name},
     merkle::Hash,
 };
 use crate::store::log::{AppendLog, LogError, read_all};
@@ -51,6 +51,12 @@ pub enum CheckpointsError {
     Stored { path: PathBuf, index: u64, reason: String },
     #[error("the audit tree is unavailable: {0}")]
     Tree(String),
+    #[error(
+        "this audit log's origin is `{existing}` (named in `{path}`), but the configuration names `{configured}`: a \
+         log's origin cannot change, as auditors' verifier keys and every checkpoint signed name it. Set \
+         `audit.checkpoint_origin` back to `{existing}`, or give the new origin to a new data directory"
+    )]
+    OriginChanged { path: PathBuf, existing: String, configured: String },
 }
 
 impl From<CheckpointsError> for AuditError {
@@ -109,6 +115,16 @@ pub fn load_or_create_signer(keys_dir: &Path, origin: &str) -> Result<NoteSigner
     let signer = NoteSigner::new(origin, SigningKey::from_bytes(&seed))?;
     let vkey_path = verifier_key_path(keys_dir);
     let published = std::fs::read_to_string(&vkey_path).unwrap_or_default();
+    // The published key names the log's origin (see `Checkpointer::open` for the checkpoints themselves).
+    if let Ok(verifier) = NoteVerifier::from_verifier_key(published.trim())
+        && verifier.name() != origin
+    {
+        return Err(CheckpointsError::OriginChanged {
+            path: vkey_path,
+            existing: verifier.name().to_owned(),
+            configured: origin.to_owned(),
+        });
+    }
     if published.trim() != signer.verifier_key() {
         crate::pki::write_file(&vkey_path, &format!("{}\n", signer.verifier_key()))
             .map_err(|error| CheckpointsError::Key { path: vkey_path.clone(), reason: error.to_string() })?;
@@ -226,6 +242,15 @@ impl Checkpointer {
             Some(bytes) => {
                 let stored = |reason: String| CheckpointsError::Stored { path: path.clone(), index: count - 1, reason };
                 let note = String::from_utf8(bytes).map_err(|_| stored("not UTF-8 text".to_owned()))?;
+                // Its first line is its origin: one that differs is a configuration change, not damage.
+                let existing = note.lines().next().unwrap_or_default();
+                if existing != signer.name() && is_valid_key_name(existing) {
+                    return Err(CheckpointsError::OriginChanged {
+                        path,
+                        existing: existing.to_owned(),
+                        configured: signer.name().to_owned(),
+                    });
+                }
                 let checkpoint = open_note(&verifier, &note).map_err(|error| stored(error.to_string()))?;
                 Some(SignedCheckpoint { checkpoint, note })
             }
@@ -305,6 +330,42 @@ impl Checkpointer {
 mod tests {
     use super::*;
     use crate::audit::merkle::MerkleTree;
+
+    /// A log created with a configured origin signs with it; the origin cannot change under the log afterwards,
+    /// whether the published verifier key or only the stored checkpoints still name the old one.
+    #[test]
+    fn a_log_keeps_the_origin_it_was_created_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        let audit = dir.path().join("audit");
+        let tree: SharedTree = Arc::new(std::sync::RwLock::new(MerkleTree::new()));
+        let origin = "safeguarding.luton.example/audit";
+        let checkpointer =
+            Checkpointer::open(&audit, load_or_create_signer(&keys, origin).unwrap(), tree.clone()).unwrap();
+        tree.write().unwrap().push(b"one");
+        let signed = checkpointer.checkpoint_now().unwrap().unwrap();
+        assert!(signed.note.starts_with("safeguarding.luton.example/audit\n1\n"), "{}", signed.note);
+        assert!(read_verifier_key(&keys).unwrap().starts_with("safeguarding.luton.example/audit+"));
+        drop(checkpointer);
+
+        let changed = load_or_create_signer(&keys, DEFAULT_ORIGIN).unwrap_err();
+        assert!(
+            matches!(&changed, CheckpointsError::OriginChanged { existing, configured, .. }
+                if existing == origin && configured == DEFAULT_ORIGIN),
+            "{changed:?}"
+        );
+        assert!(read_verifier_key(&keys).unwrap().starts_with("safeguarding.luton.example/audit+"), "left as it was");
+
+        // With the published key gone, the stored checkpoints still name the log's origin.
+        std::fs::remove_file(verifier_key_path(&keys)).unwrap();
+        let signer = load_or_create_signer(&keys, DEFAULT_ORIGIN).unwrap();
+        let changed = Checkpointer::open(&audit, signer, tree.clone()).unwrap_err();
+        assert!(matches!(changed, CheckpointsError::OriginChanged { .. }), "{changed:?}");
+        std::fs::remove_file(verifier_key_path(&keys)).unwrap();
+        let signer = load_or_create_signer(&keys, origin).unwrap();
+        let reopened = Checkpointer::open(&audit, signer, tree).unwrap();
+        assert_eq!(reopened.latest(), Some(signed));
+    }
 
     #[test]
     fn checkpoints_are_signed_kept_and_verify_with_the_published_key_alone() {

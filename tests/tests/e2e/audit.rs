@@ -20,7 +20,7 @@ use broker::audit::{
     verify::{VerifyFailure, verify_data_dir},
 };
 use proto::pb::{self, audit_client::AuditClient};
-use tests::{Area, Bearer, BrokerProcess, InProcessBroker, example};
+use tests::{Area, Bearer, BrokerProcess, BrokerSettings, InProcessBroker, example};
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
 const POLICE: &str = "beds-police";
@@ -400,4 +400,48 @@ async fn the_broker_signs_checkpoints_while_the_log_grows() -> Result<()> {
     assert_eq!(opened.origin, checkpoints::DEFAULT_ORIGIN);
     assert!(opened.size >= 2);
     broker.stop().await
+}
+
+/// An area names its log: the broker signs checkpoints under the configured origin and serves them with it; started
+/// again on the same log with another origin, it refuses to start and says why, and the log is unchanged; with the
+/// log's own origin it starts and the log goes on and verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_is_signed_under_its_configured_origin_which_cannot_change() -> Result<()> {
+    const ORIGIN: &str = "safeguarding.luton.example/audit";
+    let mut area =
+        Area::with_settings(BrokerSettings { checkpoint_origin: Some(ORIGIN.into()), ..Default::default() })?;
+    let broker = InProcessBroker::start(&area).await?;
+    let mut police = area.client(POLICE, broker.address).await?;
+    police.send(pb::SendRequest { envelope: Some(notification("origin-1")?) }).await?;
+    let auditor_token = area.token("luton-csc", "auditor-0001", &["auditor"])?;
+    let mut auditor = audit_client(&area, "luton-csc", &auditor_token, broker.address).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let latest = loop {
+        let latest = auditor.latest_checkpoint(pb::LatestCheckpointRequest {}).await?.into_inner();
+        if latest.checkpoint.is_some() || tokio::time::Instant::now() > deadline {
+            break latest;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(latest.verifier_key.starts_with(&format!("{ORIGIN}+")), "{}", latest.verifier_key);
+    let verifier = NoteVerifier::from_verifier_key(&latest.verifier_key)?;
+    let note = latest.checkpoint.expect("a checkpoint within a second or so of the log growing").note;
+    assert_eq!(checkpoints::open_note(&verifier, &note)?.origin, ORIGIN);
+    broker.stop().await?;
+    let before = verify(&area.data_dir()).expect("the log verifies");
+
+    area.settings.checkpoint_origin = Some("safeguarding.beds.example/audit".into());
+    let refused = InProcessBroker::start(&area).await?.stop().await.expect_err("another origin is refused");
+    let text = broker::error_report(&refused);
+    assert!(text.contains(ORIGIN) && text.contains("audit.checkpoint_origin"), "{text}");
+    assert_eq!(verify(&area.data_dir()).expect("the log is unchanged"), before);
+
+    area.settings.checkpoint_origin = Some(ORIGIN.into());
+    let broker = InProcessBroker::start(&area).await?;
+    let mut police = area.client(POLICE, broker.address).await?;
+    police.send(pb::SendRequest { envelope: Some(notification("origin-2")?) }).await?;
+    broker.stop().await?;
+    let after = verify(&area.data_dir()).expect("the log goes on and verifies");
+    assert!(after.entries > before.entries);
+    Ok(())
 }
