@@ -52,6 +52,9 @@ pub struct TlsFile {
     pub cert: Option<PathBuf>,
     /// The broker's server private key (PEM).
     pub key: Option<PathBuf>,
+    /// The area CA's certificate revocation lists (PEM or DER): a client certificate they name is refused.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -127,6 +130,8 @@ pub struct TlsPaths {
     pub ca_cert: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Revocation lists of the CA, reloaded when they change (`auth::revocation`).
+    pub crls: Vec<PathBuf>,
 }
 
 /// Every problem found in a configuration.
@@ -233,6 +238,7 @@ impl Config {
             ca_cert: required("tls.ca_cert", file.tls.ca_cert),
             cert: required("tls.cert", file.tls.cert),
             key: required("tls.key", file.tls.key),
+            crls: file.tls.crls.iter().map(|path| base.join(path)).collect(),
         };
         let defaults = DeliveryConfig::default();
         let delivery = DeliveryConfig {

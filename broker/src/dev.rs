@@ -129,7 +129,7 @@ pub fn prepare(
         metrics_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464))),
         data_dir: root.join("data"),
         policy_dir: policy_dir.to_owned(),
-        tls: TlsPaths { ca_cert, cert: server_cert, key: server_key },
+        tls: TlsPaths { ca_cert, cert: server_cert, key: server_key, crls: Vec::new() },
         max_message_bytes: crate::config::DEFAULT_MAX_MESSAGE_BYTES,
         delivery: DeliveryConfig::default(),
         storage: crate::store::StoreOptions::default(),

@@ -58,6 +58,8 @@ pub enum BrokerError {
     Tls(#[from] transport::TlsError),
     #[error("the token settings are not valid:\n{0}")]
     Tokens(String),
+    #[error("the certificate revocation lists (`tls.crls`) do not load:\n{0}")]
+    Revocations(String),
     #[error("could not listen for metrics on {address}: {source}")]
     Metrics { address: std::net::SocketAddr, source: std::io::Error },
     #[error("could not build the reflection service: {0}")]
@@ -109,26 +111,36 @@ pub fn load_tokens(config: &Config) -> Result<TokenVerifier, BrokerError> {
     TokenVerifier::load(&config.tokens, &config.base_dir).map_err(|problems| BrokerError::Tokens(problems.join("\n")))
 }
 
-/// Reloads the token keys when a key file changes (an agency rotated its signing key). A set that fails to load is
-/// not used: the previous one stays.
-async fn reload_tokens_on_change(config: Config, current: transport::service::CurrentTokens) {
+/// Reads the area CA's certificate revocation lists.
+pub fn load_revocations(config: &Config) -> Result<auth::revocation::RevocationList, BrokerError> {
+    auth::revocation::RevocationList::load(&config.tls.ca_cert, &config.tls.crls)
+        .map_err(|problems| BrokerError::Revocations(problems.join("\n")))
+}
+
+/// Reloads what `load` reads whenever `changed` says its files have changed (an agency rotated its token signing key;
+/// the area CA published a new revocation list), checking every two seconds. A set that fails to load is not used:
+/// the previous one stays, and the error is logged.
+async fn reload_on_change<T>(
+    what: &'static str,
+    current: Arc<RwLock<Arc<T>>>,
+    changed: impl Fn(&T) -> bool,
+    load: impl Fn() -> Result<T, BrokerError>,
+) {
     let mut interval = tokio::time::interval(std::time::Duration::from_secs(2));
     loop {
         interval.tick().await;
-        let changed = current.read().map(|verifier| verifier.key_files_changed()).unwrap_or(false);
+        let changed = current.read().map(|loaded| changed(&loaded)).unwrap_or(false);
         if !changed {
             continue;
         }
-        match load_tokens(&config) {
-            Ok(verifier) => {
+        match load() {
+            Ok(loaded) => {
                 if let Ok(mut slot) = current.write() {
-                    *slot = Arc::new(verifier);
+                    *slot = Arc::new(loaded);
                 }
-                tracing::info!("token keys reloaded");
+                tracing::info!(what, "reloaded");
             }
-            Err(error) => {
-                tracing::error!(error = %error, "token keys changed but do not load: keeping the previous ones")
-            }
+            Err(error) => tracing::error!(what, error = %error, "changed but does not load: keeping the previous one"),
         }
     }
 }
@@ -200,6 +212,10 @@ pub async fn run(
     );
     let pseudonymiser = Pseudonymiser::load_or_create(&config.data_dir.join("keys"))?;
     let tokens = load_tokens(&config)?;
+    let revocations = load_revocations(&config)?;
+    if !revocations.is_empty() {
+        tracing::info!(revoked = revocations.len(), "certificate revocation lists loaded");
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::DESCRIPTOR_SET)
         .build_v1()
@@ -224,9 +240,32 @@ pub async fn run(
         }));
     }
     let current_tokens = Arc::new(RwLock::new(Arc::new(tokens)));
-    let reloader = tokio::spawn(reload_tokens_on_change(config.clone(), current_tokens.clone()));
+    let reloader = {
+        let config = config.clone();
+        tokio::spawn(reload_on_change(
+            "token keys",
+            current_tokens.clone(),
+            TokenVerifier::key_files_changed,
+            move || load_tokens(&config),
+        ))
+    };
+    let current_revocations = Arc::new(RwLock::new(Arc::new(revocations)));
+    let revocation_reloader = {
+        let config = config.clone();
+        tokio::spawn(reload_on_change(
+            "certificate revocation lists",
+            current_revocations.clone(),
+            auth::revocation::RevocationList::files_changed,
+            move || load_revocations(&config),
+        ))
+    };
     let audit_service = transport::audit_service::server(
-        transport::service::Authenticator::new(exchange.clone(), current_tokens.clone(), store.clone()),
+        transport::service::Authenticator::new(
+            exchange.clone(),
+            current_tokens.clone(),
+            current_revocations.clone(),
+            store.clone(),
+        ),
         store.clone(),
         Pseudonymiser::load_or_create(&config.data_dir.join("keys"))?,
         checkpointer.clone(),
@@ -236,6 +275,7 @@ pub async fn run(
         exchange,
         deliveries.clone(),
         current_tokens,
+        current_revocations,
         store.clone(),
     ))
     .max_decoding_message_size(config.max_message_bytes)
@@ -285,6 +325,7 @@ pub async fn run(
         )
         .await;
     reloader.abort();
+    revocation_reloader.abort();
     policy_watcher.abort();
     let _ = stop_metrics.send(());
     if let Some(task) = metrics_task {

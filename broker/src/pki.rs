@@ -8,9 +8,12 @@
 
 use std::{fs, path::Path};
 
+use rustls::pki_types::pem::PemObject;
+
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams,
+    SanType, SerialNumber,
 };
 
 /// Certificates name their agency with a URI subject alternative name of this form: `urn:agency:beds-police`.
@@ -97,6 +100,35 @@ impl CertificateAuthority {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         self.issue(params)
+    }
+
+    /// A certificate revocation list (PEM) revoking the given certificates (PEM), valid for a week from now: what the
+    /// area CA publishes for the broker's `tls.crls` when an agency's certificate or key is lost or compromised.
+    pub fn revocation_list(&self, revoked_cert_pems: &[&str], number: u64) -> Result<String, PkiError> {
+        let now = time::OffsetDateTime::now_utc();
+        let mut revoked_certs = Vec::new();
+        for pem in revoked_cert_pems {
+            let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+                .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
+            let (_, certificate) =
+                x509_parser::parse_x509_certificate(&der).map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
+            let serial_number = SerialNumber::from(certificate.serial.to_bytes_be());
+            revoked_certs.push(RevokedCertParams {
+                serial_number,
+                revocation_time: now,
+                reason_code: Some(RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            });
+        }
+        let params = CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + time::Duration::days(7),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
     }
 
     fn issue(&self, params: CertificateParams) -> Result<CertifiedKeyPem, PkiError> {

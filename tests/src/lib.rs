@@ -87,6 +87,8 @@ pub struct BrokerSettings {
     pub journal_segment_bytes: u64,
     /// The audit log's checkpoint origin (`audit.checkpoint_origin`); the broker's default when `None`.
     pub checkpoint_origin: Option<String>,
+    /// Certificate revocation lists (`tls.crls`), relative to the area's folder.
+    pub crls: Vec<PathBuf>,
 }
 
 impl Default for BrokerSettings {
@@ -100,6 +102,7 @@ impl Default for BrokerSettings {
             policy_dir: None,
             journal_segment_bytes: 1024 * 1024,
             checkpoint_origin: None,
+            crls: Vec::new(),
         }
     }
 }
@@ -177,6 +180,7 @@ policy_dir = "{policy}"
 ca_cert = "pki/ca.pem"
 cert = "pki/server.pem"
 key = "pki/server.key"
+crls = {crls:?}
 [limits]
 max_message_bytes = {max_message_bytes}
 [delivery]
@@ -193,6 +197,7 @@ journal_segment_bytes = {segment}
             max_attempts = settings.max_attempts,
             retry = settings.default_retry_delay_millis,
             segment = settings.journal_segment_bytes,
+            crls = settings.crls.iter().map(|path| path.display().to_string()).collect::<Vec<_>>(),
             audit = settings
                 .checkpoint_origin
                 .as_ref()

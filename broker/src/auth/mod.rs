@@ -2,9 +2,11 @@
 //!
 //! The certificate has already been checked against the area's CA by rustls during the handshake (a certificate
 //! that does not chain to it never reaches this module). Here the broker reads the agency from the certificate's
-//! URI subject alternative name `urn:agency:<id>` and checks that the policy set knows that agency.
+//! URI subject alternative name `urn:agency:<id>` and checks that the policy set knows that agency, and that the area
+//! CA's revocation lists ([`revocation`]) do not name the certificate.
 //! INVARIANT: the sending agency is always taken from here, never from anything in a message (DESIGN.md invariant 2).
 
+pub mod revocation;
 pub mod token;
 
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
@@ -23,11 +25,20 @@ pub enum AuthError {
     SeveralAgencies,
     #[error("the client certificate names agency `{0}`, which the policy set does not know")]
     UnknownAgency(String),
+    #[error("the client certificate of agency `{0}` has been revoked by the area CA: use the agency's new certificate")]
+    Revoked(String),
 }
 
 /// Reads the agency id from a DER certificate's `urn:agency:<id>` URI SAN.
 pub fn agency_from_certificate(der: &[u8]) -> Result<String, AuthError> {
+    identify(der).map(|(agency, _)| agency)
+}
+
+/// The agency a DER certificate names ([`agency_from_certificate`]) and what names the certificate to a revocation
+/// list.
+pub fn identify(der: &[u8]) -> Result<(String, revocation::CertificateId), AuthError> {
     let (_, certificate) = X509Certificate::from_der(der).map_err(|_| AuthError::BadCertificate)?;
+    let id = revocation::CertificateId::of(&certificate);
     let names = certificate.subject_alternative_name().map_err(|_| AuthError::BadCertificate)?;
     let mut agencies =
         names.iter().flat_map(|extension| extension.value.general_names.iter()).filter_map(|name| match name {
@@ -41,7 +52,7 @@ pub fn agency_from_certificate(der: &[u8]) -> Result<String, AuthError> {
     if !is_valid_agency_id(agency) {
         return Err(AuthError::NoAgency);
     }
-    Ok(agency.to_owned())
+    Ok((agency.to_owned(), id))
 }
 
 /// The authenticated caller of one request.

@@ -12,6 +12,7 @@ use crate::{
     audit::{Actor, AuditEntry, EventType},
     auth::{
         self, AuthError, Caller,
+        revocation::{CertificateId, CurrentRevocations},
         token::{TokenError, TokenVerifier},
     },
     delivery::{Deliveries, StreamItem},
@@ -33,8 +34,14 @@ pub struct BrokerService {
 }
 
 impl BrokerService {
-    pub fn new(exchange: Exchange, deliveries: Deliveries, tokens: CurrentTokens, store: Store) -> Self {
-        let authenticator = Authenticator::new(exchange.clone(), tokens, store);
+    pub fn new(
+        exchange: Exchange,
+        deliveries: Deliveries,
+        tokens: CurrentTokens,
+        revocations: CurrentRevocations,
+        store: Store,
+    ) -> Self {
+        let authenticator = Authenticator::new(exchange.clone(), tokens, revocations, store);
         Self { exchange, deliveries, authenticator }
     }
 
@@ -48,50 +55,75 @@ impl BrokerService {
 pub struct Authenticator {
     exchange: Exchange,
     tokens: CurrentTokens,
+    revocations: CurrentRevocations,
     store: Store,
-    /// The agency each client certificate seen so far names, by the certificate's exact bytes (see
-    /// [`Authenticator::agency_of`]).
-    agencies: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Vec<u8>, String>>>,
+    /// The agency each client certificate seen so far names, and what names it to a revocation list, by the
+    /// certificate's exact bytes (see [`Authenticator::agency_of`]).
+    agencies: Arc<std::sync::Mutex<std::collections::HashMap<Vec<u8>, KnownCertificate>>>,
 }
+
+/// The agency a client certificate names, and what names the certificate to a revocation list.
+type KnownCertificate = (String, Arc<CertificateId>);
 
 /// How many certificates [`Authenticator::agency_of`] remembers before it starts again (an area has tens of
 /// agencies, each with a few certificates over time).
 const REMEMBERED_CERTIFICATES: usize = 4096;
 
 impl Authenticator {
-    pub fn new(exchange: Exchange, tokens: CurrentTokens, store: Store) -> Self {
-        Self { exchange, tokens, store, agencies: Default::default() }
+    pub fn new(exchange: Exchange, tokens: CurrentTokens, revocations: CurrentRevocations, store: Store) -> Self {
+        Self { exchange, tokens, revocations, store, agencies: Default::default() }
     }
 
     /// The agency a verified client certificate names ([`auth::agency_from_certificate`]), remembered by the
     /// certificate's exact bytes: the same bytes always name the same agency, and parsing the certificate on every
     /// request was ~3% of the broker's CPU with 64 sends in flight (PERFORMANCE.md). Only what the certificate says
     /// is remembered; whether the policy set knows the agency, and the token, are checked on every request.
-    fn agency_of(&self, der: &[u8]) -> Result<String, AuthError> {
+    fn agency_of(&self, der: &[u8]) -> Result<KnownCertificate, AuthError> {
         let mut agencies = match self.agencies.lock() {
             Ok(agencies) => agencies,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(agency) = agencies.get(der) {
-            return Ok(agency.clone());
+        if let Some(known) = agencies.get(der) {
+            return Ok(known.clone());
         }
-        let agency = auth::agency_from_certificate(der)?;
+        let (agency, id) = auth::identify(der)?;
         if agencies.len() >= REMEMBERED_CERTIFICATES {
             agencies.clear();
         }
-        agencies.insert(der.to_vec(), agency.clone());
-        Ok(agency)
+        let known = (agency, Arc::new(id));
+        agencies.insert(der.to_vec(), known.clone());
+        Ok(known)
+    }
+
+    /// Whether the revocation lists in force revoke this certificate (checked on every request, and by an open
+    /// delivery stream before each copy, so a list reloaded meanwhile applies at once).
+    pub fn revoked(&self, certificate: &CertificateId) -> bool {
+        is_revoked(&self.revocations, certificate)
     }
 
     /// Who is calling: the agency from the verified client certificate, which the policy set must know, and the
     /// practitioner from a bearer token issued for that same agency.
     pub async fn caller<T>(&self, request: &Request<T>, operation: &str) -> Result<Caller, Status> {
+        self.caller_and_certificate(request, operation).await.map(|(caller, _)| caller)
+    }
+
+    /// [`Self::caller`], and what names the caller's certificate to a revocation list.
+    pub async fn caller_and_certificate<T>(
+        &self,
+        request: &Request<T>,
+        operation: &str,
+    ) -> Result<(Caller, Arc<CertificateId>), Status> {
         let certificates = request.peer_certs().ok_or(AuthError::NoCertificate)?;
         let leaf = certificates.first().ok_or(AuthError::NoCertificate)?;
-        let agency = self.agency_of(leaf.as_ref())?;
+        let (agency, certificate) = self.agency_of(leaf.as_ref())?;
         if self.exchange.policy().agency(&agency).is_none() {
             tracing::warn!(%agency, "refused a certificate naming an agency the policy set does not know");
             return Err(AuthError::UnknownAgency(agency).into());
+        }
+        if self.revoked(&certificate) {
+            tracing::warn!(%agency, operation, "refused a revoked client certificate");
+            self.audit_refusal(&agency, operation, "certificate-revoked").await?;
+            return Err(AuthError::Revoked(agency).into());
         }
         let verifier = match self.tokens.read() {
             Ok(current) => current.clone(),
@@ -108,7 +140,9 @@ impl Authenticator {
             _ => Err(TokenError::Missing),
         };
         match verified {
-            Ok(practitioner) => Ok(Caller { agency, practitioner: practitioner.subject, roles: practitioner.roles }),
+            Ok(practitioner) => {
+                Ok((Caller { agency, practitioner: practitioner.subject, roles: practitioner.roles }, certificate))
+            }
             Err(error) => {
                 tracing::warn!(%agency, reason = error.reason(), operation, "refused a request's token");
                 self.audit_refusal(&agency, operation, error.reason()).await?;
@@ -135,9 +169,21 @@ impl Authenticator {
     }
 }
 
-/// A delivery stream that counts itself in the `connected_agents` metric while it is open.
+fn is_revoked(revocations: &CurrentRevocations, certificate: &CertificateId) -> bool {
+    match revocations.read() {
+        Ok(current) => current.revokes(certificate),
+        Err(poisoned) => poisoned.into_inner().revokes(certificate),
+    }
+}
+
+/// A delivery stream that counts itself in the `connected_agents` metric while it is open, and ends (with
+/// `UNAUTHENTICATED`, reason `certificate-revoked`) before the next copy once the agent's certificate is revoked.
 pub struct CountedStream {
     inner: ReceiverStream<StreamItem>,
+    agency: String,
+    certificate: Arc<CertificateId>,
+    revocations: CurrentRevocations,
+    ended: bool,
 }
 
 impl tokio_stream::Stream for CountedStream {
@@ -147,7 +193,18 @@ impl tokio_stream::Stream for CountedStream {
         mut self: std::pin::Pin<&mut Self>,
         context: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<StreamItem>> {
-        std::pin::Pin::new(&mut self.inner).poll_next(context)
+        if self.ended {
+            return std::task::Poll::Ready(None);
+        }
+        let next = std::pin::Pin::new(&mut self.inner).poll_next(context);
+        if matches!(next, std::task::Poll::Ready(Some(Ok(_)))) && is_revoked(&self.revocations, &self.certificate) {
+            // The copy taken stays in flight with the broker: it goes out again on the agency's next stream.
+            self.ended = true;
+            self.inner.close();
+            tracing::warn!(agency = %self.agency, "ended the delivery stream of a revoked client certificate");
+            return std::task::Poll::Ready(Some(Err(AuthError::Revoked(self.agency.clone()).into())));
+        }
+        next
     }
 }
 
@@ -183,11 +240,17 @@ impl Broker for BrokerService {
         &self,
         request: Request<pb::DeliveriesRequest>,
     ) -> Result<Response<Self::DeliveriesStream>, Status> {
-        let caller = self.caller(&request, "deliveries").await?;
+        let (caller, certificate) = self.authenticator.caller_and_certificate(&request, "deliveries").await?;
         tracing::info!(agency = %caller.agency, "delivery stream opened");
         let receiver = self.deliveries.subscribe(&caller.agency);
         crate::metrics::metrics().connected_agents.inc();
-        Ok(Response::new(CountedStream { inner: ReceiverStream::new(receiver) }))
+        Ok(Response::new(CountedStream {
+            inner: ReceiverStream::new(receiver),
+            agency: caller.agency,
+            certificate,
+            revocations: self.authenticator.revocations.clone(),
+            ended: false,
+        }))
     }
 
     async fn acknowledge(

@@ -86,6 +86,7 @@ impl From<AuthError> for Status {
             AuthError::BadCertificate => "bad-client-certificate",
             AuthError::NoAgency | AuthError::SeveralAgencies => "certificate-names-no-agency",
             AuthError::UnknownAgency(_) => "unknown-agency",
+            AuthError::Revoked(_) => "certificate-revoked",
         };
         status(Code::Unauthenticated, reason, error.to_string(), HashMap::new())
     }

@@ -184,3 +184,69 @@ async fn the_practitioner_and_role_reach_the_recipient_and_the_audit_log() -> Re
         && role == "dsl"));
     Ok(())
 }
+
+/// The area CA revokes a school's lost certificate: once the broker has reloaded the revocation list, every call
+/// with it is refused (UNAUTHENTICATED, `certificate-revoked`), the stream it holds open ends before the next copy
+/// instead of carrying it, and the copy waits for the school's new certificate. A broken list published later does
+/// not replace the one in force; at start, it stops the broker with an error naming `tls.crls`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_is_refused_and_its_open_stream_ends() -> Result<()> {
+    use std::time::Duration;
+    let crl = std::path::PathBuf::from("pki/area.crl.pem");
+    let area = Area::with_settings(tests::BrokerSettings { crls: vec![crl.clone()], ..Default::default() })?;
+    let crl = area.path().join(crl);
+    broker::pki::write_file(&crl, &area.ca.revocation_list(&[], 1)?)?;
+    let broker = InProcessBroker::start(&area).await?;
+    let mut police = area.client(POLICE, broker.address).await?;
+    let mut school = area.client(SCHOOL, broker.address).await?;
+    let mut stream = school.deliveries(pb::DeliveriesRequest {}).await?.into_inner();
+    let send = |key: &str| -> Result<pb::SendRequest> {
+        let mut envelope = example("operation-encompass-notification.json")?;
+        envelope.idempotency_key = key.to_owned();
+        Ok(pb::SendRequest { envelope: Some(envelope) })
+    };
+    police.send(send("revoked-1")?).await?;
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message()).await??.expect("a copy");
+    school.acknowledge(pb::AcknowledgeRequest { delivery_id: first.delivery_id }).await?;
+
+    // The school's certificate is lost: the CA revokes it.
+    let (lost_cert, lost_key) = area.agency_credentials(SCHOOL)?;
+    let lost = std::fs::read_to_string(&lost_cert)?;
+    broker::pki::write_file(&crl, &area.ca.revocation_list(&[&lost], 2)?)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let answer = school.acknowledge(pb::AcknowledgeRequest { delivery_id: "none".into() }).await;
+        match answer {
+            Err(status) if status.code() == tonic::Code::Unauthenticated => break status,
+            _ if tokio::time::Instant::now() > deadline => panic!("still accepted after 10 s: {answer:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    assert_eq!(error_reason(&refused).as_deref(), Some("certificate-revoked"));
+    assert!(refused.message().contains(SCHOOL), "{}", refused.message());
+
+    // The open stream ends rather than carry the next copy, which waits for the school's new certificate.
+    police.send(send("revoked-2")?).await?;
+    let ended = tokio::time::timeout(Duration::from_secs(10), stream.message()).await?;
+    let status = ended.expect_err("the stream ends with an error");
+    assert_eq!(error_reason(&status).as_deref(), Some("certificate-revoked"));
+    std::fs::remove_file(&lost_cert)?;
+    std::fs::remove_file(&lost_key)?;
+    let mut renewed = area.client(SCHOOL, broker.address).await?;
+    let mut stream = renewed.deliveries(pb::DeliveriesRequest {}).await?.into_inner();
+    let second = tokio::time::timeout(Duration::from_secs(10), stream.message()).await??.expect("the copy");
+    renewed.acknowledge(pb::AcknowledgeRequest { delivery_id: second.delivery_id }).await?;
+
+    // A broken list does not replace the one in force: the lost certificate stays refused, the new one works.
+    std::fs::write(&crl, "not a revocation list")?;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let still = school.acknowledge(pb::AcknowledgeRequest { delivery_id: "none".into() }).await.unwrap_err();
+    assert_eq!(error_reason(&still).as_deref(), Some("certificate-revoked"));
+    let fine = renewed.acknowledge(pb::AcknowledgeRequest { delivery_id: "none".into() }).await.unwrap_err();
+    assert_ne!(fine.code(), tonic::Code::Unauthenticated, "{fine:?}");
+    broker.stop().await?;
+
+    let refused = InProcessBroker::start(&area).await?.stop().await.expect_err("a broken list stops the start");
+    assert!(broker::error_report(&refused).contains("tls.crls"), "{refused:#}");
+    Ok(())
+}
