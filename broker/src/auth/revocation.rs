@@ -172,6 +172,15 @@ mod tests {
     use super::*;
     use crate::pki::CertificateAuthority;
 
+    /// A folder holding a new CA's certificate as `ca.pem`.
+    fn area() -> (tempfile::TempDir, CertificateAuthority, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::generate("Test").unwrap();
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, ca.cert_pem()).unwrap();
+        (dir, ca, ca_path)
+    }
+
     fn id_of(pem: &str) -> CertificateId {
         let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
         CertificateId::of(&X509Certificate::from_der(&der).unwrap().1)
@@ -179,10 +188,7 @@ mod tests {
 
     #[test]
     fn a_list_signed_by_the_ca_revokes_the_certificates_it_names_and_no_others() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertificateAuthority::generate("Test").unwrap();
-        let ca_path = dir.path().join("ca.pem");
-        std::fs::write(&ca_path, ca.cert_pem()).unwrap();
+        let (dir, ca, ca_path) = area();
         let lost = ca.issue_agency("luton-oakwood-primary").unwrap();
         let kept = ca.issue_agency("luton-oakwood-primary").unwrap();
         let crl_path = dir.path().join("area.crl.pem");
@@ -199,10 +205,7 @@ mod tests {
 
     #[test]
     fn a_list_from_another_ca_or_a_broken_file_is_refused_with_every_problem() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertificateAuthority::generate("Test").unwrap();
-        let ca_path = dir.path().join("ca.pem");
-        std::fs::write(&ca_path, ca.cert_pem()).unwrap();
+        let (dir, ca, ca_path) = area();
         let other = CertificateAuthority::generate("Other").unwrap();
         let stranger = other.issue_agency("beds-police").unwrap();
         let foreign = dir.path().join("foreign.crl.pem");
@@ -220,10 +223,7 @@ mod tests {
     /// A list naming the CA as its issuer but signed by another key (same name, other CA) is refused.
     #[test]
     fn a_list_whose_signature_does_not_verify_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertificateAuthority::generate("Test").unwrap();
-        let ca_path = dir.path().join("ca.pem");
-        std::fs::write(&ca_path, ca.cert_pem()).unwrap();
+        let (dir, ca, ca_path) = area();
         let impostor = CertificateAuthority::generate("Test").unwrap();
         let agency = ca.issue_agency("beds-police").unwrap();
         let forged = dir.path().join("forged.crl.pem");
