@@ -205,7 +205,7 @@ mod tests {
 
     #[test]
     fn a_list_from_another_ca_or_a_broken_file_is_refused_with_every_problem() {
-        let (dir, ca, ca_path) = area();
+        let (dir, _ca, ca_path) = area();
         let other = CertificateAuthority::generate("Other").unwrap();
         let stranger = other.issue_agency("beds-police").unwrap();
         let foreign = dir.path().join("foreign.crl.pem");
