@@ -574,7 +574,7 @@ impl InFlightCopies {
         expired
     }
 
-    /// Takes out every copy not being acknowledged, in no particular order.
+    /// Takes out every copy not being acknowledged, in the order their waits run out (consume it whole).
     fn take_unpaused(&mut self) -> impl Iterator<Item = (String, u64)> + '_ {
         let by_id = &mut self.by_id;
         std::mem::take(&mut self.waits).into_iter().map(move |((_, seq), delivery_id)| {

@@ -98,21 +98,16 @@ pub fn checkpoints_path(audit_dir: &Path) -> PathBuf {
 /// Loads the checkpoint signing key from `keys_dir`, creating it on first run, and (re)writes the verifier key
 /// beside it.
 pub fn load_or_create_signer(keys_dir: &Path, origin: &str) -> Result<NoteSigner, CheckpointsError> {
+    let signer = load_signer(keys_dir, origin)?;
+    publish_verifier_key(keys_dir, &signer)?;
+    Ok(signer)
+}
+
+/// Loads the checkpoint signing key from `keys_dir` (creating it on first run) as a signer named `origin`, unless the
+/// published verifier key names another origin. Writes no verifier key.
+fn load_signer(keys_dir: &Path, origin: &str) -> Result<NoteSigner, CheckpointsError> {
     let path = signing_key_path(keys_dir);
     let key_error = |reason: String| CheckpointsError::Key { path: path.clone(), reason };
-    let seed: [u8; 32] = match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let bytes = hex::decode(text.trim()).map_err(|error| key_error(error.to_string()))?;
-            <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| key_error("expected 32 bytes of hex".to_owned()))?
-        }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            let seed: [u8; 32] = rand::random();
-            write_private(&path, &hex::encode(seed)).map_err(|error| key_error(error.to_string()))?;
-            seed
-        }
-        Err(error) => return Err(key_error(error.to_string())),
-    };
-    let signer = NoteSigner::new(origin, SigningKey::from_bytes(&seed))?;
     let vkey_path = verifier_key_path(keys_dir);
     let published = std::fs::read_to_string(&vkey_path).unwrap_or_default();
     // The published key names the log's origin (see `Checkpointer::open` for the checkpoints themselves).
@@ -125,11 +120,30 @@ pub fn load_or_create_signer(keys_dir: &Path, origin: &str) -> Result<NoteSigner
             configured: origin.to_owned(),
         });
     }
+    let seed: [u8; 32] = match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let bytes = hex::decode(text.trim()).map_err(|error| key_error(error.to_string()))?;
+            <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| key_error("expected 32 bytes of hex".to_owned()))?
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let seed: [u8; 32] = rand::random();
+            write_private(&path, &hex::encode(seed)).map_err(|error| key_error(error.to_string()))?;
+            seed
+        }
+        Err(error) => return Err(key_error(error.to_string())),
+    };
+    Ok(NoteSigner::new(origin, SigningKey::from_bytes(&seed))?)
+}
+
+/// Writes the signer's verifier key to `keys_dir` unless it is already there.
+fn publish_verifier_key(keys_dir: &Path, signer: &NoteSigner) -> Result<(), CheckpointsError> {
+    let vkey_path = verifier_key_path(keys_dir);
+    let published = std::fs::read_to_string(&vkey_path).unwrap_or_default();
     if published.trim() != signer.verifier_key() {
         crate::pki::write_file(&vkey_path, &format!("{}\n", signer.verifier_key()))
             .map_err(|error| CheckpointsError::Key { path: vkey_path.clone(), reason: error.to_string() })?;
     }
-    Ok(signer)
+    Ok(())
 }
 
 /// Writes a secret file readable only by its owner, durably.
@@ -261,9 +275,14 @@ impl Checkpointer {
 
     /// Loads (or creates) the signing key under `data_dir/keys` and opens `data_dir/audit/checkpoints.log`: what
     /// `broker::run` calls at start.
+    /// The verifier key is published only once the stored checkpoints are known to be this signer's, so a start
+    /// refused for another origin leaves the published key as it was.
     pub fn open_in(data_dir: &Path, tree: SharedTree, origin: &str) -> Result<Arc<Self>, CheckpointsError> {
-        let signer = load_or_create_signer(&data_dir.join("keys"), origin)?;
-        Ok(Arc::new(Self::open(&data_dir.join("audit"), signer, tree)?))
+        let keys = data_dir.join("keys");
+        let signer = load_signer(&keys, origin)?;
+        let checkpointer = Self::open(&data_dir.join("audit"), signer, tree)?;
+        publish_verifier_key(&keys, &checkpointer.signer)?;
+        Ok(Arc::new(checkpointer))
     }
 
     /// The tree this signer checkpoints.
@@ -337,34 +356,33 @@ mod tests {
     fn a_log_keeps_the_origin_it_was_created_with() {
         let dir = tempfile::tempdir().unwrap();
         let keys = dir.path().join("keys");
-        let audit = dir.path().join("audit");
         let tree: SharedTree = Arc::new(std::sync::RwLock::new(MerkleTree::new()));
         let origin = "safeguarding.luton.example/audit";
-        let checkpointer =
-            Checkpointer::open(&audit, load_or_create_signer(&keys, origin).unwrap(), tree.clone()).unwrap();
+        let checkpointer = Checkpointer::open_in(dir.path(), tree.clone(), origin).unwrap();
         tree.write().unwrap().push(b"one");
         let signed = checkpointer.checkpoint_now().unwrap().unwrap();
         assert!(signed.note.starts_with("safeguarding.luton.example/audit\n1\n"), "{}", signed.note);
-        assert!(read_verifier_key(&keys).unwrap().starts_with("safeguarding.luton.example/audit+"));
+        let published = read_verifier_key(&keys).unwrap();
+        assert!(published.starts_with("safeguarding.luton.example/audit+"));
         drop(checkpointer);
 
-        let changed = load_or_create_signer(&keys, DEFAULT_ORIGIN).unwrap_err();
+        let changed = Checkpointer::open_in(dir.path(), tree.clone(), DEFAULT_ORIGIN).unwrap_err();
         assert!(
             matches!(&changed, CheckpointsError::OriginChanged { existing, configured, .. }
                 if existing == origin && configured == DEFAULT_ORIGIN),
             "{changed:?}"
         );
-        assert!(read_verifier_key(&keys).unwrap().starts_with("safeguarding.luton.example/audit+"), "left as it was");
+        assert_eq!(read_verifier_key(&keys).unwrap(), published, "left as it was");
 
-        // With the published key gone, the stored checkpoints still name the log's origin.
+        // With the published key gone, the stored checkpoints still name the log's origin, and the refused start
+        // publishes no key naming the other one.
         std::fs::remove_file(verifier_key_path(&keys)).unwrap();
-        let signer = load_or_create_signer(&keys, DEFAULT_ORIGIN).unwrap();
-        let changed = Checkpointer::open(&audit, signer, tree.clone()).unwrap_err();
+        let changed = Checkpointer::open_in(dir.path(), tree.clone(), DEFAULT_ORIGIN).unwrap_err();
         assert!(matches!(changed, CheckpointsError::OriginChanged { .. }), "{changed:?}");
-        std::fs::remove_file(verifier_key_path(&keys)).unwrap();
-        let signer = load_or_create_signer(&keys, origin).unwrap();
-        let reopened = Checkpointer::open(&audit, signer, tree).unwrap();
+        assert!(!verifier_key_path(&keys).exists(), "no key published for the refused origin");
+        let reopened = Checkpointer::open_in(dir.path(), tree, origin).unwrap();
         assert_eq!(reopened.latest(), Some(signed));
+        assert_eq!(read_verifier_key(&keys).unwrap(), published, "published again");
     }
 
     #[test]

@@ -32,8 +32,7 @@ pub type CurrentRevocations = Arc<RwLock<Arc<RevocationList>>>;
 /// The certificates the area CA has revoked, by (issuer, serial number).
 #[derive(Debug, Default)]
 pub struct RevocationList {
-    /// (DER of the issuer's name, the serial number's bytes).
-    revoked: HashSet<(Vec<u8>, Vec<u8>)>,
+    revoked: HashSet<CertificateId>,
     /// The files read, with what they were when read.
     files: Vec<(PathBuf, Option<(SystemTime, u64)>)>,
 }
@@ -97,7 +96,10 @@ impl RevocationList {
                         continue;
                     }
                 };
-                let Some(issuer) = issuers.iter().find(|issuer| issuer.subject() == crl.issuer()) else {
+                // Every CA of that name (an old and a new key of the same CA during a rollover share it).
+                let named: Vec<&X509Certificate<'_>> =
+                    issuers.iter().filter(|issuer| issuer.subject() == crl.issuer()).collect();
+                if named.is_empty() {
                     problems.push(format!(
                         "`{}`: a revocation list's issuer `{}` is not a CA of `{}`",
                         path.display(),
@@ -105,12 +107,14 @@ impl RevocationList {
                         ca_cert.display()
                     ));
                     continue;
-                };
-                if let Err(error) = crl.verify_signature(issuer.public_key()) {
+                }
+                let verified = named.iter().map(|issuer| crl.verify_signature(issuer.public_key())).find(Result::is_ok);
+                if verified.is_none() {
                     problems.push(format!(
-                        "`{}`: a revocation list's signature does not verify against `{}`: {error}",
+                        "`{}`: a revocation list's signature does not verify against any CA named `{}` in `{}`",
                         path.display(),
-                        crl.issuer()
+                        crl.issuer(),
+                        ca_cert.display()
                     ));
                     continue;
                 }
@@ -120,9 +124,10 @@ impl RevocationList {
                         "a certificate revocation list is past its next update: it still applies; publish a fresh one"
                     );
                 }
-                let issuer_name = crl.issuer().as_raw().to_vec();
+                let issuer = crl.issuer().as_raw().to_vec();
                 for revoked in crl.iter_revoked_certificates() {
-                    list.revoked.insert((issuer_name.clone(), revoked.raw_serial().to_vec()));
+                    list.revoked
+                        .insert(CertificateId { issuer: issuer.clone(), serial: revoked.raw_serial().to_vec() });
                 }
             }
         }
@@ -131,7 +136,7 @@ impl RevocationList {
 
     /// Whether the list revokes the certificate with this issuer (DER name) and serial number.
     pub fn revokes(&self, certificate: &CertificateId) -> bool {
-        !self.revoked.is_empty() && self.revoked.contains(&(certificate.issuer.clone(), certificate.serial.clone()))
+        !self.revoked.is_empty() && self.revoked.contains(certificate)
     }
 
     /// How many certificates the list revokes.
@@ -149,7 +154,8 @@ impl RevocationList {
     }
 }
 
-/// What names a certificate to a revocation list: its issuer's DER name and its serial number.
+/// What names a certificate to a revocation list: its issuer's DER name and its serial number (the DER integer's
+/// content bytes, as both certificates and lists encode it).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CertificateId {
     pub issuer: Vec<u8>,
@@ -218,6 +224,20 @@ mod tests {
         assert!(problems[0].contains("is not a CA of"), "{}", problems[0]);
         assert!(problems[1].contains("holds no certificate revocation list"), "{}", problems[1]);
         assert!(problems[2].contains("missing.crl.pem"), "{}", problems[2]);
+    }
+
+    /// During a CA key rollover both certificates, of the same name, are in `tls.ca_cert`: a list signed by either
+    /// key loads.
+    #[test]
+    fn a_list_signed_by_either_key_of_a_rolled_over_ca_loads() {
+        let (dir, old, ca_path) = area();
+        let new = CertificateAuthority::generate("Test").unwrap();
+        std::fs::write(&ca_path, format!("{}{}", old.cert_pem(), new.cert_pem())).unwrap();
+        let agency = new.issue_agency("beds-police").unwrap();
+        let crl_path = dir.path().join("area.crl.pem");
+        std::fs::write(&crl_path, new.revocation_list(&[&agency.cert_pem], 1).unwrap()).unwrap();
+        let list = RevocationList::load(&ca_path, &[crl_path]).unwrap();
+        assert!(list.revokes(&id_of(&agency.cert_pem)));
     }
 
     /// A list naming the CA as its issuer but signed by another key (same name, other CA) is refused.
