@@ -119,7 +119,8 @@ pub fn load_revocations(config: &Config) -> Result<auth::revocation::RevocationL
 
 /// Reloads what `load` reads whenever `changed` says its files have changed (an agency rotated its token signing key;
 /// the area CA published a new revocation list), checking every two seconds. A set that fails to load is not used:
-/// the previous one stays, and the error is logged.
+/// the previous one stays, and the error is logged (again only when it changes, though the load is retried every
+/// two seconds until it succeeds).
 async fn reload_on_change<T>(
     what: &'static str,
     current: Arc<RwLock<Arc<T>>>,
@@ -127,6 +128,7 @@ async fn reload_on_change<T>(
     load: impl Fn() -> Result<T, BrokerError>,
 ) {
     let mut interval = tokio::time::interval(std::time::Duration::from_secs(2));
+    let mut reported = None;
     loop {
         interval.tick().await;
         let changed = current.read().map(|loaded| changed(&loaded)).unwrap_or(false);
@@ -138,9 +140,16 @@ async fn reload_on_change<T>(
                 if let Ok(mut slot) = current.write() {
                     *slot = Arc::new(loaded);
                 }
+                reported = None;
                 tracing::info!(what, "reloaded");
             }
-            Err(error) => tracing::error!(what, error = %error, "changed but does not load: keeping the previous one"),
+            Err(error) => {
+                let text = error.to_string();
+                if reported.as_ref() != Some(&text) {
+                    tracing::error!(what, error = %text, "changed but does not load: keeping the previous one");
+                    reported = Some(text);
+                }
+            }
         }
     }
 }
