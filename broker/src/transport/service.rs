@@ -77,7 +77,8 @@ impl Authenticator {
     /// The agency a verified client certificate names ([`auth::agency_from_certificate`]), remembered by the
     /// certificate's exact bytes: the same bytes always name the same agency, and parsing the certificate on every
     /// request was ~3% of the broker's CPU with 64 sends in flight (PERFORMANCE.md). Only what the certificate says
-    /// is remembered; whether the policy set knows the agency, and the token, are checked on every request.
+    /// is remembered; whether the policy set knows the agency, whether the certificate is revoked, and the token are
+    /// checked on every request.
     fn agency_of(&self, der: &[u8]) -> Result<KnownCertificate, AuthError> {
         let mut agencies = match self.agencies.lock() {
             Ok(agencies) => agencies,
