@@ -126,6 +126,7 @@ async fn reload_on_change<T>(
     current: Arc<RwLock<Arc<T>>>,
     changed: impl Fn(&T) -> bool,
     load: impl Fn() -> Result<T, BrokerError>,
+    reloaded: impl Fn(),
 ) {
     let mut interval = tokio::time::interval(std::time::Duration::from_secs(2));
     let mut reported = None;
@@ -141,6 +142,7 @@ async fn reload_on_change<T>(
                     *slot = Arc::new(loaded);
                 }
                 reported = None;
+                reloaded();
                 tracing::info!(what, "reloaded");
             }
             Err(error) => {
@@ -256,9 +258,13 @@ pub async fn run(
             current_tokens.clone(),
             TokenVerifier::key_files_changed,
             move || load_tokens(&config),
+            || {},
         ))
     };
     let current_revocations = Arc::new(RwLock::new(Arc::new(revocations)));
+    // Each reload of the revocation lists is announced to the open delivery streams, which end at once if the new
+    // lists revoke their certificate.
+    let (revocations_reloaded, revocation_reloads) = watch::channel(0u64);
     let revocation_reloader = {
         let config = config.clone();
         tokio::spawn(reload_on_change(
@@ -266,6 +272,7 @@ pub async fn run(
             current_revocations.clone(),
             auth::revocation::RevocationList::files_changed,
             move || load_revocations(&config),
+            move || revocations_reloaded.send_modify(|count| *count += 1),
         ))
     };
     let audit_service = transport::audit_service::server(
@@ -284,7 +291,7 @@ pub async fn run(
         exchange,
         deliveries.clone(),
         current_tokens,
-        current_revocations,
+        (current_revocations, revocation_reloads),
         store.clone(),
     ))
     .max_decoding_message_size(config.max_message_bytes)

@@ -2,8 +2,8 @@
 //!
 //! The TLS layer (tonic's `ServerTlsConfig`) checks that a client certificate chains to the area CA but takes no
 //! revocation lists, so the broker checks revocation where it names the caller ([`crate::transport::service`]): on
-//! every request, and on every copy an open delivery stream is about to carry, so that a list reloaded while an
-//! agent is connected applies to that connection at once. A certificate is revoked when a list signed by the CA
+//! every request, and for each open delivery stream whenever the lists are reloaded and before every copy it is
+//! about to carry, so that a list reloaded while an agent is connected applies to that connection at once. A certificate is revoked when a list signed by the CA
 //! that issued it (a certificate of `tls.ca_cert` whose subject is the list's issuer) names its serial number.
 //! Each list's signature is checked when it is loaded (x509-parser with ring), not on every request; a request then
 //! costs a set lookup (the certificate's serial number is remembered with its agency).

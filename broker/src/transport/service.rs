@@ -5,7 +5,8 @@ use std::{
     time::Duration,
 };
 
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
+use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -31,6 +32,8 @@ pub struct BrokerService {
     exchange: Exchange,
     deliveries: Deliveries,
     authenticator: Authenticator,
+    /// Ticks whenever the revocation lists are reloaded (see [`CountedStream`]).
+    revocation_reloads: watch::Receiver<u64>,
 }
 
 impl BrokerService {
@@ -38,11 +41,11 @@ impl BrokerService {
         exchange: Exchange,
         deliveries: Deliveries,
         tokens: CurrentTokens,
-        revocations: CurrentRevocations,
+        (revocations, revocation_reloads): (CurrentRevocations, watch::Receiver<u64>),
         store: Store,
     ) -> Self {
         let authenticator = Authenticator::new(exchange.clone(), tokens, revocations, store);
-        Self { exchange, deliveries, authenticator }
+        Self { exchange, deliveries, authenticator, revocation_reloads }
     }
 
     async fn caller<T>(&self, request: &Request<T>, operation: &str) -> Result<Caller, Status> {
@@ -178,13 +181,27 @@ fn is_revoked(revocations: &CurrentRevocations, certificate: &CertificateId) -> 
 }
 
 /// A delivery stream that counts itself in the `connected_agents` metric while it is open, and ends (with
-/// `UNAUTHENTICATED`, reason `certificate-revoked`) before the next copy once the agent's certificate is revoked.
+/// `UNAUTHENTICATED`, reason `certificate-revoked`) once the agent's certificate is revoked: as soon as the
+/// revocation lists that revoke it are loaded, and in any case before it would carry another copy.
 pub struct CountedStream {
     inner: ReceiverStream<StreamItem>,
     agency: String,
     certificate: Arc<CertificateId>,
     revocations: CurrentRevocations,
+    /// Yields whenever the revocation lists are reloaded; `None` once the broker stops reloading them.
+    reloads: Option<WatchStream<u64>>,
     ended: bool,
+}
+
+impl CountedStream {
+    /// Ends the stream for a revoked certificate; the receiver is closed, so the recipient's actor puts the copies
+    /// in flight on it back in its queue for the agency's next stream.
+    fn end_revoked(&mut self) -> StreamItem {
+        self.ended = true;
+        self.inner.close();
+        tracing::warn!(agency = %self.agency, "ended the delivery stream of a revoked client certificate");
+        Err(AuthError::Revoked(self.agency.clone()).into())
+    }
 }
 
 impl tokio_stream::Stream for CountedStream {
@@ -194,16 +211,24 @@ impl tokio_stream::Stream for CountedStream {
         mut self: std::pin::Pin<&mut Self>,
         context: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<StreamItem>> {
+        use std::task::Poll;
         if self.ended {
-            return std::task::Poll::Ready(None);
+            return Poll::Ready(None);
+        }
+        while let Some(reloads) = self.reloads.as_mut() {
+            match std::pin::Pin::new(reloads).poll_next(context) {
+                Poll::Ready(Some(_)) if is_revoked(&self.revocations, &self.certificate) => {
+                    return Poll::Ready(Some(self.end_revoked()));
+                }
+                Poll::Ready(Some(_)) => {}
+                Poll::Ready(None) => self.reloads = None,
+                Poll::Pending => break,
+            }
         }
         let next = std::pin::Pin::new(&mut self.inner).poll_next(context);
-        if matches!(next, std::task::Poll::Ready(Some(Ok(_)))) && is_revoked(&self.revocations, &self.certificate) {
+        if matches!(next, Poll::Ready(Some(Ok(_)))) && is_revoked(&self.revocations, &self.certificate) {
             // The copy taken stays in flight with the broker: it goes out again on the agency's next stream.
-            self.ended = true;
-            self.inner.close();
-            tracing::warn!(agency = %self.agency, "ended the delivery stream of a revoked client certificate");
-            return std::task::Poll::Ready(Some(Err(AuthError::Revoked(self.agency.clone()).into())));
+            return Poll::Ready(Some(self.end_revoked()));
         }
         next
     }
@@ -250,6 +275,7 @@ impl Broker for BrokerService {
             agency: caller.agency,
             certificate,
             revocations: self.authenticator.revocations.clone(),
+            reloads: Some(WatchStream::from_changes(self.revocation_reloads.clone())),
             ended: false,
         }))
     }
@@ -300,5 +326,52 @@ impl Broker for BrokerService {
         let caller = self.caller(&request, "track").await?;
         let message_id = request.into_inner().message_id;
         Ok(Response::new(self.exchange.track(&caller, &message_id)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{auth::revocation::RevocationList, pki::CertificateAuthority};
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    use tokio_stream::StreamExt;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    /// Lists revoking the stream's certificate that are in force without a reload being announced (a race with the
+    /// announcement): the stream ends instead of carrying its next copy, and its receiver is closed, which is how the
+    /// recipient's actor learns to put the copy back in its queue.
+    #[tokio::test]
+    async fn a_stream_of_a_revoked_certificate_ends_before_its_next_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::generate("Test").unwrap();
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, ca.cert_pem()).unwrap();
+        let school = ca.issue_agency("luton-oakwood-primary").unwrap();
+        let crl_path = dir.path().join("area.crl.pem");
+        std::fs::write(&crl_path, ca.revocation_list(&[&school.cert_pem], 1).unwrap()).unwrap();
+        let der = CertificateDer::from_pem_slice(school.cert_pem.as_bytes()).unwrap();
+        let certificate = CertificateId::of(&X509Certificate::from_der(&der).unwrap().1);
+
+        let revocations: CurrentRevocations = Arc::new(RwLock::new(Arc::new(RevocationList::none())));
+        let (copies, receiver) = tokio::sync::mpsc::channel(4);
+        crate::metrics::metrics().connected_agents.inc();
+        let mut stream = CountedStream {
+            inner: ReceiverStream::new(receiver),
+            agency: "luton-oakwood-primary".to_owned(),
+            certificate: Arc::new(certificate),
+            revocations: revocations.clone(),
+            reloads: None,
+            ended: false,
+        };
+        copies.send(Ok(pb::Delivery::default())).await.unwrap();
+        assert!(stream.next().await.unwrap().is_ok(), "not revoked yet: the copy goes out");
+
+        *revocations.write().unwrap() = Arc::new(RevocationList::load(&ca_path, &[crl_path]).unwrap());
+        copies.send(Ok(pb::Delivery::default())).await.unwrap();
+        let ended = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(ended.code(), tonic::Code::Unauthenticated);
+        assert!(ended.message().contains("revoked"), "{}", ended.message());
+        assert!(stream.next().await.is_none(), "and then nothing more");
+        assert!(copies.is_closed(), "the actor sees the stream closed");
     }
 }
