@@ -8,6 +8,11 @@
 //!
 //! A file's idempotency key defaults to the hash of its bytes, so a file sent but not yet moved when the agent stopped
 //! is answered with the first receipt when it is sent again.
+//!
+//! Before it reads a file the agent claims it: renames it to `.sending-<name>.json` (hidden from the agency's system,
+//! which may drop a new file under the same name meanwhile without replacing the one being sent). A claimed file is
+//! what gets filed in `sent/` or `failed/`; one left claimed by a transient failure or a crash is sent first on the
+//! next pass.
 
 use std::{
     ffi::OsStr,
@@ -27,6 +32,9 @@ use crate::{
 pub const SENT_FOLDER: &str = "sent";
 /// Subfolder for files the broker refused for good.
 pub const FAILED_FOLDER: &str = "failed";
+
+/// The name prefix of a file the agent has claimed for sending.
+const CLAIMED_PREFIX: &str = ".sending-";
 
 /// How long one send may take before it counts as a transient failure.
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -51,22 +59,50 @@ pub fn prepare_outbox(outbox: &Path) -> io::Result<()> {
     fs::create_dir_all(outbox.join(FAILED_FOLDER))
 }
 
-/// The files waiting to be sent, in name order: regular `*.json` files not starting with `.`.
+/// The files waiting to be sent: first those already claimed (`.sending-*.json`, left by a transient failure or a
+/// crash), then regular `*.json` files not starting with `.`, each in name order.
 ///
 /// # Errors
 /// The outbox cannot be listed.
 pub fn waiting_files(outbox: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut claimed = Vec::new();
     let mut files = Vec::new();
     for entry in fs::read_dir(outbox)? {
         let entry = entry?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if !name.starts_with('.') && name.ends_with(".json") && entry.file_type()?.is_file() {
+        if !name.ends_with(".json") || !entry.file_type()?.is_file() {
+            continue;
+        }
+        if name.starts_with(CLAIMED_PREFIX) {
+            claimed.push(entry.path());
+        } else if !name.starts_with('.') {
             files.push(entry.path());
         }
     }
+    claimed.sort();
     files.sort();
-    Ok(files)
+    claimed.append(&mut files);
+    Ok(claimed)
+}
+
+/// Claims a waiting file for sending (see the module documentation); `None` when it is not there any more (the
+/// agency's system took it back) or a claimed file of the same name is still waiting to be filed (the new one then
+/// waits its turn).
+fn claim(outbox: &Path, path: &Path) -> io::Result<Option<PathBuf>> {
+    let name = path.file_name().unwrap_or(OsStr::new("")).to_string_lossy();
+    if name.starts_with(CLAIMED_PREFIX) {
+        return Ok(Some(path.to_path_buf()));
+    }
+    let claimed = outbox.join(format!("{CLAIMED_PREFIX}{name}"));
+    if claimed.exists() {
+        return Ok(None);
+    }
+    match fs::rename(path, &claimed) {
+        Ok(()) => Ok(Some(claimed)),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error),
+    }
 }
 
 /// Sends every waiting file once, in name order, stopping at the first transient failure or when `should_stop`
@@ -84,12 +120,18 @@ pub async fn process_outbox_once(
         if should_stop() {
             break;
         }
-        let file_name = path.file_name().unwrap_or(OsStr::new("")).to_string_lossy().into_owned();
+        let Some(path) = claim(outbox, &path)? else { continue };
+        let file_name = format!("{}.json", stem_of(&path));
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
-            // The agency's system may have taken the file back; it is no longer ours to send.
             Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
-            Err(error) => return Err(error),
+            // Not one the agent can read (its owner or mode): filed as failed, so it does not hold up the others.
+            Err(error) => {
+                tracing::warn!(file = %file_name, error = %error, "outbox file cannot be read: moved to failed");
+                move_to_failed(outbox, &path, &format!("the agent cannot read the file: {error}\n"))?;
+                pass.failed += 1;
+                continue;
+            }
         };
         let envelope = match prepare_envelope(&bytes) {
             Ok(envelope) => envelope,
@@ -113,6 +155,18 @@ pub async fn process_outbox_once(
                     "outbox file sent"
                 );
                 pass.sent += 1;
+            }
+            Ok(Err(AgentError::Rpc(status))) if status.code() == tonic::Code::Unauthenticated => {
+                // The agent's own credentials were refused (its token expired or is not yet refreshed, its
+                // certificate was revoked), not this message: every file would fail the same way until an operator
+                // mends them, so the files wait in the outbox rather than being filed as failed.
+                tracing::error!(
+                    code = code_name(status.code()),
+                    message = status.message(),
+                    "the broker refused the agent's token or certificate: outbox files wait until it is mended"
+                );
+                pass.retry_later = true;
+                break;
             }
             Ok(Err(AgentError::Rpc(status))) if is_permanent_failure(status.code()) => {
                 tracing::warn!(file = %file_name, code = code_name(status.code()), "broker refused outbox file: moved to failed");
@@ -138,10 +192,11 @@ pub async fn process_outbox_once(
     Ok(pass)
 }
 
-/// The stem of a `*.json` file name (`referral` for `referral.json`).
+/// The stem of a `*.json` file name, claimed or not (`referral` for `referral.json` and `.sending-referral.json`).
 fn stem_of(path: &Path) -> String {
     let name = path.file_name().unwrap_or(OsStr::new("message.json")).to_string_lossy();
-    name.strip_suffix(".json").unwrap_or(&name).to_owned()
+    let name = name.strip_prefix(CLAIMED_PREFIX).unwrap_or(&name);
+    name.strip_suffix(".json").unwrap_or(name).to_owned()
 }
 
 /// A stem for `folder` not used by an earlier file of the same name, so no earlier record is overwritten.
@@ -204,6 +259,26 @@ mod tests {
             .map(|path| path.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, vec!["a.json", "b.json"]);
+    }
+
+    /// A file being sent is claimed under a hidden name: a new file the agency's system drops under the same name
+    /// meanwhile is a file of its own, which waits until the claimed one is filed, and is then sent in turn.
+    #[test]
+    fn a_claimed_file_is_not_replaced_by_a_new_one_of_the_same_name() {
+        let outbox = tempfile::tempdir().unwrap();
+        prepare_outbox(outbox.path()).unwrap();
+        let path = outbox.path().join("referral.json");
+        fs::write(&path, b"{\"version\": 1}").unwrap();
+        let claimed = claim(outbox.path(), &path).unwrap().unwrap();
+        assert_eq!(claimed.file_name().unwrap(), ".sending-referral.json");
+        fs::write(&path, b"{\"version\": 2}").unwrap();
+        assert_eq!(fs::read(&claimed).unwrap(), b"{\"version\": 1}", "the claimed file is the one read");
+        assert_eq!(claim(outbox.path(), &path).unwrap(), None, "the new one waits its turn");
+        assert_eq!(waiting_files(outbox.path()).unwrap(), vec![claimed.clone(), path.clone()], "claimed first");
+        move_to_sent(outbox.path(), &claimed, b"{}").unwrap();
+        assert_eq!(fs::read(outbox.path().join("sent/referral.json")).unwrap(), b"{\"version\": 1}");
+        assert_eq!(waiting_files(outbox.path()).unwrap(), vec![path.clone()], "the new one is still to send");
+        assert!(claim(outbox.path(), &path).unwrap().is_some());
     }
 
     #[test]

@@ -97,3 +97,32 @@ async fn an_agent_that_crashed_before_acknowledging_does_not_write_twice() -> Re
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     broker.stop().await
 }
+
+/// The agent's own token is refused (expired, or not yet refreshed by the agency's identity system): the outbox's
+/// files are not filed as failed but wait, and go once a token the broker accepts is in the token file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_files_wait_while_the_agent_s_token_is_refused() -> Result<()> {
+    let area = Area::new()?;
+    let broker = InProcessBroker::start(&area).await?;
+    let mut police_config = area.agent_config(POLICE, broker.address)?;
+    let outbox = area.path().join("outbox").join(POLICE);
+    std::fs::create_dir_all(&outbox)?;
+    police_config.outbox = Some(outbox.clone());
+    let agent::TokenSetting::File(token_file) = police_config.token.clone() else { panic!("a token file") };
+    std::fs::write(&token_file, "not-a-token-the-broker-accepts")?;
+    std::fs::copy(tests::examples_dir().join("operation-encompass-notification.json"), outbox.join("f1.json"))?;
+    let (stop_police, police) = start(police_config);
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(json_files(&outbox.join("failed")).is_empty(), "nothing filed as failed");
+    assert!(json_files(&outbox.join("sent")).is_empty());
+    let waiting = std::fs::read_dir(&outbox)?.filter_map(|entry| entry.ok()).filter(|entry| entry.path().is_file());
+    assert_eq!(waiting.count(), 1, "the file still waits in the outbox (claimed or not)");
+
+    std::fs::write(&token_file, area.default_token(POLICE)?)?;
+    assert!(eventually(Duration::from_secs(10), || outbox.join("sent/f1.json").exists()).await, "sent once mended");
+    assert!(outbox.join("sent/f1.receipt.json").exists());
+    let _ = stop_police.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), police).await;
+    broker.stop().await
+}
