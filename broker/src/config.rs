@@ -89,6 +89,11 @@ pub struct AuditFile {
     /// identifies this log among others (C2SP `tlog-checkpoint` recommends a schema-less URL such as
     /// `safeguarding.luton.example/audit`). Fixed when the log is created.
     pub checkpoint_origin: Option<String>,
+    /// The agencies whose practitioners may use the audit service (with the `auditor` role from their own identity
+    /// provider): the area's information-governance function, e.g. the local authority's. A token's roles come from
+    /// its own agency, so without this any agency could grant itself area-wide audit access. Default: none.
+    #[serde(default)]
+    pub auditor_agencies: Vec<String>,
 }
 
 /// Environment variables that override the file, with the setting each overrides.
@@ -120,6 +125,8 @@ pub struct Config {
     pub storage: crate::store::StoreOptions,
     /// The origin line of the audit log's checkpoints (see [`AuditFile::checkpoint_origin`]).
     pub checkpoint_origin: String,
+    /// Agencies trusted to audit (see [`AuditFile::auditor_agencies`]).
+    pub auditor_agencies: Vec<String>,
     pub tokens: TokensFile,
     /// Folder that relative paths in `tokens` are resolved against (the configuration file's).
     pub base_dir: PathBuf,
@@ -285,6 +292,11 @@ impl Config {
                  characters or `+`, such as `safeguarding.luton.example/audit`"
             ));
         }
+        for agency in &file.audit.auditor_agencies {
+            if !crate::pki::is_valid_agency_id(agency) {
+                problems.push(format!("`audit.auditor_agencies`: `{agency}` is not an agency id"));
+            }
+        }
         match listen {
             Some(listen) if problems.is_empty() => Ok(Self {
                 listen,
@@ -299,6 +311,7 @@ impl Config {
                     journal_segment_bytes,
                 },
                 checkpoint_origin,
+                auditor_agencies: file.audit.auditor_agencies,
                 tokens: file.tokens,
                 base_dir: base.to_owned(),
             }),
@@ -364,6 +377,11 @@ mod tests {
         assert_eq!(parse(&set, &[]).unwrap().checkpoint_origin, "safeguarding.luton.example/audit");
         let overridden = parse(&set, &[("BROKER_CHECKPOINT_ORIGIN", "safeguarding.beds.example/audit")]).unwrap();
         assert_eq!(overridden.checkpoint_origin, "safeguarding.beds.example/audit");
+        let auditors = parse(&format!("{MINIMAL}\n[audit]\nauditor_agencies = [\"luton-csc\"]"), &[]).unwrap();
+        assert_eq!(auditors.auditor_agencies, vec!["luton-csc"]);
+        assert!(parse(MINIMAL, &[]).unwrap().auditor_agencies.is_empty(), "no agency is trusted to audit by default");
+        let error = parse(&format!("{MINIMAL}\n[audit]\nauditor_agencies = [\"Luton CSC\"]"), &[]).unwrap_err();
+        assert!(error.to_string().contains("`audit.auditor_agencies`"), "{error}");
         for bad in ["", "luton audit", "luton+audit"] {
             let error = parse(MINIMAL, &[("BROKER_CHECKPOINT_ORIGIN", bad)]).unwrap_err();
             assert!(error.to_string().contains("`audit.checkpoint_origin`"), "{bad:?}: {error}");

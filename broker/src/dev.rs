@@ -134,6 +134,12 @@ pub fn prepare(
         delivery: DeliveryConfig::default(),
         storage: crate::store::StoreOptions::default(),
         checkpoint_origin: crate::audit::checkpoints::DEFAULT_ORIGIN.to_owned(),
+        // The sample area's local authority audits, as its information-governance function would.
+        auditor_agencies: policy
+            .agencies()
+            .filter(|agency| agency.kind == crate::policy::model::AgencyKind::LocalAuthority)
+            .map(|agency| agency.id.clone())
+            .collect(),
         tokens,
         base_dir: PathBuf::from("."),
     };

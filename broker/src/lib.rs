@@ -180,6 +180,14 @@ pub async fn run(
     // Everything that can fail is checked before any task starts, so a failed start leaves nothing running.
     let tls = transport::server_tls(&config.tls)?;
     tracing::info!(policy_set_hash = %policy.hash(), "policy set loaded");
+    if config.auditor_agencies.is_empty() {
+        tracing::warn!(
+            "no agency is trusted to audit (`audit.auditor_agencies`): the audit service refuses every call"
+        );
+    }
+    for agency in config.auditor_agencies.iter().filter(|agency| policy.agency(agency).is_none()) {
+        tracing::warn!(%agency, "`audit.auditor_agencies` names an agency the policy set does not know");
+    }
     metrics::metrics().policy_activated(policy.hash());
     let metrics_listener = match config.metrics_listen {
         Some(address) => Some(metrics::bind(address).await.map_err(|source| BrokerError::Metrics { address, source })?),
@@ -282,6 +290,7 @@ pub async fn run(
             current_revocations.clone(),
             store.clone(),
         ),
+        config.auditor_agencies.clone(),
         store.clone(),
         Pseudonymiser::load_or_create(&config.data_dir.join("keys"))?,
         checkpointer.clone(),

@@ -89,6 +89,8 @@ pub struct BrokerSettings {
     pub checkpoint_origin: Option<String>,
     /// Certificate revocation lists (`tls.crls`), relative to the area's folder.
     pub crls: Vec<PathBuf>,
+    /// The agencies trusted to audit (`audit.auditor_agencies`; default the sample area's local authority).
+    pub auditor_agencies: Vec<String>,
 }
 
 impl Default for BrokerSettings {
@@ -103,6 +105,7 @@ impl Default for BrokerSettings {
             journal_segment_bytes: 1024 * 1024,
             checkpoint_origin: None,
             crls: Vec::new(),
+            auditor_agencies: vec!["luton-csc".to_owned()],
         }
     }
 }
@@ -189,7 +192,9 @@ max_attempts = {max_attempts}
 default_retry_delay_millis = {retry}
 [storage]
 journal_segment_bytes = {segment}
-{audit}{issuers}
+[audit]
+auditor_agencies = {auditors:?}
+{origin}{issuers}
 "#,
             policy = settings.policy_dir.clone().unwrap_or_else(sample_policy_dir).display(),
             max_message_bytes = settings.max_message_bytes,
@@ -198,10 +203,11 @@ journal_segment_bytes = {segment}
             retry = settings.default_retry_delay_millis,
             segment = settings.journal_segment_bytes,
             crls = settings.crls.iter().map(|path| path.display().to_string()).collect::<Vec<_>>(),
-            audit = settings
+            auditors = settings.auditor_agencies,
+            origin = settings
                 .checkpoint_origin
                 .as_ref()
-                .map(|origin| format!("[audit]\ncheckpoint_origin = \"{origin}\"\n"))
+                .map(|origin| format!("checkpoint_origin = \"{origin}\"\n"))
                 .unwrap_or_default(),
             issuers = self.issuers_toml()?,
         );

@@ -1,7 +1,9 @@
 //! The `safeguarding.v1.Audit` service: auditors query the audit log and fetch checkpoints and proofs.
 //!
-//! Every call authenticates like the `Broker` service ([`super::service::Authenticator`]) and then requires the
-//! `auditor` role; anyone else gets `PERMISSION_DENIED` and the refusal is audited. `Query` and `RecipientsOfChild`
+//! Every call authenticates like the `Broker` service ([`super::service::Authenticator`]) and then requires a caller
+//! from an agency trusted to audit (`audit.auditor_agencies`: a token's roles come from its own agency's identity
+//! provider, so the role alone would let any agency make itself an auditor) with the `auditor` role; anyone else
+//! gets `PERMISSION_DENIED` and the refusal is audited. `Query` and `RecipientsOfChild`
 //! are recorded as `AuditorQuery` entries (the filter summary in `detail`, the child only as its pseudonym) durably
 //! *before* they run, so an auditor's query cannot go unrecorded. Their results carry inclusion proofs in the tree
 //! of a checkpoint signed after that entry, which the response includes.
@@ -34,6 +36,8 @@ const DEFAULT_LIMIT: usize = 1000;
 
 pub struct AuditService {
     authenticator: Authenticator,
+    /// The agencies trusted to audit (`audit.auditor_agencies`).
+    auditor_agencies: Vec<String>,
     store: Store,
     pseudonymiser: Pseudonymiser,
     checkpointer: Arc<Checkpointer>,
@@ -44,6 +48,7 @@ pub struct AuditService {
 /// The tonic server of the audit service.
 pub fn server(
     authenticator: Authenticator,
+    auditor_agencies: Vec<String>,
     store: Store,
     pseudonymiser: Pseudonymiser,
     checkpointer: Arc<Checkpointer>,
@@ -52,6 +57,7 @@ pub fn server(
     let audit_dir = store.data_dir().join("audit");
     pb::audit_server::AuditServer::new(AuditService {
         authenticator,
+        auditor_agencies,
         store,
         pseudonymiser,
         checkpointer,
@@ -134,7 +140,7 @@ fn hashes(proof: Vec<Hash>) -> Vec<Vec<u8>> {
 }
 
 impl AuditService {
-    /// Authenticates and requires the auditor role (a refusal is audited).
+    /// Authenticates and requires the auditor role, from an agency trusted to audit (a refusal is audited).
     async fn auditor<T>(&self, request: &Request<T>, operation: &str) -> Result<Caller, Status> {
         let caller = self.authenticator.caller(request, operation).await?;
         if !caller.roles.iter().any(|role| role == AUDITOR_ROLE) {
@@ -144,6 +150,20 @@ impl AuditService {
                 Code::PermissionDenied,
                 "auditor-role-required",
                 "only a practitioner with the `auditor` role may use the audit service",
+                HashMap::new(),
+            ));
+        }
+        if !self.auditor_agencies.contains(&caller.agency) {
+            tracing::warn!(agency = %caller.agency, operation, "refused an audit call from an agency not trusted to audit");
+            self.authenticator.audit_refusal(&caller.agency, operation, "auditor-agency-not-trusted").await?;
+            return Err(status(
+                Code::PermissionDenied,
+                "auditor-agency-not-trusted",
+                format!(
+                    "agency `{}` is not trusted to audit: the broker's operator lists the agencies whose \
+                     practitioners may (`audit.auditor_agencies`)",
+                    caller.agency
+                ),
                 HashMap::new(),
             ));
         }

@@ -289,6 +289,19 @@ async fn auditors_query_by_child_with_proofs_and_their_queries_are_audited() -> 
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
 
+    // A school's own identity provider granting its practitioner the auditor role does not make the school an
+    // auditor of the area: only agencies in `audit.auditor_agencies` are trusted to audit.
+    let self_made = area.token(SCHOOL, "dsl-0001", &["dsl", "auditor"])?;
+    let mut self_made = audit_client(&area, SCHOOL, &self_made, address).await?;
+    let filter = pb::AuditFilter { child_nhs_number: NHS_NUMBER.into(), ..Default::default() };
+    let refused = self_made.query(pb::AuditQueryRequest { filter: Some(filter), ..Default::default() }).await;
+    let refused = refused.expect_err("a school is not trusted to audit");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert_eq!(tests::error_reason(&refused).as_deref(), Some("auditor-agency-not-trusted"));
+    let request = pb::RecipientsOfChildRequest { child_nhs_number: NHS_NUMBER.into(), ..Default::default() };
+    let refused = self_made.recipients_of_child(request).await.unwrap_err();
+    assert_eq!(tests::error_reason(&refused).as_deref(), Some("auditor-agency-not-trusted"));
+
     let auditor_token = area.token("luton-csc", "auditor-0001", &["auditor"])?;
     let mut auditor = audit_client(&area, "luton-csc", &auditor_token, address).await?;
     let filter = pb::AuditFilter { child_nhs_number: "943 476 5919".into(), ..Default::default() };
