@@ -108,6 +108,26 @@ pub fn write_file_durably(folder: &Path, final_path: &Path, bytes: &[u8]) -> io:
     result
 }
 
+/// Checks that a file can be written and made durable in `folder` (a temporary file, written, fsynced and removed):
+/// whether the inbox can take deliveries again after a write failed.
+///
+/// # Errors
+/// Any I/O error of that write.
+pub fn probe_writable(folder: &Path) -> io::Result<()> {
+    let temporary_path = folder.join(format!(
+        "{TEMPORARY_PREFIX}{}-{}",
+        std::process::id(),
+        TEMPORARY_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut file = OpenOptions::new().write(true).create_new(true).open(&temporary_path)?;
+        file.write_all(b"probe")?;
+        file.sync_all()
+    })();
+    let _ = fs::remove_file(&temporary_path);
+    result
+}
+
 /// Makes the folder's entries (a rename, a new file) durable.
 pub fn sync_folder(folder: &Path) -> io::Result<()> {
     File::open(folder)?.sync_all()

@@ -122,7 +122,17 @@ async fn receive_until_stop(
                             while acknowledgements.len() >= MAX_PENDING_ACKNOWLEDGEMENTS {
                                 acknowledgements.join_next().await;
                             }
-                            handle_delivery(&mut client, config, delivery, acknowledgements).await
+                            if handle_delivery(&mut client, config, delivery, acknowledgements).await
+                                == Handled::InboxUnavailable
+                            {
+                                // Closing the stream leaves its copies queued at the broker (no attempt is used up
+                                // by a negative acknowledgement); it opens again once the inbox takes a write.
+                                drop(stream);
+                                if !wait_for_writable_inbox(config, &mut stop).await {
+                                    return;
+                                }
+                                break;
+                            }
                         }
                         Ok(None) => {
                             tracing::warn!("delivery stream ended by the broker: reconnecting");
@@ -166,14 +176,56 @@ async fn receive_until_stop(
     }
 }
 
-/// Writes one delivery durably, then acknowledges it (in the background); negatively acknowledges it when the write
-/// fails.
+/// What became of one delivery.
+#[derive(Debug, PartialEq, Eq)]
+enum Handled {
+    /// Written and being acknowledged, or negatively acknowledged (a copy the inbox cannot take, whatever its state).
+    Done,
+    /// The inbox cannot take writes now (a full disk, a read-only or missing folder): the stream should close until
+    /// it can.
+    InboxUnavailable,
+}
+
+/// Waits, with backoff, until a file can be written and made durable in the inbox; returns false if stop is
+/// requested first.
+async fn wait_for_writable_inbox(config: &AgentConfig, stop: &mut watch::Receiver<bool>) -> bool {
+    let mut delay = config.delivery.reconnect_initial;
+    let mut reported = false;
+    loop {
+        let inbox = config.inbox.clone();
+        match tokio::task::spawn_blocking(move || crate::inbox::probe_writable(&inbox)).await {
+            Ok(Ok(())) => {
+                if reported {
+                    tracing::info!("the inbox takes writes again: reopening the delivery stream");
+                }
+                return true;
+            }
+            Ok(Err(error)) if !reported => {
+                tracing::error!(
+                    kind = %error.kind(),
+                    "the inbox cannot be written: deliveries wait at the broker until it can (check its disk space, \
+                     permissions and mount)"
+                );
+                reported = true;
+            }
+            _ => {}
+        }
+        if sleep_or_stop(delay, stop).await {
+            return false;
+        }
+        delay = next_delay(delay, config);
+    }
+}
+
+/// Writes one delivery durably, then acknowledges it (in the background). When the inbox cannot take writes at all
+/// the delivery is left to the broker ([`Handled::InboxUnavailable`]); when this copy alone cannot be written (its id
+/// is not a safe file name, something other than a file has its name) it is negatively acknowledged.
 async fn handle_delivery(
     client: &mut BrokerClient,
     config: &AgentConfig,
     delivery: pb::Delivery,
     acknowledgements: &mut tokio::task::JoinSet<()>,
-) {
+) -> Handled {
     let delivery_id = delivery.delivery_id.clone();
     let expected_suffix = format!(".{}", config.agency);
     if !delivery_id.ends_with(&expected_suffix) {
@@ -203,13 +255,19 @@ async fn handle_delivery(
                     }
                 }
             });
-            return;
+            return Handled::Done;
         }
         Ok(Err(error)) if error.kind() == std::io::ErrorKind::InvalidInput => {
             "the delivery id is not a safe file name".to_owned()
         }
         // Only the kind of the error goes to the broker and the log: the error text may name files.
-        Ok(Err(error)) => format!("the agent could not write the delivery into its inbox: {}", error.kind()),
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            format!("the agent could not write the delivery into its inbox: {}", error.kind())
+        }
+        Ok(Err(error)) => {
+            tracing::error!(delivery_id = %delivery_id, kind = %error.kind(), "delivery not written: the inbox cannot take writes");
+            return Handled::InboxUnavailable;
+        }
         Err(_) => "the agent's write into its inbox was interrupted".to_owned(),
     };
     tracing::error!(delivery_id = %delivery_id, reason = %failure, "delivery not written: negatively acknowledging");
@@ -227,6 +285,7 @@ async fn handle_delivery(
             tracing::warn!(delivery_id = %delivery_id, code = code_name(status.code()), "negative acknowledgement failed")
         }
     }
+    Handled::Done
 }
 
 /// Sends the outbox's files until stop: every poll interval, or with backoff after a transient failure.

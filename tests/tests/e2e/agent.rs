@@ -126,3 +126,31 @@ async fn outbox_files_wait_while_the_agent_s_token_is_refused() -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(10), police).await;
     broker.stop().await
 }
+
+/// The inbox cannot be written (here its folder is replaced by a file; in life a full disk, a read-only mount): the
+/// agent closes its delivery stream instead of negatively acknowledging each copy, which would use up the copy's
+/// attempts until it is dead-lettered, and opens it again once a write succeeds; the copy then arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_inbox_pauses_deliveries_without_using_up_their_attempts() -> Result<()> {
+    let area = Area::with_settings(tests::BrokerSettings { max_attempts: 2, ..Default::default() })?;
+    let broker = InProcessBroker::start(&area).await?;
+    let inbox = area.inbox(SCHOOL);
+    let (stop_school, school) = start(area.agent_config(SCHOOL, broker.address)?);
+    assert!(eventually(Duration::from_secs(5), || inbox.is_dir()).await);
+    std::fs::remove_dir_all(&inbox)?;
+    std::fs::write(&inbox, b"not a folder")?;
+
+    let mut police = area.client(POLICE, broker.address).await?;
+    let mut envelope = example("operation-encompass-notification.json")?;
+    envelope.idempotency_key = "unwritable-inbox".into();
+    police.send(pb::SendRequest { envelope: Some(envelope) }).await?;
+    // Long enough for the old behaviour (a negative acknowledgement, 200 ms, another attempt, dead-lettered).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    std::fs::remove_file(&inbox)?;
+    std::fs::create_dir_all(&inbox)?;
+    assert!(eventually(Duration::from_secs(10), || json_files(&inbox).len() == 1).await, "the copy arrives");
+    let _ = stop_school.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), school).await;
+    broker.stop().await
+}
