@@ -55,8 +55,13 @@ pub struct OutboxPass {
 /// # Errors
 /// Any error creating the folders.
 pub fn prepare_outbox(outbox: &Path) -> io::Result<()> {
-    fs::create_dir_all(outbox.join(SENT_FOLDER))?;
-    fs::create_dir_all(outbox.join(FAILED_FOLDER))
+    for folder in [SENT_FOLDER, FAILED_FOLDER] {
+        let folder = outbox.join(folder);
+        fs::create_dir_all(&folder)?;
+        // Receipts and error files being written when an earlier run was killed.
+        crate::inbox::remove_stale_temporary_files(&folder)?;
+    }
+    Ok(())
 }
 
 /// The files waiting to be sent: first those already claimed (`.sending-*.json`, left by a transient failure or a
@@ -148,12 +153,18 @@ pub async fn process_outbox_once(
                 let receipt_json = message_to_json(SEND_RESPONSE_MESSAGE, &receipt)
                     .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error.to_string()))?;
                 move_to_sent(outbox, &path, &receipt_json)?;
-                tracing::info!(
-                    file = %file_name,
-                    message_id = %receipt.message_id,
-                    duplicate = receipt.duplicate,
-                    "outbox file sent"
-                );
+                if receipt.duplicate {
+                    // The broker had a message under this idempotency key already and answered with its receipt:
+                    // right for a file sent again, wrong for a new message that reused a key (it was not sent).
+                    tracing::warn!(
+                        file = %file_name,
+                        message_id = %receipt.message_id,
+                        "outbox file answered as a duplicate of an earlier message with the same idempotency key: \
+                         not sent again (if it is a new message, give it a key of its own)"
+                    );
+                } else {
+                    tracing::info!(file = %file_name, message_id = %receipt.message_id, "outbox file sent");
+                }
                 pass.sent += 1;
             }
             Ok(Err(AgentError::Rpc(status))) if status.code() == tonic::Code::Unauthenticated => {
@@ -199,9 +210,14 @@ fn stem_of(path: &Path) -> String {
     name.strip_suffix(".json").unwrap_or(name).to_owned()
 }
 
-/// A stem for `folder` not used by an earlier file of the same name, so no earlier record is overwritten.
+/// A stem for `folder` not used by an earlier file of the same name or its receipt or error, so no earlier record is
+/// overwritten.
 fn free_stem(folder: &Path, stem: &str) -> String {
-    let taken = |candidate: &str| folder.join(format!("{candidate}.json")).exists();
+    let taken = |candidate: &str| {
+        [".json", ".receipt.json", ".error.txt"]
+            .iter()
+            .any(|suffix| folder.join(format!("{candidate}{suffix}")).exists())
+    };
     if !taken(stem) {
         return stem.to_owned();
     }
@@ -279,6 +295,19 @@ mod tests {
         assert_eq!(fs::read(outbox.path().join("sent/referral.json")).unwrap(), b"{\"version\": 1}");
         assert_eq!(waiting_files(outbox.path()).unwrap(), vec![path.clone()], "the new one is still to send");
         assert!(claim(outbox.path(), &path).unwrap().is_some());
+    }
+
+    /// A receipt left behind by an earlier file (its message moved away by hand) is not overwritten either.
+    #[test]
+    fn a_receipt_left_alone_is_not_overwritten() {
+        let outbox = tempfile::tempdir().unwrap();
+        prepare_outbox(outbox.path()).unwrap();
+        fs::write(outbox.path().join("sent/referral.receipt.json"), b"earlier").unwrap();
+        let path = outbox.path().join("referral.json");
+        fs::write(&path, b"{}").unwrap();
+        move_to_sent(outbox.path(), &path, b"later").unwrap();
+        assert_eq!(fs::read(outbox.path().join("sent/referral.receipt.json")).unwrap(), b"earlier");
+        assert_eq!(fs::read(outbox.path().join("sent/referral-2.receipt.json")).unwrap(), b"later");
     }
 
     #[test]

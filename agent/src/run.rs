@@ -110,13 +110,19 @@ async fn receive_until_stop(
         match opened {
             Ok(response) => {
                 tracing::info!("delivery stream open");
-                delay = config.delivery.reconnect_initial;
+                let opened_at = tokio::time::Instant::now();
                 let mut stream = response.into_inner();
                 loop {
                     let next = tokio::select! {
                         next = stream.message() => next,
                         () = stop_requested(&mut stop) => return,
                     };
+                    // The backoff starts again once the stream has proved itself (it carried a copy, or stayed open
+                    // for the longest wait): a stream the broker ends at once (it is stopping; another agent of this
+                    // agency took the stream) is reopened with growing waits, not every `reconnect_initial`.
+                    if matches!(next, Ok(Some(_))) || opened_at.elapsed() >= config.delivery.reconnect_max {
+                        delay = config.delivery.reconnect_initial;
+                    }
                     match next {
                         Ok(Some(delivery)) => {
                             while acknowledgements.len() >= MAX_PENDING_ACKNOWLEDGEMENTS {
