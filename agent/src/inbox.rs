@@ -88,11 +88,7 @@ pub fn write_delivery_durably(inbox: &Path, delivery: &pb::Delivery) -> io::Resu
 /// # Errors
 /// Any I/O error; the temporary file is removed on failure.
 pub fn write_file_durably(folder: &Path, final_path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let temporary_path = folder.join(format!(
-        "{TEMPORARY_PREFIX}{}-{}",
-        std::process::id(),
-        TEMPORARY_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
+    let temporary_path = temporary_path(folder);
     let result = (|| {
         let mut file = OpenOptions::new().write(true).create_new(true).open(&temporary_path)?;
         file.write_all(bytes)?;
@@ -114,11 +110,7 @@ pub fn write_file_durably(folder: &Path, final_path: &Path, bytes: &[u8]) -> io:
 /// # Errors
 /// Any I/O error of that write.
 pub fn probe_writable(folder: &Path) -> io::Result<()> {
-    let temporary_path = folder.join(format!(
-        "{TEMPORARY_PREFIX}{}-{}",
-        std::process::id(),
-        TEMPORARY_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
+    let temporary_path = temporary_path(folder);
     let result = (|| {
         let mut file = OpenOptions::new().write(true).create_new(true).open(&temporary_path)?;
         file.write_all(b"probe")?;
@@ -126,6 +118,15 @@ pub fn probe_writable(folder: &Path) -> io::Result<()> {
     })();
     let _ = fs::remove_file(&temporary_path);
     result
+}
+
+/// A new temporary file name in `folder`, unique within this process.
+fn temporary_path(folder: &Path) -> PathBuf {
+    folder.join(format!(
+        "{TEMPORARY_PREFIX}{}-{}",
+        std::process::id(),
+        TEMPORARY_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 /// Makes the folder's entries (a rename, a new file) durable.

@@ -21,6 +21,18 @@ fn json_files(folder: &std::path::Path) -> Vec<std::path::PathBuf> {
     files
 }
 
+/// A broker, and the police agent's configuration with an outbox folder (made) under the area.
+async fn broker_and_police_with_outbox(
+    area: &Area,
+) -> Result<(InProcessBroker, agent::AgentConfig, std::path::PathBuf)> {
+    let broker = InProcessBroker::start(area).await?;
+    let mut police_config = area.agent_config(POLICE, broker.address)?;
+    let outbox = area.path().join("outbox").join(POLICE);
+    std::fs::create_dir_all(&outbox)?;
+    police_config.outbox = Some(outbox.clone());
+    Ok((broker, police_config, outbox))
+}
+
 fn start(
     config: agent::AgentConfig,
 ) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), agent::AgentError>>) {
@@ -34,11 +46,7 @@ fn start(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_dropped_in_the_outbox_are_sent_and_filed_with_their_receipts() -> Result<()> {
     let area = Area::new()?;
-    let broker = InProcessBroker::start(&area).await?;
-    let mut police_config = area.agent_config(POLICE, broker.address)?;
-    let outbox = area.path().join("outbox").join(POLICE);
-    std::fs::create_dir_all(&outbox)?;
-    police_config.outbox = Some(outbox.clone());
+    let (broker, police_config, outbox) = broker_and_police_with_outbox(&area).await?;
     std::fs::copy(tests::examples_dir().join("operation-encompass-notification.json"), outbox.join("f1.json"))?;
     std::fs::write(outbox.join("broken.json"), b"{ \"kind\": \"not a kind\" }")?;
     let (stop_police, police) = start(police_config);
@@ -103,11 +111,7 @@ async fn an_agent_that_crashed_before_acknowledging_does_not_write_twice() -> Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_files_wait_while_the_agent_s_token_is_refused() -> Result<()> {
     let area = Area::new()?;
-    let broker = InProcessBroker::start(&area).await?;
-    let mut police_config = area.agent_config(POLICE, broker.address)?;
-    let outbox = area.path().join("outbox").join(POLICE);
-    std::fs::create_dir_all(&outbox)?;
-    police_config.outbox = Some(outbox.clone());
+    let (broker, police_config, outbox) = broker_and_police_with_outbox(&area).await?;
     let agent::TokenSetting::File(token_file) = police_config.token.clone() else { panic!("a token file") };
     std::fs::write(&token_file, "not-a-token-the-broker-accepts")?;
     std::fs::copy(tests::examples_dir().join("operation-encompass-notification.json"), outbox.join("f1.json"))?;
