@@ -4,7 +4,8 @@
 //! - On a receipt the file moves to `sent/` with the receipt beside it as `<name>.receipt.json`.
 //! - On a permanent refusal (see [`crate::send::is_permanent_failure`]) or an invalid envelope it moves to `failed/`
 //!   with `<name>.error.txt` holding the status code and message.
-//! - On a transient failure (broker unreachable, deadline exceeded) it stays where it is and is tried again later.
+//! - On a transient failure (broker unreachable, deadline exceeded), or when the broker refuses the agent's own
+//!   credentials ([`crate::send::is_credentials_refusal`]), it stays claimed (below) and is tried again first later.
 //!
 //! A file's idempotency key defaults to the hash of its bytes, so a file sent but not yet moved when the agent stopped
 //! is answered with the first receipt when it is sent again.
@@ -25,7 +26,7 @@ use crate::{
     AgentError, BrokerClient,
     inbox::{sync_folder, write_file_durably},
     json::{SEND_RESPONSE_MESSAGE, message_to_json},
-    send::{code_name, describe_status, is_permanent_failure, prepare_envelope, send_envelope},
+    send::{code_name, describe_status, is_credentials_refusal, is_permanent_failure, prepare_envelope, send_envelope},
 };
 
 /// Subfolder for files the broker accepted.
@@ -125,17 +126,31 @@ pub async fn process_outbox_once(
         if should_stop() {
             break;
         }
-        let Some(path) = claim(outbox, &path)? else { continue };
+        let path = match claim(outbox, &path) {
+            Ok(Some(claimed)) => claimed,
+            Ok(None) => continue,
+            // This file cannot be renamed (a name too long for the prefix, say): the others are not held up by it.
+            Err(error) => {
+                tracing::warn!(kind = %error.kind(), "an outbox file cannot be claimed for sending: skipped");
+                continue;
+            }
+        };
         let file_name = format!("{}.json", stem_of(&path));
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
             Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
-            // Not one the agent can read (its owner or mode): filed as failed, so it does not hold up the others.
-            Err(error) => {
-                tracing::warn!(file = %file_name, error = %error, "outbox file cannot be read: moved to failed");
+            // Not one the agent may read (its owner or mode): filed as failed, so it does not hold up the others.
+            Err(error) if error.kind() == io::ErrorKind::PermissionDenied => {
+                tracing::warn!(file = %file_name, "outbox file cannot be read (permissions): moved to failed");
                 move_to_failed(outbox, &path, &format!("the agent cannot read the file: {error}\n"))?;
                 pass.failed += 1;
                 continue;
+            }
+            // Anything else (an I/O error on a network share, say) may pass: tried again later.
+            Err(error) => {
+                tracing::warn!(file = %file_name, kind = %error.kind(), "outbox file cannot be read now: will retry");
+                pass.retry_later = true;
+                break;
             }
         };
         let envelope = match prepare_envelope(&bytes) {
@@ -167,7 +182,7 @@ pub async fn process_outbox_once(
                 }
                 pass.sent += 1;
             }
-            Ok(Err(AgentError::Rpc(status))) if status.code() == tonic::Code::Unauthenticated => {
+            Ok(Err(AgentError::Rpc(status))) if is_credentials_refusal(&status) => {
                 // The agent's own credentials were refused (its token expired or is not yet refreshed, its
                 // certificate was revoked), not this message: every file would fail the same way until an operator
                 // mends them, so the files wait in the outbox rather than being filed as failed.

@@ -192,6 +192,12 @@ enum Handled {
     InboxUnavailable,
 }
 
+/// Whether a small file can be written and made durable in the inbox now.
+async fn inbox_writable(config: &AgentConfig) -> bool {
+    let inbox = config.inbox.clone();
+    matches!(tokio::task::spawn_blocking(move || crate::inbox::probe_writable(&inbox)).await, Ok(Ok(())))
+}
+
 /// Waits, with backoff, until a file can be written and made durable in the inbox; returns false if stop is
 /// requested first.
 async fn wait_for_writable_inbox(config: &AgentConfig, stop: &mut watch::Receiver<bool>) -> bool {
@@ -224,8 +230,9 @@ async fn wait_for_writable_inbox(config: &AgentConfig, stop: &mut watch::Receive
 }
 
 /// Writes one delivery durably, then acknowledges it (in the background). When the inbox cannot take writes at all
-/// the delivery is left to the broker ([`Handled::InboxUnavailable`]); when this copy alone cannot be written (its id
-/// is not a safe file name, something other than a file has its name) it is negatively acknowledged.
+/// (a test write fails too) the delivery is left to the broker ([`Handled::InboxUnavailable`]); when this copy alone
+/// cannot be written (its id is not a safe file name, it is too big for the space left, something other than a
+/// readable file has its name) it is negatively acknowledged.
 async fn handle_delivery(
     client: &mut BrokerClient,
     config: &AgentConfig,
@@ -267,13 +274,13 @@ async fn handle_delivery(
             "the delivery id is not a safe file name".to_owned()
         }
         // Only the kind of the error goes to the broker and the log: the error text may name files.
-        Ok(Err(error)) if error.kind() == std::io::ErrorKind::AlreadyExists => {
-            format!("the agent could not write the delivery into its inbox: {}", error.kind())
-        }
-        Ok(Err(error)) => {
+        // The inbox as a whole cannot take writes (a full disk, a read-only or missing folder) when a small test write
+        // fails too; otherwise it is this copy (too big for the space left, an existing file it cannot read, ...).
+        Ok(Err(error)) if !inbox_writable(config).await => {
             tracing::error!(delivery_id = %delivery_id, kind = %error.kind(), "delivery not written: the inbox cannot take writes");
             return Handled::InboxUnavailable;
         }
+        Ok(Err(error)) => format!("the agent could not write the delivery into its inbox: {}", error.kind()),
         Err(_) => "the agent's write into its inbox was interrupted".to_owned(),
     };
     tracing::error!(delivery_id = %delivery_id, reason = %failure, "delivery not written: negatively acknowledging");

@@ -210,6 +210,20 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
+/// Whether the broker refused the agent's own credentials rather than the message: UNAUTHENTICATED (the token
+/// expired or is not yet refreshed, the certificate revoked), or PERMISSION_DENIED for a token issued to another
+/// agency (`agency-mismatch`, a misconfigured token). Every message would fail the same way until an operator mends
+/// them.
+pub fn is_credentials_refusal(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::Unauthenticated => true,
+        tonic::Code::PermissionDenied => {
+            status.get_error_details().error_info().is_some_and(|info| info.reason == "agency-mismatch")
+        }
+        _ => false,
+    }
+}
+
 /// Whether a failed send should be given up (the same message would fail again) rather than retried later.
 pub fn is_permanent_failure(code: tonic::Code) -> bool {
     use tonic::Code;
@@ -281,6 +295,21 @@ mod tests {
         let text = describe_status(&status);
         assert!(text.starts_with("INVALID_ARGUMENT: invalid envelope"), "{text}");
         assert!(text.contains("field `envelope.kind`: must be set"), "{text}");
+    }
+
+    #[test]
+    fn the_agent_s_own_credentials_refused_are_told_apart_from_a_refused_message() {
+        let refused = |code, reason: &str| {
+            tonic::Status::with_error_details(
+                code,
+                "refused",
+                tonic_types::ErrorDetails::with_error_info(reason, "safeguarding.v1", std::collections::HashMap::new()),
+            )
+        };
+        assert!(is_credentials_refusal(&refused(tonic::Code::Unauthenticated, "token-expired")));
+        assert!(is_credentials_refusal(&refused(tonic::Code::PermissionDenied, "agency-mismatch")));
+        assert!(!is_credentials_refusal(&refused(tonic::Code::PermissionDenied, "no-rule-permits")));
+        assert!(!is_credentials_refusal(&refused(tonic::Code::InvalidArgument, "invalid-argument")));
     }
 
     #[test]

@@ -80,11 +80,13 @@ async fn agent_survives_an_absent_broker_and_sorts_its_outbox() {
     assert!(failed.join("broken.json").exists());
     assert!(!folder.path().join("inbox/.tmp-1-1").exists());
 
-    // Several reconnection rounds later the agent is still running and the valid file still waits.
+    // Several reconnection rounds later the agent is still running and the valid file still waits, claimed for
+    // sending (hidden from the case system as `.sending-<name>.json`), neither sent nor filed as failed.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!agent.is_finished());
-    assert!(outbox.join("encompass.json").exists());
+    assert!(outbox.join(".sending-encompass.json").exists());
     assert!(!outbox.join("sent/encompass.json").exists());
+    assert!(!failed.join("encompass.json").exists());
 
     stop.send(()).unwrap();
     let result = tokio::time::timeout(Duration::from_secs(5), agent).await.unwrap().unwrap();

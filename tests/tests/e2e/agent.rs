@@ -135,7 +135,7 @@ async fn outbox_files_wait_while_the_agent_s_token_is_refused() -> Result<()> {
 /// agent closes its delivery stream instead of negatively acknowledging each copy, which would use up the copy's
 /// attempts until it is dead-lettered, and opens it again once a write succeeds; the copy then arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unwritable_inbox_pauses_deliveries_without_using_up_their_attempts() -> Result<()> {
+async fn an_unwritable_inbox_pauses_deliveries_until_it_can_be_written() -> Result<()> {
     let area = Area::with_settings(tests::BrokerSettings { max_attempts: 2, ..Default::default() })?;
     let broker = InProcessBroker::start(&area).await?;
     let inbox = area.inbox(SCHOOL);
