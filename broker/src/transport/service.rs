@@ -63,6 +63,8 @@ pub struct Authenticator {
     /// The agency each client certificate seen so far names, and what names it to a revocation list, by the
     /// certificate's exact bytes (see [`Authenticator::agency_of`]).
     agencies: Arc<std::sync::Mutex<std::collections::HashMap<Vec<u8>, KnownCertificate>>>,
+    /// How many refusals of each kind were recorded this minute ([`Authenticator::audit_refusal`]).
+    refusals: Arc<std::sync::Mutex<RefusalLimiter>>,
 }
 
 /// The agency a client certificate names, and what names the certificate to a revocation list.
@@ -74,7 +76,7 @@ const REMEMBERED_CERTIFICATES: usize = 4096;
 
 impl Authenticator {
     pub fn new(exchange: Exchange, tokens: CurrentTokens, revocations: CurrentRevocations, store: Store) -> Self {
-        Self { exchange, tokens, revocations, store, agencies: Default::default() }
+        Self { exchange, tokens, revocations, store, agencies: Default::default(), refusals: Default::default() }
     }
 
     /// The agency a verified client certificate names ([`auth::agency_from_certificate`]), remembered by the
@@ -155,14 +157,27 @@ impl Authenticator {
         }
     }
 
-    /// A request refused at the door is itself an audit entry (who tried what, and why it was refused).
+    /// A request refused at the door is itself an audit entry (who tried what, and why it was refused), up to
+    /// [`REFUSALS_RECORDED_PER_MINUTE`] a minute for each agency and reason ([`RefusalLimiter`]): a client looping on a
+    /// bad token or a revoked certificate would otherwise grow the permanent log, and the disk, without bound.
     pub async fn audit_refusal(&self, agency: &str, operation: &str, reason: &str) -> Result<(), Status> {
+        let admitted = match self.refusals.lock() {
+            Ok(mut refusals) => refusals.admit(agency, reason, std::time::Instant::now()),
+            Err(poisoned) => poisoned.into_inner().admit(agency, reason, std::time::Instant::now()),
+        };
+        let detail = match admitted {
+            Admitted::No => return Ok(()),
+            Admitted::Yes { not_recorded_before: 0 } => operation.to_owned(),
+            Admitted::Yes { not_recorded_before } => {
+                format!("{operation}; {not_recorded_before} more such refusals not recorded one by one before this")
+            }
+        };
         let entry = AuditEntry {
             time_micros: AuditEntry::now_micros(),
             event: Some(EventType::RequestRefused),
             actor: Actor { agency: agency.to_owned(), practitioner: String::new(), role: String::new() },
             reason_code: reason.to_owned(),
-            detail: operation.to_owned(),
+            detail,
             ..AuditEntry::default()
         };
         self.store
@@ -170,6 +185,56 @@ impl Authenticator {
             .await
             .map(|_| ())
             .map_err(|error| crate::transport::status::store_status(&error))
+    }
+}
+
+/// Refused requests recorded in the audit log per agency and reason in each minute; the rest are counted, and the
+/// count goes into the next one recorded.
+pub const REFUSALS_RECORDED_PER_MINUTE: u32 = 60;
+
+/// Whether a refusal is recorded ([`Authenticator::audit_refusal`]).
+#[derive(Debug, PartialEq, Eq)]
+enum Admitted {
+    /// Recorded, saying how many of its kind were not recorded since the last one that was.
+    Yes { not_recorded_before: u64 },
+    /// Counted only: this minute's refusals of its kind are all recorded.
+    No,
+}
+
+/// Counts refusals per (agency, reason) in fixed one-minute windows.
+#[derive(Debug, Default)]
+struct RefusalLimiter {
+    window_started: Option<std::time::Instant>,
+    /// Refusals recorded this window, and refusals not recorded since the last recorded one.
+    counts: std::collections::HashMap<(String, String), (u32, u64)>,
+}
+
+impl RefusalLimiter {
+    fn admit(&mut self, agency: &str, reason: &str, now: std::time::Instant) -> Admitted {
+        let new_window =
+            self.window_started.is_none_or(|started| now.duration_since(started) >= Duration::from_secs(60));
+        if new_window {
+            self.window_started = Some(now);
+            // Only the counts not yet reported are kept (and forgotten for a kind with none).
+            self.counts.retain(|_, (recorded, not_recorded)| {
+                *recorded = 0;
+                *not_recorded > 0
+            });
+        }
+        let (recorded, not_recorded) = self.counts.entry((agency.to_owned(), reason.to_owned())).or_default();
+        if *recorded >= REFUSALS_RECORDED_PER_MINUTE {
+            if *not_recorded == 0 {
+                tracing::warn!(
+                    %agency,
+                    reason,
+                    "refusals of this kind are now counted, not each recorded in the audit log, until the minute ends"
+                );
+            }
+            *not_recorded += 1;
+            return Admitted::No;
+        }
+        *recorded += 1;
+        Admitted::Yes { not_recorded_before: std::mem::take(not_recorded) }
     }
 }
 
@@ -332,6 +397,26 @@ impl Broker for BrokerService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Up to the limit a minute each refusal of a kind is recorded; past it they are counted, and the next one recorded
+    /// (in a later minute) carries the count. Kinds (agency, reason) are limited apart.
+    #[test]
+    fn refusals_past_the_limit_are_counted_into_the_next_one_recorded() {
+        let mut limiter = RefusalLimiter::default();
+        let start = std::time::Instant::now();
+        for _ in 0..REFUSALS_RECORDED_PER_MINUTE {
+            assert_eq!(limiter.admit("beds-police", "token-expired", start), Admitted::Yes { not_recorded_before: 0 });
+        }
+        for _ in 0..5 {
+            assert_eq!(limiter.admit("beds-police", "token-expired", start), Admitted::No);
+        }
+        assert_eq!(limiter.admit("beds-police", "bad-signature", start), Admitted::Yes { not_recorded_before: 0 });
+        assert_eq!(limiter.admit("luton-csc", "token-expired", start), Admitted::Yes { not_recorded_before: 0 });
+        let later = start + Duration::from_secs(61);
+        assert_eq!(limiter.admit("beds-police", "token-expired", later), Admitted::Yes { not_recorded_before: 5 });
+        assert_eq!(limiter.admit("beds-police", "token-expired", later), Admitted::Yes { not_recorded_before: 0 });
+        assert_eq!(limiter.counts.len(), 1, "kinds with nothing left to report are forgotten at each new minute");
+    }
     use crate::{auth::revocation::RevocationList, pki::CertificateAuthority};
     use rustls::pki_types::{CertificateDer, pem::PemObject};
     use tokio_stream::StreamExt;

@@ -251,3 +251,30 @@ async fn a_revoked_certificate_is_refused_and_its_open_stream_ends() -> Result<(
     assert!(broker::error_report(&refused).contains("tls.crls"), "{refused:#}");
     Ok(())
 }
+
+/// A client looping on a bad token (or a revoked certificate) is refused every time, but only the first
+/// `REFUSALS_RECORDED_PER_MINUTE` refusals of its kind each minute become audit entries: the permanent log, and the
+/// disk, do not grow without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_requests_is_recorded_up_to_a_limit_a_minute() -> Result<()> {
+    let area = Area::new()?;
+    let broker = InProcessBroker::start(&area).await?;
+    let limit = broker::transport::service::REFUSALS_RECORDED_PER_MINUTE as usize;
+    let mut client = area.client_with_token(POLICE, broker.address, Some("not-a-token")).await?;
+    for _ in 0..limit + 20 {
+        let mut envelope = example("operation-encompass-notification.json")?;
+        envelope.idempotency_key = "flood".to_owned();
+        let status = client.send(pb::SendRequest { envelope: Some(envelope) }).await.unwrap_err();
+        assert_eq!(error_reason(&status).as_deref(), Some("malformed-token"), "every one is refused");
+    }
+    broker.stop().await?;
+    let mut refused = 0;
+    broker::store::log::read_all(&broker::audit::AuditLog::path(&area.data_dir().join("audit")), |_, bytes| {
+        if broker::audit::AuditEntry::decode(bytes).unwrap().event == Some(broker::audit::EventType::RequestRefused) {
+            refused += 1;
+        }
+        Ok(())
+    })?;
+    assert_eq!(refused, limit);
+    Ok(())
+}
