@@ -245,27 +245,31 @@ fn is_revoked(revocations: &CurrentRevocations, certificate: &CertificateId) -> 
     }
 }
 
+/// Whether the agent holding a delivery stream may still receive: its certificate not revoked, its agency still in
+/// the policy set.
+type StillAllowed = Arc<dyn Fn() -> Result<(), AuthError> + Send + Sync>;
+
 /// A delivery stream that counts itself in the `connected_agents` metric while it is open, and ends (with
-/// `UNAUTHENTICATED`, reason `certificate-revoked`) once the agent's certificate is revoked: as soon as the
-/// revocation lists that revoke it are loaded, and in any case before it would carry another copy.
+/// `UNAUTHENTICATED`, reason `certificate-revoked` or `unknown-agency`) once its agent may no longer receive: as soon
+/// as revocation lists that revoke its certificate are loaded, and in any case before it would carry another copy
+/// (so also once a policy reload has removed its agency).
 pub struct CountedStream {
     inner: ReceiverStream<StreamItem>,
     agency: String,
-    certificate: Arc<CertificateId>,
-    revocations: CurrentRevocations,
+    still_allowed: StillAllowed,
     /// Yields whenever the revocation lists are reloaded; `None` once the broker stops reloading them.
     reloads: Option<WatchStream<u64>>,
     ended: bool,
 }
 
 impl CountedStream {
-    /// Ends the stream for a revoked certificate; the receiver is closed, so the recipient's actor puts the copies
-    /// in flight on it back in its queue for the agency's next stream.
-    fn end_revoked(&mut self) -> StreamItem {
+    /// Ends the stream; the receiver is closed, so the recipient's actor puts the copies in flight on it back in its
+    /// queue (for the agency's next stream, with a valid certificate, while the policy set knows it).
+    fn end(&mut self, why: AuthError) -> StreamItem {
         self.ended = true;
         self.inner.close();
-        tracing::warn!(agency = %self.agency, "ended the delivery stream of a revoked client certificate");
-        Err(AuthError::Revoked(self.agency.clone()).into())
+        tracing::warn!(agency = %self.agency, reason = %why, "ended a delivery stream whose agent may no longer receive");
+        Err(why.into())
     }
 }
 
@@ -282,18 +286,21 @@ impl tokio_stream::Stream for CountedStream {
         }
         while let Some(reloads) = self.reloads.as_mut() {
             match std::pin::Pin::new(reloads).poll_next(context) {
-                Poll::Ready(Some(_)) if is_revoked(&self.revocations, &self.certificate) => {
-                    return Poll::Ready(Some(self.end_revoked()));
+                Poll::Ready(Some(_)) => {
+                    if let Err(why) = (self.still_allowed)() {
+                        return Poll::Ready(Some(self.end(why)));
+                    }
                 }
-                Poll::Ready(Some(_)) => {}
                 Poll::Ready(None) => self.reloads = None,
                 Poll::Pending => break,
             }
         }
         let next = std::pin::Pin::new(&mut self.inner).poll_next(context);
-        if matches!(next, Poll::Ready(Some(Ok(_)))) && is_revoked(&self.revocations, &self.certificate) {
+        if matches!(next, Poll::Ready(Some(Ok(_))))
+            && let Err(why) = (self.still_allowed)()
+        {
             // The copy taken stays in flight with the broker: it goes out again on the agency's next stream.
-            return Poll::Ready(Some(self.end_revoked()));
+            return Poll::Ready(Some(self.end(why)));
         }
         next
     }
@@ -335,11 +342,23 @@ impl Broker for BrokerService {
         tracing::info!(agency = %caller.agency, "delivery stream opened");
         let receiver = self.deliveries.subscribe(&caller.agency);
         crate::metrics::metrics().connected_agents.inc();
+        let still_allowed: StillAllowed = {
+            let (exchange, revocations, agency) =
+                (self.exchange.clone(), self.authenticator.revocations.clone(), caller.agency.clone());
+            Arc::new(move || {
+                if is_revoked(&revocations, &certificate) {
+                    Err(AuthError::Revoked(agency.clone()))
+                } else if exchange.policy().agency(&agency).is_none() {
+                    Err(AuthError::UnknownAgency(agency.clone()))
+                } else {
+                    Ok(())
+                }
+            })
+        };
         Ok(Response::new(CountedStream {
             inner: ReceiverStream::new(receiver),
             agency: caller.agency,
-            certificate,
-            revocations: self.authenticator.revocations.clone(),
+            still_allowed,
             reloads: Some(WatchStream::from_changes(self.revocation_reloads.clone())),
             ended: false,
         }))
@@ -440,11 +459,20 @@ mod tests {
         let revocations: CurrentRevocations = Arc::new(RwLock::new(Arc::new(RevocationList::none())));
         let (copies, receiver) = tokio::sync::mpsc::channel(4);
         crate::metrics::metrics().connected_agents.inc();
+        let still_allowed: StillAllowed = {
+            let (revocations, certificate) = (revocations.clone(), Arc::new(certificate));
+            Arc::new(move || {
+                if is_revoked(&revocations, &certificate) {
+                    Err(AuthError::Revoked("luton-oakwood-primary".to_owned()))
+                } else {
+                    Ok(())
+                }
+            })
+        };
         let mut stream = CountedStream {
             inner: ReceiverStream::new(receiver),
             agency: "luton-oakwood-primary".to_owned(),
-            certificate: Arc::new(certificate),
-            revocations: revocations.clone(),
+            still_allowed,
             reloads: None,
             ended: false,
         };

@@ -179,3 +179,59 @@ async fn hot_reload_swaps_a_valid_set_and_keeps_the_last_good_one_otherwise() ->
     assert_eq!(events.last(), Some(&"policy-activated"), "{events:?}");
     Ok(())
 }
+
+/// An agency removed from the policy set by a hot reload may no longer receive: the delivery stream it holds open
+/// ends (UNAUTHENTICATED, `unknown-agency`) before it would carry another copy, here the redelivery of a copy it did
+/// not acknowledge, which stays queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agency_removed_by_a_reload_receives_nothing_more_on_its_open_stream() -> Result<()> {
+    const HUB: &str = "test-removed-hub";
+    let policies = tempfile::tempdir()?;
+    tests::copy_sample_policies(policies.path())?;
+    let extra = policies.path().join("zz-test-removed-hub.yaml");
+    std::fs::write(
+        &extra,
+        format!(
+            r#"agencies:
+  - id: {HUB}
+    name: A family hub this test removes
+    kind: family-hub
+rules:
+  - id: test-encompass-to-removed-hub
+    explanation: Test rule removed by a hot reload test.
+    from: [beds-police]
+    to: [{HUB}]
+    kinds: [domestic-abuse-notification]
+    purposes: [operation-encompass]
+    lawful_basis: [uk-gdpr-6-1-e, dpa-2018-sch1-pt2-para18, uk-gdpr-10, dpa-2018-sch1-pt3]
+    share:
+      - domestic_abuse_incident.police_reference
+"#
+        ),
+    )?;
+    let mut area = Area::with_settings(BrokerSettings {
+        policy_dir: Some(policies.path().to_owned()),
+        ack_wait_seconds: 1,
+        ..Default::default()
+    })?;
+    area.agencies.push((HUB.to_owned(), "practitioner".to_owned()));
+    let broker = InProcessBroker::start(&area).await?;
+    let mut hub = area.client(HUB, broker.address).await?;
+    let mut stream = hub.deliveries(pb::DeliveriesRequest {}).await?.into_inner();
+    let mut police = area.client(POLICE, broker.address).await?;
+    let mut envelope = example("operation-encompass-notification.json")?;
+    envelope.recipients = vec![HUB.to_owned()];
+    envelope.recipient_role = String::new();
+    envelope.idempotency_key = "to-the-hub".to_owned();
+    police.send(pb::SendRequest { envelope: Some(envelope) }).await?;
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.next()).await?.expect("a copy")?;
+    assert_eq!(first.attempt, 1);
+
+    // The hub leaves the policy set; its copy is not acknowledged, so it is due again after a second.
+    std::fs::remove_file(&extra)?;
+    let ended = tokio::time::timeout(Duration::from_secs(15), stream.next()).await?.expect("the stream ends");
+    let status = ended.expect_err("with an error, not the copy again");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    assert_eq!(error_reason(&status).as_deref(), Some("unknown-agency"));
+    broker.stop().await
+}
