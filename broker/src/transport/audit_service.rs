@@ -14,7 +14,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::{
     audit::{
-        AuditEntry, EventType, Pseudonym, Pseudonymiser, SharedTree,
+        Actor, AuditEntry, EventType, Pseudonym, Pseudonymiser, SharedTree,
         checkpoints::{Checkpointer, SignedCheckpoint},
         merkle::{Hash, ProofError, leaf_hash},
         query::{self, AuditFilter, Found, QueryError},
@@ -145,7 +145,7 @@ impl AuditService {
         let caller = self.authenticator.caller(request, operation).await?;
         if !caller.roles.iter().any(|role| role == AUDITOR_ROLE) {
             tracing::warn!(agency = %caller.agency, operation, "refused an audit call without the auditor role");
-            self.authenticator.audit_refusal(&caller.agency, operation, "auditor-role-required").await?;
+            self.authenticator.audit_refusal(&actor_of(&caller), operation, "auditor-role-required").await?;
             return Err(status(
                 Code::PermissionDenied,
                 "auditor-role-required",
@@ -155,7 +155,7 @@ impl AuditService {
         }
         if !self.auditor_agencies.contains(&caller.agency) {
             tracing::warn!(agency = %caller.agency, operation, "refused an audit call from an agency not trusted to audit");
-            self.authenticator.audit_refusal(&caller.agency, operation, "auditor-agency-not-trusted").await?;
+            self.authenticator.audit_refusal(&actor_of(&caller), operation, "auditor-agency-not-trusted").await?;
             return Err(status(
                 Code::PermissionDenied,
                 "auditor-agency-not-trusted",
@@ -226,7 +226,8 @@ impl AuditService {
         let entry = AuditEntry {
             time_micros: AuditEntry::now_micros(),
             event: Some(EventType::AuditorQuery),
-            actor: actor_of(caller),
+            // The role the query is made in, whatever else the token grants.
+            actor: Actor { role: AUDITOR_ROLE.to_owned(), ..actor_of(caller) },
             subject: child,
             detail,
             ..AuditEntry::default()
@@ -282,8 +283,12 @@ impl Audit for AuditService {
         let request = request.into_inner();
         let filter = self.filter_from(request.filter.unwrap_or_default())?;
         let limit = if request.limit == 0 { DEFAULT_LIMIT } else { request.limit as usize };
-        let (query_sequence, checkpoint) =
-            self.record_query(&caller, filter.child.clone(), format!("query {}", filter.summary())).await?;
+        let page = match request.after_sequence {
+            Some(after) => format!("after sequence {after}, limit {limit}"),
+            None => format!("limit {limit}"),
+        };
+        let detail = format!("query {}; {page}", filter.summary());
+        let (query_sequence, checkpoint) = self.record_query(&caller, filter.child.clone(), detail).await?;
         let (store, audit_dir, size) = (self.store.clone(), self.audit_dir.clone(), checkpoint.size());
         let after = request.after_sequence;
         let page = tokio::task::spawn_blocking(move || query::search(&store, &audit_dir, &filter, after, limit, size))

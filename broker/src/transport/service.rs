@@ -124,11 +124,12 @@ impl Authenticator {
         let (agency, certificate) = self.agency_of(leaf.as_ref())?;
         if self.exchange.policy().agency(&agency).is_none() {
             tracing::warn!(%agency, "refused a certificate naming an agency the policy set does not know");
+            self.audit_refusal(&agency_only(&agency), operation, "unknown-agency").await?;
             return Err(AuthError::UnknownAgency(agency).into());
         }
         if self.revoked(&certificate) {
             tracing::warn!(%agency, operation, "refused a revoked client certificate");
-            self.audit_refusal(&agency, operation, "certificate-revoked").await?;
+            self.audit_refusal(&agency_only(&agency), operation, "certificate-revoked").await?;
             return Err(AuthError::Revoked(agency).into());
         }
         let verifier = match self.tokens.read() {
@@ -151,7 +152,7 @@ impl Authenticator {
             }
             Err(error) => {
                 tracing::warn!(%agency, reason = error.reason(), operation, "refused a request's token");
-                self.audit_refusal(&agency, operation, error.reason()).await?;
+                self.audit_refusal(&agency_only(&agency), operation, error.reason()).await?;
                 Err(error.into())
             }
         }
@@ -160,7 +161,10 @@ impl Authenticator {
     /// A request refused at the door is itself an audit entry (who tried what, and why it was refused), up to
     /// [`REFUSALS_RECORDED_PER_MINUTE`] a minute for each agency and reason ([`RefusalLimiter`]): a client looping on a
     /// bad token or a revoked certificate would otherwise grow the permanent log, and the disk, without bound.
-    pub async fn audit_refusal(&self, agency: &str, operation: &str, reason: &str) -> Result<(), Status> {
+    /// `actor` is who was refused: the certificate's agency, and the practitioner and role too when the token was
+    /// valid (a refusal for the role or agency the call needs).
+    pub async fn audit_refusal(&self, actor: &Actor, operation: &str, reason: &str) -> Result<(), Status> {
+        let agency = actor.agency.as_str();
         let admitted = match self.refusals.lock() {
             Ok(mut refusals) => refusals.admit(agency, reason, std::time::Instant::now()),
             Err(poisoned) => poisoned.into_inner().admit(agency, reason, std::time::Instant::now()),
@@ -175,7 +179,7 @@ impl Authenticator {
         let entry = AuditEntry {
             time_micros: AuditEntry::now_micros(),
             event: Some(EventType::RequestRefused),
-            actor: Actor { agency: agency.to_owned(), practitioner: String::new(), role: String::new() },
+            actor: actor.clone(),
             reason_code: reason.to_owned(),
             detail,
             ..AuditEntry::default()
@@ -236,6 +240,11 @@ impl RefusalLimiter {
         *recorded += 1;
         Admitted::Yes { not_recorded_before: std::mem::take(not_recorded) }
     }
+}
+
+/// The actor of a refusal made before the token was verified: the certificate's agency alone.
+fn agency_only(agency: &str) -> Actor {
+    Actor { agency: agency.to_owned(), practitioner: String::new(), role: String::new() }
 }
 
 fn is_revoked(revocations: &CurrentRevocations, certificate: &CertificateId) -> bool {

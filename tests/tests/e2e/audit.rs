@@ -341,7 +341,22 @@ async fn auditors_query_by_child_with_proofs_and_their_queries_are_audited() -> 
         .expect("the first query is recorded");
     assert_eq!(first.actor_agency, "luton-csc");
     assert_eq!(first.actor_practitioner, "auditor-0001");
+    assert_eq!(first.actor_role, "auditor");
     assert!(first.detail.contains("child=v1:"), "{}", first.detail);
+    assert!(first.detail.contains("limit 1000"), "the page asked for is recorded too: {}", first.detail);
+
+    // The school practitioner's refused attempts name them, not only their agency.
+    let filter = pb::AuditFilter { event_types: vec!["request-refused".into()], ..Default::default() };
+    let refusals =
+        auditor.query(pb::AuditQueryRequest { filter: Some(filter), ..Default::default() }).await?.into_inner();
+    let untrusted: Vec<_> = refusals
+        .records
+        .iter()
+        .map(|record| record.entry.as_ref().unwrap())
+        .filter(|entry| entry.reason_code == "auditor-agency-not-trusted")
+        .collect();
+    assert_eq!(untrusted.len(), 2, "the query and the recipients-of-child call");
+    assert!(untrusted.iter().all(|entry| entry.actor_agency == SCHOOL && entry.actor_practitioner == "dsl-0001"));
     assert!(!first.subject_pseudonym.is_empty());
     let log_bytes = std::fs::read(AuditLog::path(&area.data_dir().join("audit")))?;
     assert!(!log_bytes.windows(NHS_NUMBER.len()).any(|window| window == NHS_NUMBER.as_bytes()), "no NHS number");

@@ -247,7 +247,20 @@ async fn a_certificate_naming_an_unknown_agency_is_refused() -> Result<()> {
     assert_eq!(error_reason(&status).as_deref(), Some("unknown-agency"));
     let status = stranger.deliveries(pb::DeliveriesRequest {}).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
-    broker.stop().await
+    broker.stop().await?;
+    // Both attempts are audited as refused requests, naming the agency the certificate claims.
+    let mut refused = Vec::new();
+    broker::store::log::read_all(&broker::audit::AuditLog::path(&area.data_dir().join("audit")), |_, bytes| {
+        let entry = broker::audit::AuditEntry::decode(bytes).unwrap();
+        if entry.event == Some(broker::audit::EventType::RequestRefused) {
+            refused.push((entry.actor.agency, entry.reason_code, entry.detail));
+        }
+        Ok(())
+    })?;
+    let expected =
+        |operation: &str| ("not-in-the-registry".to_owned(), "unknown-agency".to_owned(), operation.to_owned());
+    assert_eq!(refused, vec![expected("send"), expected("deliveries")]);
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
