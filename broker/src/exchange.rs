@@ -172,7 +172,10 @@ impl Exchange {
                     envelope: None,
                     rule_ids: decision.rule_ids.clone(),
                     lawful_basis: decision.lawful_basis.join(", "),
-                    fields_withheld: decision.fields_withheld.clone(),
+                    // Never the fields this message held that the copy leaves out: that they exist is often the
+                    // sensitive fact itself (that the police recorded exploitation concerns, say). The sender's
+                    // receipt and the audit log keep that list.
+                    fields_withheld: Vec::new(),
                     obligations: Some(pb::Obligations {
                         acknowledge_within_seconds: acknowledge_by.map_or(0, |by| (by - now_micros) / 1_000_000),
                         retention_class: decision.obligations.retention_class.clone().unwrap_or_default(),

@@ -37,6 +37,8 @@ async fn a_plan_notification_reaches_each_recipient_without_the_placement_addres
         assert!(decided.fields_withheld.iter().any(|field| field == "plan_status.placement_address"), "{decided:?}");
         let mut client = area.client(recipient, broker.address).await?;
         let delivery = next_delivery(&mut client).await?;
+        // The sender's receipt names what was withheld; the recipient is not told which fields the message held.
+        assert!(delivery.fields_withheld.is_empty(), "{recipient}: {:?}", delivery.fields_withheld);
         let copy = delivery.envelope.unwrap();
         let Some(pb::envelope::Body::PlanStatus(received)) = copy.body else { panic!("wrong body") };
         assert!(received.placement_address.is_empty(), "{recipient} must never see a placement address");
