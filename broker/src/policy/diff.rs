@@ -156,9 +156,23 @@ pub(crate) fn permitted_routes(set: &PolicySet) -> BTreeSet<Route> {
 }
 
 /// The points that cover every distinct outcome of `rules` (from one or more policy sets) on one route.
+/// The most sender roles a route's decision points combine (every subset of them is tried: 2^8 role sets).
+pub const MAX_COMBINED_ROLES: usize = 8;
+
+/// The sender roles the rules on a route look at (their conditions and agreement overrides).
+pub(crate) fn sender_roles_named(rules: &[&CompiledRule]) -> BTreeSet<String> {
+    let mut roles = BTreeSet::new();
+    for rule in rules {
+        roles.extend(rule.conditions.sender_roles.iter().cloned());
+        if let Some(agreement) = rule.agreement.as_ref().filter(|agreement| agreement.required) {
+            roles.extend(agreement.override_roles.iter().cloned());
+        }
+    }
+    roles
+}
+
 pub(crate) fn points_for(rules: &[&CompiledRule]) -> Vec<Point> {
     let mut purposes: BTreeSet<String> = BTreeSet::new();
-    let mut sender_roles: BTreeSet<String> = BTreeSet::new();
     let mut recipient_roles: BTreeSet<String> = BTreeSet::new();
     let mut urgency_matters = false;
     let mut ages: BTreeSet<Option<u32>> = [None].into_iter().collect();
@@ -169,7 +183,6 @@ pub(crate) fn points_for(rules: &[&CompiledRule]) -> Vec<Point> {
         if rule.effect == super::model::Effect::Permit {
             purposes.extend(rule.purposes.iter().cloned());
         }
-        sender_roles.extend(rule.conditions.sender_roles.iter().cloned());
         recipient_roles.extend(rule.conditions.recipient_roles.iter().cloned());
         urgency_matters |= !rule.conditions.urgency.is_empty();
         if let Some(min) = rule.conditions.age_min {
@@ -196,9 +209,8 @@ pub(crate) fn points_for(rules: &[&CompiledRule]) -> Vec<Point> {
                 dates.insert(after);
             }
         }
-        if let Some(agreement) = rule.agreement.as_ref().filter(|agreement| agreement.required) {
+        if rule.agreement.as_ref().is_some_and(|agreement| agreement.required) {
             agreement_matters = true;
-            sender_roles.extend(agreement.override_roles.iter().cloned());
         }
     }
     if !age_matters {
@@ -209,7 +221,7 @@ pub(crate) fn points_for(rules: &[&CompiledRule]) -> Vec<Point> {
     if dates.is_empty() {
         dates.insert(Date::from_calendar_date(2026, time::Month::January, 15).unwrap_or(Date::MIN));
     }
-    let roles: Vec<String> = sender_roles.into_iter().take(8).collect();
+    let roles: Vec<String> = sender_roles_named(rules).into_iter().take(MAX_COMBINED_ROLES).collect();
     let mut role_sets: Vec<Vec<String>> = Vec::new();
     for mask in 0u32..(1 << roles.len()) {
         role_sets.push(
@@ -306,14 +318,20 @@ pub struct DiffReport {
     pub routes_compared: usize,
     pub points_compared: usize,
     pub changes: Vec<Change>,
+    /// Routes whose rules name more sender roles than are combined ([`MAX_COMBINED_ROLES`]): the comparison is not
+    /// exact there (a change that depends on a role past the first eight, alphabetically, is not seen).
+    pub not_exact: Vec<(Route, usize)>,
 }
 
 impl DiffReport {
-    /// Whether the new set grants anything the old did not (a route allowed or a field made visible).
+    /// Whether the new set grants anything the old did not (a route allowed or a field made visible), or may on a
+    /// route the comparison could not cover exactly.
     pub fn grants_new_access(&self) -> bool {
-        self.changes
-            .iter()
-            .any(|change| matches!(change.kind, ChangeKind::NewlyAllowed | ChangeKind::FieldsNewlyVisible(_)))
+        !self.not_exact.is_empty()
+            || self
+                .changes
+                .iter()
+                .any(|change| matches!(change.kind, ChangeKind::NewlyAllowed | ChangeKind::FieldsNewlyVisible(_)))
     }
 
     pub fn to_text(&self) -> String {
@@ -322,6 +340,15 @@ impl DiffReport {
             "compared {} decision points on {} routes\n",
             self.points_compared, self.routes_compared
         ));
+        for (route, roles) in &self.not_exact {
+            out.push_str(&format!(
+                "NOT EXACT on {} -> {} `{}`: its rules name {roles} sender roles and only the first \
+                 {MAX_COMBINED_ROLES} (alphabetically) are combined; review that route's changes by hand\n",
+                route.sender,
+                route.recipient,
+                route.kind.as_str()
+            ));
+        }
         if self.changes.is_empty() {
             out.push_str("no decision changes\n");
             return out;
@@ -372,9 +399,14 @@ pub fn diff(old: &PolicySet, new: &PolicySet) -> DiffReport {
     let routes: BTreeSet<Route> = permitted_routes(old).union(&permitted_routes(new)).cloned().collect();
     let mut grouped: BTreeMap<(Route, String, ChangeKind), (usize, String)> = BTreeMap::new();
     let mut points_compared = 0;
+    let mut not_exact = Vec::new();
     for route in &routes {
         let mut rules = rules_on(old, route);
         rules.extend(rules_on(new, route));
+        let roles = sender_roles_named(&rules).len();
+        if roles > MAX_COMBINED_ROLES {
+            not_exact.push((route.clone(), roles));
+        }
         for point in points_for(&rules) {
             points_compared += 1;
             let before = decide_point(old, route, &point);
@@ -432,5 +464,6 @@ pub fn diff(old: &PolicySet, new: &PolicySet) -> DiffReport {
             .into_iter()
             .map(|((route, purpose, kind), (points, example))| Change { route, purpose, kind, points, example })
             .collect(),
+        not_exact,
     }
 }

@@ -1053,3 +1053,32 @@ fn the_wire_builder_handles_sub_messages_that_shrink_below_a_length_boundary() {
         assert_eq!(referral.concern.unwrap_or_default().facts, "facts");
     }
 }
+
+/// A route whose rules name more sender roles than the diff combines is reported as not compared exactly, and counts
+/// as possibly granting new access (so `--fail-on-new-access` stops it for a person to review).
+#[test]
+fn diff_says_where_it_is_not_exact() {
+    let old = sample();
+    let scratch = tempfile::tempdir().unwrap_or_else(|error| panic!("{error}"));
+    crate::test_support::copy_dir(&policies_dir(), scratch.path());
+    let _ = std::fs::remove_dir_all(scratch.path().join("tests"));
+    let roles: Vec<String> = (1..=diff::MAX_COMBINED_ROLES + 1).map(|n| format!("test-role-{n}")).collect();
+    let declared: String =
+        roles.iter().map(|role| format!("  - id: {role}\n    description: A role for a test.\n")).collect();
+    let f1 = scratch.path().join("rules/f01-operation-encompass.yaml");
+    let text = std::fs::read_to_string(&f1).unwrap_or_default();
+    let changed = text.replace("sender_role: [spoc]", &format!("sender_role: [spoc, {}]", roles.join(", ")));
+    assert_ne!(text, changed);
+    std::fs::write(&f1, changed).unwrap_or_default();
+    std::fs::write(scratch.path().join("zz-test-roles.yaml"), format!("roles:\n{declared}")).unwrap_or_default();
+    let new = match PolicySet::load_dir(scratch.path()) {
+        Ok(set) => set,
+        Err(errors) => panic!("{errors}"),
+    };
+    let report = diff::diff(&old, &new);
+    assert!(!report.not_exact.is_empty());
+    assert!(report.not_exact.iter().all(|(route, _)| route.sender == "beds-police"), "{:?}", report.not_exact);
+    assert!(report.grants_new_access());
+    assert!(report.to_text().contains("NOT EXACT on beds-police -> "), "{}", report.to_text());
+    assert!(diff::diff(&old, &old).not_exact.is_empty(), "the sample's routes are compared exactly");
+}
