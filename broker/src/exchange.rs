@@ -674,6 +674,11 @@ pub fn validate(envelope: &pb::Envelope) -> Result<(), ExchangeError> {
         if !valid {
             return Err(invalid("envelope.subject.date_of_birth", "is not a valid calendar date"));
         }
+        // A typing slip such as year 0 or 1 would otherwise give an age in the hundreds, which a rule with only a
+        // minimum age would accept.
+        if date.year < 1900 {
+            return Err(invalid("envelope.subject.date_of_birth", "is before 1900"));
+        }
     }
     Ok(())
 }
@@ -953,6 +958,10 @@ mod tests {
         assert_eq!(field, "envelope.recipients");
         let mut envelope = example("operation-encompass-notification.json");
         envelope.subject.as_mut().unwrap().date_of_birth = Some(pb::Date { year: 2018, month: 2, day: 30 });
+        let Err(ExchangeError::InvalidArgument { field, .. }) = validate(&envelope) else { panic!("accepted") };
+        assert_eq!(field, "envelope.subject.date_of_birth");
+        let mut envelope = example("operation-encompass-notification.json");
+        envelope.subject.as_mut().unwrap().date_of_birth = Some(pb::Date { year: 1, month: 1, day: 1 });
         let Err(ExchangeError::InvalidArgument { field, .. }) = validate(&envelope) else { panic!("accepted") };
         assert_eq!(field, "envelope.subject.date_of_birth");
         let mut envelope = example("operation-encompass-notification.json");
