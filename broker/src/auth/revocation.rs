@@ -187,6 +187,13 @@ mod tests {
         (dir, ca, ca_path)
     }
 
+    /// Writes a revocation list signed by `signer`, revoking `revoked` (PEM certificates), as `dir/name`.
+    fn list_file(dir: &Path, name: &str, signer: &CertificateAuthority, revoked: &[&str]) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, signer.revocation_list(revoked, 1).unwrap()).unwrap();
+        path
+    }
+
     fn id_of(pem: &str) -> CertificateId {
         let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
         CertificateId::of(&X509Certificate::from_der(&der).unwrap().1)
@@ -197,8 +204,7 @@ mod tests {
         let (dir, ca, ca_path) = area();
         let lost = ca.issue_agency("luton-oakwood-primary").unwrap();
         let kept = ca.issue_agency("luton-oakwood-primary").unwrap();
-        let crl_path = dir.path().join("area.crl.pem");
-        std::fs::write(&crl_path, ca.revocation_list(&[&lost.cert_pem], 1).unwrap()).unwrap();
+        let crl_path = list_file(dir.path(), "area.crl.pem", &ca, &[&lost.cert_pem]);
         let list = RevocationList::load(&ca_path, std::slice::from_ref(&crl_path)).unwrap();
         assert_eq!(list.len(), 1);
         assert!(list.revokes(&id_of(&lost.cert_pem)));
@@ -214,8 +220,7 @@ mod tests {
         let (dir, _ca, ca_path) = area();
         let other = CertificateAuthority::generate("Other").unwrap();
         let stranger = other.issue_agency("beds-police").unwrap();
-        let foreign = dir.path().join("foreign.crl.pem");
-        std::fs::write(&foreign, other.revocation_list(&[&stranger.cert_pem], 1).unwrap()).unwrap();
+        let foreign = list_file(dir.path(), "foreign.crl.pem", &other, &[&stranger.cert_pem]);
         let broken = dir.path().join("broken.crl.pem");
         std::fs::write(&broken, "not a list").unwrap();
         let missing = dir.path().join("missing.crl.pem");
@@ -234,8 +239,7 @@ mod tests {
         let new = CertificateAuthority::generate("Test").unwrap();
         std::fs::write(&ca_path, format!("{}{}", old.cert_pem(), new.cert_pem())).unwrap();
         let agency = new.issue_agency("beds-police").unwrap();
-        let crl_path = dir.path().join("area.crl.pem");
-        std::fs::write(&crl_path, new.revocation_list(&[&agency.cert_pem], 1).unwrap()).unwrap();
+        let crl_path = list_file(dir.path(), "area.crl.pem", &new, &[&agency.cert_pem]);
         let list = RevocationList::load(&ca_path, &[crl_path]).unwrap();
         assert!(list.revokes(&id_of(&agency.cert_pem)));
     }
@@ -246,8 +250,7 @@ mod tests {
         let (dir, ca, ca_path) = area();
         let impostor = CertificateAuthority::generate("Test").unwrap();
         let agency = ca.issue_agency("beds-police").unwrap();
-        let forged = dir.path().join("forged.crl.pem");
-        std::fs::write(&forged, impostor.revocation_list(&[&agency.cert_pem], 1).unwrap()).unwrap();
+        let forged = list_file(dir.path(), "forged.crl.pem", &impostor, &[&agency.cert_pem]);
         let problems = RevocationList::load(&ca_path, &[forged]).unwrap_err();
         assert!(problems[0].contains("signature does not verify"), "{problems:?}");
     }
