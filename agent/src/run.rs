@@ -192,10 +192,13 @@ enum Handled {
     InboxUnavailable,
 }
 
-/// Whether a small file can be written and made durable in the inbox now.
-async fn inbox_writable(config: &AgentConfig) -> bool {
+/// Whether a small file can be written and made durable in the inbox now; the error's kind when not.
+async fn probe_inbox(config: &AgentConfig) -> Result<(), std::io::ErrorKind> {
     let inbox = config.inbox.clone();
-    matches!(tokio::task::spawn_blocking(move || crate::inbox::probe_writable(&inbox)).await, Ok(Ok(())))
+    match tokio::task::spawn_blocking(move || crate::inbox::probe_writable(&inbox)).await {
+        Ok(result) => result.map_err(|error| error.kind()),
+        Err(_) => Err(std::io::ErrorKind::Interrupted),
+    }
 }
 
 /// Waits, with backoff, until a file can be written and made durable in the inbox; returns false if stop is
@@ -204,17 +207,16 @@ async fn wait_for_writable_inbox(config: &AgentConfig, stop: &mut watch::Receive
     let mut delay = config.delivery.reconnect_initial;
     let mut reported = false;
     loop {
-        let inbox = config.inbox.clone();
-        match tokio::task::spawn_blocking(move || crate::inbox::probe_writable(&inbox)).await {
-            Ok(Ok(())) => {
+        match probe_inbox(config).await {
+            Ok(()) => {
                 if reported {
                     tracing::info!("the inbox takes writes again: reopening the delivery stream");
                 }
                 return true;
             }
-            Ok(Err(error)) if !reported => {
+            Err(kind) if !reported => {
                 tracing::error!(
-                    kind = %error.kind(),
+                    %kind,
                     "the inbox cannot be written: deliveries wait at the broker until it can (check its disk space, \
                      permissions and mount)"
                 );
@@ -273,13 +275,13 @@ async fn handle_delivery(
         Ok(Err(error)) if error.kind() == std::io::ErrorKind::InvalidInput => {
             "the delivery id is not a safe file name".to_owned()
         }
-        // Only the kind of the error goes to the broker and the log: the error text may name files.
         // The inbox as a whole cannot take writes (a full disk, a read-only or missing folder) when a small test write
         // fails too; otherwise it is this copy (too big for the space left, an existing file it cannot read, ...).
-        Ok(Err(error)) if !inbox_writable(config).await => {
+        Ok(Err(error)) if probe_inbox(config).await.is_err() => {
             tracing::error!(delivery_id = %delivery_id, kind = %error.kind(), "delivery not written: the inbox cannot take writes");
             return Handled::InboxUnavailable;
         }
+        // Only the kind of the error goes to the broker and the log: the error text may name files.
         Ok(Err(error)) => format!("the agent could not write the delivery into its inbox: {}", error.kind()),
         Err(_) => "the agent's write into its inbox was interrupted".to_owned(),
     };
