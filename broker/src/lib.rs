@@ -179,6 +179,12 @@ pub async fn run(
     survive_file_size_limit();
     // Everything that can fail is checked before any task starts, so a failed start leaves nothing running.
     let tls = transport::server_tls(&config.tls)?;
+    // With the TLS files, before storage opens (which can take seconds after a long run): a list that does not load
+    // stops the start at once.
+    let revocations = load_revocations(&config)?;
+    if !revocations.is_empty() {
+        tracing::info!(revoked = revocations.len(), "certificate revocation lists loaded");
+    }
     tracing::info!(policy_set_hash = %policy.hash(), "policy set loaded");
     if config.auditor_agencies.is_empty() {
         tracing::warn!(
@@ -231,10 +237,6 @@ pub async fn run(
     );
     let pseudonymiser = Pseudonymiser::load_or_create(&config.data_dir.join("keys"))?;
     let tokens = load_tokens(&config)?;
-    let revocations = load_revocations(&config)?;
-    if !revocations.is_empty() {
-        tracing::info!(revoked = revocations.len(), "certificate revocation lists loaded");
-    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::DESCRIPTOR_SET)
         .build_v1()
