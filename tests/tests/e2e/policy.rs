@@ -184,7 +184,8 @@ async fn hot_reload_swaps_a_valid_set_and_keeps_the_last_good_one_otherwise() ->
 
 /// An agency removed from the policy set by a hot reload may no longer receive: the delivery stream it holds open
 /// ends (UNAUTHENTICATED, `unknown-agency`) before it would carry another copy, here the redelivery of a copy it did
-/// not acknowledge, which stays queued.
+/// not acknowledge (due ten seconds after it went out, once the reload has certainly taken effect), which stays
+/// queued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agency_removed_by_a_reload_receives_nothing_more_on_its_open_stream() -> Result<()> {
     const HUB: &str = "test-removed-hub";
@@ -213,7 +214,7 @@ rules:
     )?;
     let mut area = Area::with_settings(BrokerSettings {
         policy_dir: Some(policies.path().to_owned()),
-        ack_wait_seconds: 1,
+        ack_wait_seconds: 10,
         ..Default::default()
     })?;
     area.agencies.push((HUB.to_owned(), "practitioner".to_owned()));
@@ -227,11 +228,24 @@ rules:
     envelope.idempotency_key = "to-the-hub".to_owned();
     police.send(pb::SendRequest { envelope: Some(envelope) }).await?;
     let first = tokio::time::timeout(Duration::from_secs(5), stream.next()).await?.expect("a copy")?;
+    let sent_at = tokio::time::Instant::now();
     assert_eq!(first.attempt, 1);
 
-    // The hub leaves the policy set; its copy is not acknowledged, so it is due again after a second.
+    // The hub leaves the policy set (its calls are refused as from an unknown agency once the reload has taken
+    // effect); its copy is not acknowledged, so it is due again ten seconds after it went out.
     std::fs::remove_file(&extra)?;
-    let ended = tokio::time::timeout(Duration::from_secs(15), stream.next()).await?.expect("the stream ends");
+    let mut reloaded = false;
+    for _ in 0..30 {
+        let probe = hub.acknowledge(pb::AcknowledgeRequest { delivery_id: "none".to_owned() }).await;
+        if probe.is_err_and(|status| error_reason(&status).as_deref() == Some("unknown-agency")) {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(reloaded, "the reload never took effect");
+    assert!(sent_at.elapsed() < Duration::from_secs(9), "the reload took effect too late for this test to tell");
+    let ended = tokio::time::timeout(Duration::from_secs(20), stream.next()).await?.expect("the stream ends");
     let status = ended.expect_err("with an error, not the copy again");
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
     assert_eq!(error_reason(&status).as_deref(), Some("unknown-agency"));
