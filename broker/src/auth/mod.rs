@@ -27,6 +27,10 @@ pub enum AuthError {
     UnknownAgency(String),
     #[error("the client certificate of agency `{0}` has been revoked by the area CA: use the agency's new certificate")]
     Revoked(String),
+    #[error(
+        "the bearer token that opened agency `{0}`'s delivery stream has expired: open the stream again with a fresh token"
+    )]
+    StreamTokenExpired(String),
 }
 
 /// Reads the agency id from a DER certificate's `urn:agency:<id>` URI SAN.

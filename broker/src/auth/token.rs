@@ -44,6 +44,9 @@ pub struct Practitioner {
     pub subject: String,
     pub name: String,
     pub roles: Vec<String>,
+    /// The last second (Unix time) the token is accepted: its `exp` claim plus the configured leeway. A delivery
+    /// stream opened with the token ends then ([`crate::transport::service::CountedStream`]).
+    pub valid_until: u64,
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -307,7 +310,7 @@ impl TokenVerifier {
         let mut last = TokenError::BadSignature;
         for key in candidates {
             match jsonwebtoken::decode::<Claims>(token, key, &validation) {
-                Ok(data) => return practitioner(data.claims, agency),
+                Ok(data) => return practitioner(data.claims, agency, self.leeway_seconds),
                 Err(error) => {
                     last = match error.kind() {
                         ErrorKind::ExpiredSignature => TokenError::Expired,
@@ -333,7 +336,7 @@ impl TokenVerifier {
     }
 }
 
-fn practitioner(claims: Claims, agency: &str) -> Result<Practitioner, TokenError> {
+fn practitioner(claims: Claims, agency: &str, leeway_seconds: u64) -> Result<Practitioner, TokenError> {
     if claims.agency != agency {
         return Err(TokenError::AgencyMismatch);
     }
@@ -346,7 +349,12 @@ fn practitioner(claims: Claims, agency: &str) -> Result<Practitioner, TokenError
     {
         roles.push(role);
     }
-    Ok(Practitioner { subject: claims.sub, name: claims.name, roles })
+    Ok(Practitioner {
+        subject: claims.sub,
+        name: claims.name,
+        roles,
+        valid_until: claims.exp.saturating_add(leeway_seconds),
+    })
 }
 
 fn decoding_key_from_pem(pem: &[u8], algorithms: &[Algorithm]) -> Option<DecodingKey> {
@@ -473,9 +481,12 @@ mod tests {
     fn a_good_token_names_the_practitioner_and_roles() {
         let (_dir, police, _, verifier) = setup();
         let token = police.mint("pc-1234", &["spoc".to_owned()], std::time::Duration::from_secs(60)).unwrap();
+        let exp = jsonwebtoken::dangerous::insecure_decode_claims::<Claims>(&token).unwrap().exp;
         let practitioner = verifier.verify("beds-police", &token).unwrap();
         assert_eq!(practitioner.subject, "pc-1234");
         assert_eq!(practitioner.roles, vec!["spoc".to_owned()]);
+        assert_eq!(practitioner.valid_until, exp + 5, "accepted until its expiry plus the leeway");
+        assert_eq!(verifier.verify("beds-police", &token).unwrap().valid_until, exp + 5, "also when remembered");
     }
 
     #[test]

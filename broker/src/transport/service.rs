@@ -110,15 +110,12 @@ impl Authenticator {
     /// Who is calling: the agency from the verified client certificate, which the policy set must know, and the
     /// practitioner from a bearer token issued for that same agency.
     pub async fn caller<T>(&self, request: &Request<T>, operation: &str) -> Result<Caller, Status> {
-        self.caller_and_certificate(request, operation).await.map(|(caller, _)| caller)
+        self.identify(request, operation).await.map(|identified| identified.caller)
     }
 
-    /// [`Self::caller`], and what names the caller's certificate to a revocation list.
-    pub async fn caller_and_certificate<T>(
-        &self,
-        request: &Request<T>,
-        operation: &str,
-    ) -> Result<(Caller, Arc<CertificateId>), Status> {
+    /// [`Self::caller`], with what names the caller's certificate to a revocation list and how long its token is
+    /// valid.
+    pub async fn identify<T>(&self, request: &Request<T>, operation: &str) -> Result<Identified, Status> {
         let certificates = request.peer_certs().ok_or(AuthError::NoCertificate)?;
         let leaf = certificates.first().ok_or(AuthError::NoCertificate)?;
         let (agency, certificate) = self.agency_of(leaf.as_ref())?;
@@ -147,9 +144,11 @@ impl Authenticator {
             _ => Err(TokenError::Missing),
         };
         match verified {
-            Ok(practitioner) => {
-                Ok((Caller { agency, practitioner: practitioner.subject, roles: practitioner.roles }, certificate))
-            }
+            Ok(practitioner) => Ok(Identified {
+                caller: Caller { agency, practitioner: practitioner.subject, roles: practitioner.roles },
+                certificate,
+                token_valid_until: practitioner.valid_until,
+            }),
             Err(error) => {
                 tracing::warn!(%agency, reason = error.reason(), operation, "refused a request's token");
                 self.audit_refusal(&agency_only(&agency), operation, error.reason()).await?;
@@ -190,6 +189,15 @@ impl Authenticator {
             .map(|_| ())
             .map_err(|error| crate::transport::status::store_status(&error))
     }
+}
+
+/// An authenticated caller ([`Authenticator::identify`]).
+pub struct Identified {
+    pub caller: Caller,
+    /// What names the caller's certificate to a revocation list.
+    pub certificate: Arc<CertificateId>,
+    /// The last second (Unix time) the caller's token is accepted ([`crate::auth::token::Practitioner::valid_until`]).
+    pub token_valid_until: u64,
 }
 
 /// Refused requests recorded in the audit log per agency and reason in each minute; the rest are counted, and the
@@ -254,21 +262,39 @@ fn is_revoked(revocations: &CurrentRevocations, certificate: &CertificateId) -> 
     }
 }
 
-/// Whether the agent holding a delivery stream may still receive: its certificate not revoked, its agency still in
-/// the policy set.
+/// Whether the agent holding a delivery stream may still receive: its token not expired, its certificate not
+/// revoked, its agency still in the policy set.
 type StillAllowed = Arc<dyn Fn() -> Result<(), AuthError> + Send + Sync>;
 
 /// A delivery stream that counts itself in the `connected_agents` metric while it is open, and ends (with
-/// `UNAUTHENTICATED`, reason `certificate-revoked` or `unknown-agency`) once its agent may no longer receive: as soon
-/// as revocation lists that revoke its certificate are loaded, and in any case before it would carry another copy
-/// (so also once a policy reload has removed its agency).
+/// `UNAUTHENTICATED`, reason `token-expired`, `certificate-revoked` or `unknown-agency`) once its agent may no longer
+/// receive: when the token that opened it expires (its `exp` plus the leeway), as soon as revocation lists that
+/// revoke its certificate are loaded, and in any case before it would carry another copy (so also once a policy
+/// reload has removed its agency). The agent opens it again with its fresh token.
 pub struct CountedStream {
     inner: ReceiverStream<StreamItem>,
     agency: String,
     still_allowed: StillAllowed,
     /// Yields whenever the revocation lists are reloaded; `None` once the broker stops reloading them.
     reloads: Option<WatchStream<u64>>,
+    /// Fires when the token that opened the stream is no longer accepted.
+    token_expiry: std::pin::Pin<Box<tokio::time::Sleep>>,
     ended: bool,
+}
+
+/// The instant a token accepted until `valid_until` (Unix seconds, inclusive) stops being accepted.
+fn expiry_instant(valid_until: u64) -> tokio::time::Instant {
+    // A token valid for centuries (a far `exp`) would overflow the clocks; a year is as good as never for a stream.
+    const FAR: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+    let left = std::time::UNIX_EPOCH
+        .checked_add(Duration::from_secs(valid_until.saturating_add(1)))
+        .map_or(FAR, |ends| ends.duration_since(std::time::SystemTime::now()).unwrap_or_default());
+    tokio::time::Instant::now() + left.min(FAR)
+}
+
+/// Whether a token accepted until `valid_until` (Unix seconds, inclusive) has expired.
+fn token_expired(valid_until: u64) -> bool {
+    jsonwebtoken::get_current_timestamp() > valid_until
 }
 
 impl CountedStream {
@@ -292,6 +318,10 @@ impl tokio_stream::Stream for CountedStream {
         use std::task::Poll;
         if self.ended {
             return Poll::Ready(None);
+        }
+        if self.token_expiry.as_mut().poll(context).is_ready() {
+            let why = AuthError::StreamTokenExpired(self.agency.clone());
+            return Poll::Ready(Some(self.end(why)));
         }
         while let Some(reloads) = self.reloads.as_mut() {
             match std::pin::Pin::new(reloads).poll_next(context) {
@@ -347,7 +377,8 @@ impl Broker for BrokerService {
         &self,
         request: Request<pb::DeliveriesRequest>,
     ) -> Result<Response<Self::DeliveriesStream>, Status> {
-        let (caller, certificate) = self.authenticator.caller_and_certificate(&request, "deliveries").await?;
+        let Identified { caller, certificate, token_valid_until } =
+            self.authenticator.identify(&request, "deliveries").await?;
         tracing::info!(agency = %caller.agency, "delivery stream opened");
         let receiver = self.deliveries.subscribe(&caller.agency);
         crate::metrics::metrics().connected_agents.inc();
@@ -355,7 +386,9 @@ impl Broker for BrokerService {
             let (exchange, revocations, agency) =
                 (self.exchange.clone(), self.authenticator.revocations.clone(), caller.agency.clone());
             Arc::new(move || {
-                if is_revoked(&revocations, &certificate) {
+                if token_expired(token_valid_until) {
+                    Err(AuthError::StreamTokenExpired(agency.clone()))
+                } else if is_revoked(&revocations, &certificate) {
                     Err(AuthError::Revoked(agency.clone()))
                 } else if exchange.policy().agency(&agency).is_none() {
                     Err(AuthError::UnknownAgency(agency.clone()))
@@ -369,6 +402,7 @@ impl Broker for BrokerService {
             agency: caller.agency,
             still_allowed,
             reloads: Some(WatchStream::from_changes(self.revocation_reloads.clone())),
+            token_expiry: Box::pin(tokio::time::sleep_until(expiry_instant(token_valid_until))),
             ended: false,
         }))
     }
@@ -445,6 +479,63 @@ mod tests {
         assert_eq!(limiter.admit("beds-police", "token-expired", later), Admitted::Yes { not_recorded_before: 0 });
         assert_eq!(limiter.counts.len(), 1, "kinds with nothing left to report are forgotten at each new minute");
     }
+    /// A stream ends when the token that opened it stops being accepted, though no copy is due: the copy before
+    /// then goes out, and the end says the token expired (so the agent opens it again with its fresh token).
+    #[tokio::test]
+    async fn a_stream_ends_when_its_token_expires_with_no_copy_due() {
+        let valid_until = jsonwebtoken::get_current_timestamp() + 1;
+        let (copies, receiver) = tokio::sync::mpsc::channel(4);
+        crate::metrics::metrics().connected_agents.inc();
+        let mut stream = CountedStream {
+            inner: ReceiverStream::new(receiver),
+            agency: "luton-oakwood-primary".to_owned(),
+            still_allowed: Arc::new(move || {
+                if token_expired(valid_until) {
+                    Err(AuthError::StreamTokenExpired("luton-oakwood-primary".to_owned()))
+                } else {
+                    Ok(())
+                }
+            }),
+            reloads: None,
+            token_expiry: Box::pin(tokio::time::sleep_until(expiry_instant(valid_until))),
+            ended: false,
+        };
+        copies.send(Ok(pb::Delivery::default())).await.unwrap();
+        assert!(stream.next().await.unwrap().is_ok(), "the token is valid: the copy goes out");
+        let started = std::time::Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap_err();
+        assert!(started.elapsed() <= Duration::from_millis(2100), "ended {:?} after", started.elapsed());
+        assert!(jsonwebtoken::get_current_timestamp() > valid_until, "not before the token expired");
+        assert_eq!(ended.code(), tonic::Code::Unauthenticated);
+        assert!(ended.message().contains("expired"), "{}", ended.message());
+        assert!(stream.next().await.is_none(), "and then nothing more");
+        assert!(copies.is_closed(), "the actor sees the stream closed");
+
+        // A token past its time is refused before a copy even if the timer has not fired (the checks race).
+        let (copies, receiver) = tokio::sync::mpsc::channel(4);
+        crate::metrics::metrics().connected_agents.inc();
+        let mut stream = CountedStream {
+            inner: ReceiverStream::new(receiver),
+            agency: "luton-oakwood-primary".to_owned(),
+            still_allowed: Arc::new(move || {
+                if token_expired(valid_until) { Err(AuthError::StreamTokenExpired("x".to_owned())) } else { Ok(()) }
+            }),
+            reloads: None,
+            token_expiry: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
+            ended: false,
+        };
+        copies.send(Ok(pb::Delivery::default())).await.unwrap();
+        assert!(stream.next().await.unwrap().is_err(), "the copy does not go out");
+        assert!(copies.is_closed());
+    }
+
+    #[test]
+    fn a_far_expiry_does_not_overflow_the_timer() {
+        let far = expiry_instant(u64::MAX);
+        assert!(far > tokio::time::Instant::now() + Duration::from_secs(364 * 24 * 60 * 60));
+        assert!(expiry_instant(0) <= tokio::time::Instant::now(), "long expired: at once");
+    }
+
     use crate::{auth::revocation::RevocationList, pki::CertificateAuthority};
     use rustls::pki_types::{CertificateDer, pem::PemObject};
     use tokio_stream::StreamExt;
@@ -483,6 +574,7 @@ mod tests {
             agency: "luton-oakwood-primary".to_owned(),
             still_allowed,
             reloads: None,
+            token_expiry: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             ended: false,
         };
         copies.send(Ok(pb::Delivery::default())).await.unwrap();

@@ -87,6 +87,7 @@ impl From<AuthError> for Status {
             AuthError::NoAgency | AuthError::SeveralAgencies => "certificate-names-no-agency",
             AuthError::UnknownAgency(_) => "unknown-agency",
             AuthError::Revoked(_) => "certificate-revoked",
+            AuthError::StreamTokenExpired(_) => "token-expired",
         };
         status(Code::Unauthenticated, reason, error.to_string(), HashMap::new())
     }

@@ -158,3 +158,53 @@ async fn an_unwritable_inbox_pauses_deliveries_until_it_can_be_written() -> Resu
     let _ = tokio::time::timeout(Duration::from_secs(10), school).await;
     broker.stop().await
 }
+
+/// An agent's delivery stream lasts days, its token hours: the stream ends when the token that opened it is no
+/// longer accepted (its `exp` plus the broker's leeway), so a copy sent after that waits; the agent reopens the
+/// stream with the fresh token its agency's identity system writes, and the copy arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_stream_ends_when_its_token_expires_and_reopens_with_the_fresh_one() -> Result<()> {
+    let area = Area::new()?;
+    let broker = InProcessBroker::start(&area).await?;
+    let config = area.agent_config(SCHOOL, broker.address)?;
+    let agent::TokenSetting::File(token_file) = config.token.clone() else { panic!("a token file") };
+    // Expired 26 s ago: with the broker's 30 s leeway it is accepted for about four seconds more.
+    let minted = std::time::Instant::now();
+    let issuer = area.issuer(SCHOOL)?;
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = broker::auth::token::Claims {
+        iss: issuer.issuer.clone(),
+        sub: "test-dsl".to_owned(),
+        aud: broker::auth::token::DEFAULT_AUDIENCE.to_owned(),
+        exp: now - 26,
+        nbf: None,
+        iat: Some(now - 3600),
+        agency: SCHOOL.to_owned(),
+        name: String::new(),
+        roles: vec!["dsl".to_owned()],
+        role: None,
+    };
+    std::fs::write(&token_file, issuer.mint_claims(&claims).map_err(anyhow::Error::msg)?)?;
+    let (stop_school, school) = start(config);
+    let mut police = area.client(POLICE, broker.address).await?;
+    let send = |key: &str| -> Result<pb::SendRequest> {
+        let mut envelope = example("operation-encompass-notification.json")?;
+        envelope.idempotency_key = key.to_owned();
+        Ok(pb::SendRequest { envelope: Some(envelope) })
+    };
+    police.send(send("before-expiry")?).await?;
+    let inbox = area.inbox(SCHOOL);
+    assert!(eventually(Duration::from_secs(10), || json_files(&inbox).len() == 1).await, "the first copy arrives");
+    assert!(minted.elapsed() < Duration::from_secs(4), "the test ran too slowly to see the token valid");
+
+    tokio::time::sleep(Duration::from_secs(6).saturating_sub(minted.elapsed())).await;
+    police.send(send("after-expiry")?).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(json_files(&inbox).len(), 1, "no copy reaches a stream whose token has expired");
+
+    std::fs::write(&token_file, area.token(SCHOOL, "test-dsl", &["dsl"])?)?;
+    assert!(eventually(Duration::from_secs(10), || json_files(&inbox).len() == 2).await, "it arrives once renewed");
+    let _ = stop_school.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), school).await;
+    broker.stop().await
+}
