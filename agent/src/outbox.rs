@@ -135,20 +135,20 @@ pub async fn process_outbox_once(
                 continue;
             }
         };
-        let file_name = format!("{}.json", stem_of(&path));
+        let logged_as = log_name(&stem_of(&path));
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
             Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
             // Not one the agent may read (its owner or mode): filed as failed, so it does not hold up the others.
             Err(error) if error.kind() == io::ErrorKind::PermissionDenied => {
-                tracing::warn!(file = %file_name, "outbox file cannot be read (permissions): moved to failed");
+                tracing::warn!(file = %logged_as, "outbox file cannot be read (permissions): moved to failed");
                 move_to_failed(outbox, &path, &format!("the agent cannot read the file: {error}\n"))?;
                 pass.failed += 1;
                 continue;
             }
             // Anything else (an I/O error on a network share, say) may pass: tried again later.
             Err(error) => {
-                tracing::warn!(file = %file_name, kind = %error.kind(), "outbox file cannot be read now: will retry");
+                tracing::warn!(file = %logged_as, kind = %error.kind(), "outbox file cannot be read now: will retry");
                 pass.retry_later = true;
                 break;
             }
@@ -156,7 +156,7 @@ pub async fn process_outbox_once(
         let envelope = match prepare_envelope(&bytes) {
             Ok(envelope) => envelope,
             Err(error) => {
-                tracing::warn!(file = %file_name, "outbox file is not a valid envelope: moved to failed");
+                tracing::warn!(file = %logged_as, "outbox file is not a valid envelope: moved to failed");
                 move_to_failed(outbox, &path, &format!("invalid envelope: {error}\n"))?;
                 pass.failed += 1;
                 continue;
@@ -172,13 +172,13 @@ pub async fn process_outbox_once(
                     // The broker had a message under this idempotency key already and answered with its receipt:
                     // right for a file sent again, wrong for a new message that reused a key (it was not sent).
                     tracing::warn!(
-                        file = %file_name,
+                        file = %logged_as,
                         message_id = %receipt.message_id,
                         "outbox file answered as a duplicate of an earlier message with the same idempotency key: \
                          not sent again (if it is a new message, give it a key of its own)"
                     );
                 } else {
-                    tracing::info!(file = %file_name, message_id = %receipt.message_id, "outbox file sent");
+                    tracing::info!(file = %logged_as, message_id = %receipt.message_id, "outbox file sent");
                 }
                 pass.sent += 1;
             }
@@ -195,7 +195,7 @@ pub async fn process_outbox_once(
                 break;
             }
             Ok(Err(AgentError::Rpc(status))) if is_permanent_failure(status.code()) => {
-                tracing::warn!(file = %file_name, code = code_name(status.code()), "broker refused outbox file: moved to failed");
+                tracing::warn!(file = %logged_as, code = code_name(status.code()), "broker refused outbox file: moved to failed");
                 move_to_failed(outbox, &path, &format!("{}\n", describe_status(&status)))?;
                 pass.failed += 1;
             }
@@ -204,12 +204,12 @@ pub async fn process_outbox_once(
                     AgentError::Rpc(status) => code_name(status.code()),
                     _ => "UNKNOWN",
                 };
-                tracing::warn!(file = %file_name, code, "outbox send failed: will retry");
+                tracing::warn!(file = %logged_as, code, "outbox send failed: will retry");
                 pass.retry_later = true;
                 break;
             }
             Err(_) => {
-                tracing::warn!(file = %file_name, "outbox send timed out: will retry");
+                tracing::warn!(file = %logged_as, "outbox send timed out: will retry");
                 pass.retry_later = true;
                 break;
             }
@@ -219,6 +219,15 @@ pub async fn process_outbox_once(
 }
 
 /// The stem of a `*.json` file name, claimed or not (`referral` for `referral.json` and `.sending-referral.json`).
+/// How logs name an outbox file: `file-` and the first 16 hex digits of the SHA-256 of its stem (the name without
+/// `.json`), never the name itself, which the case system chooses and may hold a child's name. The same file has the
+/// same log name on every pass, and an operator finds it with `printf '%s' <stem> | sha256sum`.
+fn log_name(stem: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(stem.as_bytes());
+    format!("file-{}", hex::encode(&digest[..8]))
+}
+
 fn stem_of(path: &Path) -> String {
     let name = path.file_name().unwrap_or(OsStr::new("message.json")).to_string_lossy();
     let name = name.strip_prefix(CLAIMED_PREFIX).unwrap_or(&name);

@@ -3,65 +3,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{path::Path, time::Duration};
 
 use agent::{AgentConfig, outbox::FAILED_FOLDER};
 
-/// Writes a CA-less self-signed certificate set: enough for the TLS settings to load. The broker address refuses
-/// connections, so no handshake happens.
-fn write_certificates(folder: &Path) {
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    std::fs::write(folder.join("ca.pem"), certified.cert.pem()).unwrap();
-    std::fs::write(folder.join("agent.pem"), certified.cert.pem()).unwrap();
-    std::fs::write(folder.join("agent.key"), certified.signing_key.serialize_pem()).unwrap();
-}
+mod common;
 
-/// A local port with nothing listening on it.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
-async fn wait_until(deadline: Duration, condition: impl Fn() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < deadline {
-        if condition() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    condition()
-}
+use common::{agent_without_broker, wait_until, write_certificates};
 
 #[tokio::test]
 async fn agent_survives_an_absent_broker_and_sorts_its_outbox() {
     let folder = tempfile::tempdir().unwrap();
-    write_certificates(folder.path());
-    let config_text = format!(
-        r#"
-        agency = "beds-police"
-        broker_url = "https://127.0.0.1:{}"
-        server_name = "localhost"
-        ca_cert = "ca.pem"
-        cert = "agent.pem"
-        key = "agent.key"
-        inbox = "inbox"
-        outbox = "outbox"
-        [delivery]
-        reconnect_initial_millis = 20
-        reconnect_max_millis = 100
-        "#,
-        closed_port()
-    );
-    let config_path = folder.path().join("agent.toml");
-    std::fs::write(&config_path, config_text).unwrap();
-    let config = AgentConfig::load_with_environment(&config_path, |_| None).unwrap();
-
+    let config = agent_without_broker(folder.path());
     let outbox = folder.path().join("outbox");
-    std::fs::create_dir_all(&outbox).unwrap();
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/operation-encompass-notification.json");
     std::fs::copy(example, outbox.join("encompass.json")).unwrap();
     std::fs::write(outbox.join("broken.json"), br#"{"kind": "MESSAGE_KIND_REFERRAL", "recipents": []}"#).unwrap();
