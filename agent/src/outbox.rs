@@ -167,8 +167,14 @@ pub async fn process_outbox_once(
             Ok(Ok(receipt)) => {
                 let receipt_json = message_to_json(SEND_RESPONSE_MESSAGE, &receipt)
                     .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error.to_string()))?;
-                move_to_sent(outbox, &path, &receipt_json)?;
-                if receipt.duplicate {
+                let sent_before = move_to_sent(outbox, &path, &receipt_json)?;
+                if sent_before {
+                    tracing::info!(
+                        file = %logged_as,
+                        message_id = %receipt.message_id,
+                        "outbox file sent before the agent stopped, and now filed with its receipt"
+                    );
+                } else if receipt.duplicate {
                     // The broker had a message under this idempotency key already and answered with its receipt:
                     // right for a file sent again, wrong for a new message that reused a key (it was not sent).
                     tracing::warn!(
@@ -234,51 +240,92 @@ fn stem_of(path: &Path) -> String {
     name.strip_suffix(".json").unwrap_or(name).to_owned()
 }
 
-/// A stem for `folder` not used by an earlier file of the same name or its receipt or error, so no earlier record is
-/// overwritten.
-fn free_stem(folder: &Path, stem: &str) -> String {
+/// Where a message goes in `sent/` or `failed/` ([`free_stem`]).
+#[derive(Debug, PartialEq, Eq)]
+enum Filing {
+    /// Under a stem no earlier file, receipt or error uses, so no earlier record is overwritten.
+    New(String),
+    /// Beside its own companion, left alone by a crash between writing it and moving the message: the same outcome
+    /// (a receipt for the same message id, or the same error) with no message beside it.
+    Interrupted(String),
+}
+
+/// Where to file a message of `stem` whose companion (`suffix`) is `companion`.
+fn free_stem(folder: &Path, stem: &str, suffix: &str, companion: &[u8]) -> Filing {
     let taken = |candidate: &str| {
         [".json", ".receipt.json", ".error.txt"]
             .iter()
             .any(|suffix| folder.join(format!("{candidate}{suffix}")).exists())
     };
-    if !taken(stem) {
-        return stem.to_owned();
-    }
-    let mut number = 2u64;
+    let interrupted = |candidate: &str| {
+        !folder.join(format!("{candidate}.json")).exists()
+            && fs::read(folder.join(format!("{candidate}{suffix}")))
+                .is_ok_and(|existing| same_outcome(&existing, companion, suffix))
+    };
+    let mut candidate = stem.to_owned();
+    let mut number = 1u64;
     loop {
-        let candidate = format!("{stem}-{number}");
         if !taken(&candidate) {
-            return candidate;
+            return Filing::New(candidate);
+        }
+        if interrupted(&candidate) {
+            return Filing::Interrupted(candidate);
         }
         number += 1;
+        candidate = format!("{stem}-{number}");
     }
 }
 
+/// Whether two companions record the same outcome: receipts for the same message (a file sent again is answered with
+/// its first receipt, marked as a duplicate), or the same error text.
+fn same_outcome(existing: &[u8], new: &[u8], suffix: &str) -> bool {
+    if suffix != RECEIPT_SUFFIX {
+        return existing == new;
+    }
+    let message_id = |bytes: &[u8]| {
+        serde_json::from_slice::<serde_json::Value>(bytes)
+            .ok()
+            .and_then(|receipt| receipt.get("message_id").and_then(serde_json::Value::as_str).map(str::to_owned))
+            .filter(|id| !id.is_empty())
+    };
+    message_id(existing).is_some_and(|id| message_id(new) == Some(id))
+}
+
+const RECEIPT_SUFFIX: &str = ".receipt.json";
+
 /// Writes the companion file (receipt or error) durably, then moves the message beside it. A crash between the two
-/// leaves the message in the outbox, to be sent again with the same idempotency key.
+/// leaves the message in the outbox, to be sent again with the same idempotency key; it is then filed beside the
+/// companion written the first time (true).
 fn move_with_companion(
     outbox: &Path,
     path: &Path,
     folder_name: &str,
     suffix: &str,
     companion: &[u8],
-) -> io::Result<()> {
+) -> io::Result<bool> {
     let folder = outbox.join(folder_name);
     fs::create_dir_all(&folder)?;
-    let stem = free_stem(&folder, &stem_of(path));
-    write_file_durably(&folder, &folder.join(format!("{stem}{suffix}")), companion)?;
+    let (stem, interrupted) = match free_stem(&folder, &stem_of(path), suffix, companion) {
+        Filing::New(stem) => (stem, false),
+        Filing::Interrupted(stem) => (stem, true),
+    };
+    if !interrupted {
+        write_file_durably(&folder, &folder.join(format!("{stem}{suffix}")), companion)?;
+    }
     fs::rename(path, folder.join(format!("{stem}.json")))?;
     sync_folder(&folder)?;
-    sync_folder(outbox)
+    sync_folder(outbox)?;
+    Ok(interrupted)
 }
 
-fn move_to_sent(outbox: &Path, path: &Path, receipt_json: &[u8]) -> io::Result<()> {
-    move_with_companion(outbox, path, SENT_FOLDER, ".receipt.json", receipt_json)
+/// Files a sent message with its receipt; true if its receipt was already there (the agent stopped between the two
+/// the first time it sent it).
+fn move_to_sent(outbox: &Path, path: &Path, receipt_json: &[u8]) -> io::Result<bool> {
+    move_with_companion(outbox, path, SENT_FOLDER, RECEIPT_SUFFIX, receipt_json)
 }
 
 fn move_to_failed(outbox: &Path, path: &Path, error_text: &str) -> io::Result<()> {
-    move_with_companion(outbox, path, FAILED_FOLDER, ".error.txt", error_text.as_bytes())
+    move_with_companion(outbox, path, FAILED_FOLDER, ".error.txt", error_text.as_bytes()).map(|_| ())
 }
 
 #[cfg(test)]
@@ -332,6 +379,42 @@ mod tests {
         move_to_sent(outbox.path(), &path, b"later").unwrap();
         assert_eq!(fs::read(outbox.path().join("sent/referral.receipt.json")).unwrap(), b"earlier");
         assert_eq!(fs::read(outbox.path().join("sent/referral-2.receipt.json")).unwrap(), b"later");
+    }
+
+    /// The agent stopped between writing a receipt and moving its file: the file, sent again with the same
+    /// idempotency key, is answered with the same message id and filed beside that receipt, which is kept as first
+    /// written, not under a new name with the first receipt left alone. A receipt for another message, or one whose
+    /// file is there, is never taken for it; a failed file's error likewise.
+    #[test]
+    fn a_file_sent_before_a_crash_is_filed_beside_its_receipt() {
+        let outbox = tempfile::tempdir().unwrap();
+        prepare_outbox(outbox.path()).unwrap();
+        let first = br#"{"message_id": "m-1", "duplicate": false}"#;
+        fs::write(outbox.path().join("sent/referral.receipt.json"), first).unwrap();
+        let path = outbox.path().join("referral.json");
+        fs::write(&path, b"{}").unwrap();
+        let again = br#"{"message_id": "m-1", "duplicate": true}"#;
+        assert!(move_to_sent(outbox.path(), &path, again).unwrap(), "filed as sent before");
+        assert!(outbox.path().join("sent/referral.json").exists());
+        assert_eq!(fs::read(outbox.path().join("sent/referral.receipt.json")).unwrap(), first);
+        assert!(!outbox.path().join("sent/referral-2.json").exists());
+
+        // Another message of the same name: its own place, the earlier records untouched.
+        fs::write(&path, b"{}").unwrap();
+        assert!(!move_to_sent(outbox.path(), &path, br#"{"message_id": "m-2"}"#).unwrap());
+        assert!(outbox.path().join("sent/referral-2.receipt.json").exists());
+        // A receipt whose file the case system took away is not someone else's place either.
+        fs::remove_file(outbox.path().join("sent/referral.json")).unwrap();
+        fs::write(&path, b"{}").unwrap();
+        assert!(!move_to_sent(outbox.path(), &path, br#"{"message_id": "m-3"}"#).unwrap());
+        assert!(outbox.path().join("sent/referral-3.json").exists());
+        assert_eq!(fs::read(outbox.path().join("sent/referral.receipt.json")).unwrap(), first);
+
+        fs::write(outbox.path().join("failed/broken.error.txt"), b"invalid envelope: x\n").unwrap();
+        let broken = outbox.path().join("broken.json");
+        fs::write(&broken, b"{").unwrap();
+        move_to_failed(outbox.path(), &broken, "invalid envelope: x\n").unwrap();
+        assert!(outbox.path().join("failed/broken.json").exists(), "beside its own error");
     }
 
     #[test]
