@@ -156,6 +156,37 @@ async fn reload_on_change<T>(
     }
 }
 
+/// Records in the audit log a checkpoint key rotation that `broker audit rotate-key` made while the broker was
+/// stopped (once: the note it left is removed when the entry is durable; if that removal fails, the next start
+/// records it again).
+async fn record_key_rotation(store: &Store, keys: &std::path::Path) {
+    let Some(rotation) = audit::checkpoints::take_rotation_to_record(keys) else { return };
+    // `<origin>+<key id>` (the key's base64 may hold `+` too).
+    let key_name = |verifier_key: &str| verifier_key.splitn(3, '+').take(2).collect::<Vec<_>>().join("+");
+    let detail = format!(
+        "checkpoint signing key {} retired; {} signs from now on{}",
+        key_name(&rotation.previous),
+        key_name(&rotation.next),
+        rotation.handover_size.map(|size| format!(" (handover checkpoint at size {size})")).unwrap_or_default()
+    );
+    let entry = audit::AuditEntry {
+        time_micros: audit::AuditEntry::now_micros(),
+        event: Some(audit::EventType::KeyRotation),
+        actor: delivery::broker_actor(),
+        detail,
+        ..audit::AuditEntry::default()
+    };
+    match store.commit(store::Commit { audit: vec![entry], writes: Vec::new() }).await {
+        Ok(_) => {
+            tracing::info!(key = %key_name(&rotation.next), "recorded the checkpoint key rotation in the audit log");
+            if let Err(error) = audit::checkpoints::rotation_recorded(keys) {
+                tracing::warn!(error = %error, "could not remove the note of the recorded key rotation");
+            }
+        }
+        Err(error) => tracing::error!(error = %error, "could not record the checkpoint key rotation in the audit log"),
+    }
+}
+
 /// A write past the process's file-size limit (`RLIMIT_FSIZE`: `ulimit -f`, systemd's `LimitFSIZE=`) raises SIGXFSZ,
 /// whose default action ends the process at once, in the middle of whatever it was writing. With a handler installed
 /// (tokio's, which only counts the signal) the write fails with EFBIG instead, which the broker treats as a full
@@ -246,6 +277,7 @@ pub async fn run(
     let deliveries = Deliveries::start(store.clone(), config.delivery.clone(), streams_stopping)?;
     tracing::info!(millis = opening.elapsed().as_millis() as u64, "deliveries started; queues load in the background");
     reload::audit_policy_event(&store, audit::EventType::PolicyActivated, policy.hash(), "at start".to_owned()).await;
+    record_key_rotation(&store, &config.data_dir.join("keys")).await;
     let current_policy = Arc::new(RwLock::new(Arc::new(policy)));
     let policy_watcher = tokio::spawn(reload::watch(config.policy_dir.clone(), current_policy.clone(), store.clone()));
     let exchange = Exchange::new(store.clone(), deliveries.clone(), current_policy, pseudonymiser);

@@ -219,6 +219,11 @@ impl NoteSigner {
     /// signature line. The text must end with a newline and may hold no control character
     /// other than newline.
     pub fn sign(&self, body: &str) -> Result<String, CheckpointError> {
+        Ok(format!("{body}\n{}", self.signature_line(body)?))
+    }
+
+    /// This key's signature line (`— <name> <base64(key id || signature)>` and a newline) for a note text.
+    fn signature_line(&self, body: &str) -> Result<String, CheckpointError> {
         if !body.ends_with('\n') {
             return Err(CheckpointError::MalformedNote("the text must end with a newline"));
         }
@@ -227,12 +232,24 @@ impl NoteSigner {
         let mut signature_bytes = Vec::with_capacity(4 + 64);
         signature_bytes.extend_from_slice(&self.key_id.to_be_bytes());
         signature_bytes.extend_from_slice(&signature.to_bytes());
-        Ok(format!("{body}\n{SIGNATURE_LINE_PREFIX}{} {}\n", self.name, STANDARD.encode(signature_bytes)))
+        Ok(format!("{SIGNATURE_LINE_PREFIX}{} {}\n", self.name, STANDARD.encode(signature_bytes)))
     }
 
     /// Signs a checkpoint and returns the whole signed note.
     pub fn sign_checkpoint(&self, checkpoint: &Checkpoint) -> Result<String, CheckpointError> {
         self.sign(&checkpoint.to_body()?)
+    }
+
+    /// Adds this key's signature line to an already signed note (a note signed by several keys, as C2SP
+    /// `signed-note` allows). The note's text and existing signatures are kept as they are.
+    pub fn cosign(&self, note: &str) -> Result<String, CheckpointError> {
+        let Some(split) = note.rfind("\n\n") else {
+            return Err(CheckpointError::MalformedNote("no blank line before the signatures"));
+        };
+        if !note.ends_with('\n') {
+            return Err(CheckpointError::MalformedNote("the signature lines must end with a newline"));
+        }
+        Ok(format!("{note}{}", self.signature_line(&note[..split + 1])?))
     }
 }
 
@@ -394,6 +411,19 @@ mod tests {
         assert_eq!(signer.key_id(), 0xc74f20a3);
         assert_eq!(signer.verifier_key(), PETER_VERIFIER_KEY);
         assert_eq!(signer.sign(GO_TEXT), Ok(go_note(&[PETER_SIGNATURE_LINE])));
+    }
+
+    /// A note cosigned by a second key opens with either key, its text and first signature unchanged.
+    #[test]
+    fn a_cosigned_note_opens_with_either_key() {
+        let (name, signing_key) = go_signing_key(PETER_SIGNER_KEY);
+        let peter = NoteSigner::new(&name, signing_key).expect("signer");
+        let other = test_signer();
+        let note = other.cosign(&peter.sign(GO_TEXT).unwrap()).unwrap();
+        assert!(note.starts_with(&go_note(&[PETER_SIGNATURE_LINE])), "{note}");
+        assert_eq!(NoteVerifier::from_verifier_key(PETER_VERIFIER_KEY).unwrap().open(&note), Ok(GO_TEXT));
+        assert_eq!(NoteVerifier::from_verifier_key(&other.verifier_key()).unwrap().open(&note), Ok(GO_TEXT));
+        assert!(other.cosign(GO_TEXT).is_err(), "an unsigned text is not a note");
     }
 
     #[test]

@@ -33,6 +33,16 @@ pub const SIGNING_KEY_FILE: &str = "checkpoint.ed25519";
 /// File name of the published verifier key under the keys directory.
 pub const VERIFIER_KEY_FILE: &str = "checkpoint.vkey";
 
+/// A rotation's new signing key until the rotation is finished ([`rotate_signing_key`]).
+pub const NEXT_SIGNING_KEY_FILE: &str = "checkpoint.ed25519.next";
+
+/// What a finished rotation leaves for the broker to record in the audit log at its next start
+/// ([`take_rotation_to_record`]).
+pub const ROTATION_TO_RECORD_FILE: &str = "checkpoint-rotation.pending";
+
+/// The start of the extension line of a key handover checkpoint; the next key's verifier key follows.
+pub const KEY_ROTATION_EXTENSION: &str = "key-rotation ";
+
 /// File name of the checkpoint log under the audit directory.
 pub const CHECKPOINTS_FILE: &str = "checkpoints.log";
 
@@ -51,6 +61,13 @@ pub enum CheckpointsError {
     Stored { path: PathBuf, index: u64, reason: String },
     #[error("the audit tree is unavailable: {0}")]
     Tree(String),
+    #[error(
+        "a checkpoint key rotation was interrupted (`{0}` is there): run `broker audit rotate-key` again to finish it \
+         before starting the broker"
+    )]
+    RotationUnfinished(PathBuf),
+    #[error("cannot rotate the checkpoint key: {0}")]
+    CannotRotate(String),
     #[error(
         "this audit log's origin is `{existing}` (named in `{path}`), but the configuration names `{configured}`: a \
          log's origin cannot change, as auditors' verifier keys and every checkpoint signed name it. Set \
@@ -106,6 +123,10 @@ pub fn load_or_create_signer(keys_dir: &Path, origin: &str) -> Result<NoteSigner
 /// Loads the checkpoint signing key from `keys_dir` (creating it on first run) as a signer named `origin`, unless the
 /// published verifier key names another origin. Writes no verifier key.
 fn load_signer(keys_dir: &Path, origin: &str) -> Result<NoteSigner, CheckpointsError> {
+    let next = keys_dir.join(NEXT_SIGNING_KEY_FILE);
+    if next.exists() {
+        return Err(CheckpointsError::RotationUnfinished(next));
+    }
     let path = signing_key_path(keys_dir);
     let key_error = |reason: String| CheckpointsError::Key { path: path.clone(), reason };
     let vkey_path = verifier_key_path(keys_dir);
@@ -120,19 +141,164 @@ fn load_signer(keys_dir: &Path, origin: &str) -> Result<NoteSigner, CheckpointsE
             configured: origin.to_owned(),
         });
     }
-    let seed: [u8; 32] = match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let bytes = hex::decode(text.trim()).map_err(|error| key_error(error.to_string()))?;
-            <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| key_error("expected 32 bytes of hex".to_owned()))?
-        }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+    let seed: [u8; 32] = match read_seed(&path)? {
+        Some(seed) => seed,
+        None => {
             let seed: [u8; 32] = rand::random();
             write_private(&path, &hex::encode(seed)).map_err(|error| key_error(error.to_string()))?;
             seed
         }
-        Err(error) => return Err(key_error(error.to_string())),
     };
     Ok(NoteSigner::new(origin, SigningKey::from_bytes(&seed))?)
+}
+
+/// The verifier key a key handover checkpoint passes the log on to, if it is one: a checkpoint signed by the key in
+/// force and by the next key, naming the next key's verifier key in an extension line `key-rotation <verifier key>`.
+pub fn handover_key(checkpoint: &Checkpoint) -> Option<&str> {
+    checkpoint.extensions.iter().find_map(|line| line.strip_prefix(KEY_ROTATION_EXTENSION))
+}
+
+/// What [`rotate_signing_key`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rotation {
+    /// The retired key's verifier key.
+    pub previous: String,
+    /// The new key's verifier key.
+    pub next: String,
+    /// The size of the handover checkpoint; `None` when nothing had been signed yet (no handover is needed).
+    pub handover_size: Option<u64>,
+}
+
+/// Replaces the checkpoint signing key of the (stopped) broker whose data directory is `data_dir`, keeping the chain
+/// of trust: the latest checkpoint is signed again, with an extension line naming the new key's verifier key, by the
+/// retired key and by the new one (a handover), so an auditor who trusts the retired key learns the new one from a
+/// note the retired key signed. Then the new key replaces the old one's file (the retired private key is gone), the
+/// verifier key is published, and the rotation is left for the broker to record in the audit log at its next start.
+///
+/// Each step can be interrupted and the command run again: the new key is kept under [`NEXT_SIGNING_KEY_FILE`] until
+/// the end (the broker refuses to start while it is there), and a handover already stored is not signed twice.
+/// The caller holds the data directory's lock.
+pub fn rotate_signing_key(data_dir: &Path) -> Result<Rotation, CheckpointsError> {
+    let keys = data_dir.join("keys");
+    let published = read_verifier_key(&keys).map_err(|_| {
+        CheckpointsError::CannotRotate("no published checkpoint key: start the broker once first".into())
+    })?;
+    let origin = NoteVerifier::from_verifier_key(&published)?.name().to_owned();
+    let current_path = signing_key_path(&keys);
+    let current = read_seed(&current_path)?.ok_or_else(|| {
+        CheckpointsError::CannotRotate(format!("`{}` is missing: there is no key to retire", current_path.display()))
+    })?;
+    let current = NoteSigner::new(&origin, SigningKey::from_bytes(&current))?;
+    if current.verifier_key() != published {
+        return Err(CheckpointsError::CannotRotate(format!(
+            "`{}` is not the key of the published verifier key `{published}`",
+            current_path.display()
+        )));
+    }
+    let next_path = keys.join(NEXT_SIGNING_KEY_FILE);
+    let next = match read_seed(&next_path)? {
+        Some(seed) => seed,
+        None => {
+            let seed: [u8; 32] = rand::random();
+            write_private(&next_path, &hex::encode(seed))
+                .map_err(|error| CheckpointsError::Key { path: next_path.clone(), reason: error.to_string() })?;
+            seed
+        }
+    };
+    let next = NoteSigner::new(&origin, SigningKey::from_bytes(&next))?;
+
+    let audit_dir = data_dir.join("audit");
+    let latest = read_notes(&audit_dir)?.pop();
+    let handover_size = match latest {
+        None => None,
+        Some(note) => {
+            let stored = |reason: String| CheckpointsError::Stored {
+                path: checkpoints_path(&audit_dir),
+                index: 0,
+                reason: format!("the latest checkpoint: {reason}"),
+            };
+            let checkpoint = open_note(&NoteVerifier::from_verifier_key(&published)?, &note)
+                .map_err(|error| stored(error.to_string()))?;
+            if handover_key(&checkpoint) != Some(next.verifier_key().as_str()) {
+                let handover = Checkpoint {
+                    origin: checkpoint.origin.clone(),
+                    size: checkpoint.size,
+                    root: checkpoint.root,
+                    extensions: vec![format!("{KEY_ROTATION_EXTENSION}{}", next.verifier_key())],
+                };
+                let note = next.cosign(&current.sign_checkpoint(&handover)?)?;
+                let (mut log, _) = AppendLog::open(&checkpoints_path(&audit_dir), 0, |_, _| Ok(()))?;
+                log.append([note.as_bytes()])?;
+                log.sync()?;
+            }
+            Some(checkpoint.size)
+        }
+    };
+    let rotation = Rotation { previous: published, next: next.verifier_key(), handover_size };
+    let record = keys.join(ROTATION_TO_RECORD_FILE);
+    let text = format!(
+        "{}\n{}\n{}\n",
+        rotation.previous,
+        rotation.next,
+        rotation.handover_size.map_or_else(|| "-".to_owned(), |size| size.to_string())
+    );
+    let key_error =
+        |path: &Path, error: std::io::Error| CheckpointsError::Key { path: path.to_owned(), reason: error.to_string() };
+    write_durably(&record, &text).map_err(|error| key_error(&record, error))?;
+    std::fs::rename(&next_path, &current_path).map_err(|error| key_error(&current_path, error))?;
+    sync_folder(&keys).map_err(|error| key_error(&keys, error))?;
+    publish_verifier_key(&keys, &next)?;
+    Ok(rotation)
+}
+
+/// A rotation [`rotate_signing_key`] left to record (retired verifier key, new verifier key, handover size), once;
+/// the file is removed by [`rotation_recorded`] after the entry is durable.
+pub fn take_rotation_to_record(keys_dir: &Path) -> Option<Rotation> {
+    let text = std::fs::read_to_string(keys_dir.join(ROTATION_TO_RECORD_FILE)).ok()?;
+    let mut lines = text.lines();
+    let previous = lines.next()?.to_owned();
+    let next = lines.next()?.to_owned();
+    let handover_size = lines.next()?.parse().ok();
+    Some(Rotation { previous, next, handover_size })
+}
+
+/// Forgets the rotation [`take_rotation_to_record`] returned, now that it is recorded.
+pub fn rotation_recorded(keys_dir: &Path) -> std::io::Result<()> {
+    std::fs::remove_file(keys_dir.join(ROTATION_TO_RECORD_FILE))?;
+    sync_folder(keys_dir)
+}
+
+/// Reads a hex seed file; `None` if there is none.
+fn read_seed(path: &Path) -> Result<Option<[u8; 32]>, CheckpointsError> {
+    let key_error = |reason: String| CheckpointsError::Key { path: path.to_owned(), reason };
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let bytes = hex::decode(text.trim()).map_err(|error| key_error(error.to_string()))?;
+            <[u8; 32]>::try_from(bytes.as_slice())
+                .map(Some)
+                .map_err(|_| key_error("expected 32 bytes of hex".to_owned()))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(key_error(error.to_string())),
+    }
+}
+
+/// Writes a file by a temporary name, `fsync`, rename and `fsync` of its folder.
+fn write_durably(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)?;
+    match path.parent() {
+        Some(parent) => sync_folder(parent),
+        None => Ok(()),
+    }
+}
+
+fn sync_folder(folder: &Path) -> std::io::Result<()> {
+    std::fs::File::open(folder)?.sync_all()
 }
 
 /// Writes the signer's verifier key to `keys_dir` unless it is already there.
@@ -231,6 +397,8 @@ pub struct Checkpointer {
     signer: NoteSigner,
     tree: SharedTree,
     signed: Mutex<Signed>,
+    /// Every key handover note stored, oldest first ([`handover_key`]).
+    handovers: Vec<String>,
 }
 
 impl std::fmt::Debug for Checkpointer {
@@ -246,7 +414,13 @@ impl Checkpointer {
         let path = checkpoints_path(audit_dir);
         let mut last = None;
         let mut count = 0u64;
+        let mut handovers = Vec::new();
         let (log, _recovery) = AppendLog::open(&path, 0, |_, bytes| {
+            if let Ok(note) = std::str::from_utf8(bytes)
+                && parse_note(note).is_ok_and(|checkpoint| handover_key(&checkpoint).is_some())
+            {
+                handovers.push(note.to_owned());
+            }
             last = Some(bytes.to_vec());
             count += 1;
             Ok(())
@@ -270,7 +444,7 @@ impl Checkpointer {
             }
             None => None,
         };
-        Ok(Self { signer, tree, signed: Mutex::new(Signed { log, latest }) })
+        Ok(Self { signer, tree, signed: Mutex::new(Signed { log, latest }), handovers })
     }
 
     /// Loads (or creates) the signing key under `data_dir/keys` and opens `data_dir/audit/checkpoints.log`: what
@@ -297,6 +471,11 @@ impl Checkpointer {
 
     pub fn origin(&self) -> &str {
         self.signer.name()
+    }
+
+    /// Every key handover note, oldest first: how an auditor who trusts an earlier key comes to trust this one.
+    pub fn handovers(&self) -> &[String] {
+        &self.handovers
     }
 
     /// The latest checkpoint signed, if any.

@@ -39,6 +39,16 @@ pub enum AuditCommand {
     Prove(ProveArgs),
     /// Query the audit log of a running broker (needs a token with the `auditor` role).
     Query(Box<QueryArgs>),
+    /// Replace the checkpoint signing key, with the broker stopped: the retired key and the new one both sign a
+    /// handover checkpoint naming the new key, so auditors who trust the retired key can trust the new one.
+    RotateKey(RotateKeyArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RotateKeyArgs {
+    /// The broker's data directory (the broker must be stopped).
+    #[arg(long)]
+    pub data_dir: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -165,11 +175,35 @@ pub fn run(command: AuditCommand) -> anyhow::Result<ExitCode> {
         AuditCommand::Verify(args) => verify(args),
         AuditCommand::Checkpoint(args) => checkpoint(args),
         AuditCommand::Prove(args) => prove(args),
+        AuditCommand::RotateKey(args) => rotate_key(args),
         AuditCommand::Query(args) => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(query(*args))
         }
     }
+}
+
+fn rotate_key(args: RotateKeyArgs) -> anyhow::Result<ExitCode> {
+    let _lock = crate::store::lock_data_dir(&args.data_dir)?;
+    let rotation = checkpoints::rotate_signing_key(&args.data_dir)?;
+    println!("retired: {}", rotation.previous);
+    println!("in force: {}", rotation.next);
+    match rotation.handover_size {
+        Some(size) => println!(
+            "handover: the checkpoint at size {size}, signed by both keys, names the new key (served to auditors by \
+             LatestCheckpoint, in `key_handovers`); the broker records the rotation in the audit log when it next starts"
+        ),
+        None => println!(
+            "no checkpoint was signed with the retired key, so none hands over; the broker records the \
+             rotation in the audit log when it next starts"
+        ),
+    }
+    println!(
+        "publish the new verifier key to the auditors (it is in {}); keep the retired one, which verifies the \
+         checkpoints signed before",
+        checkpoints::verifier_key_path(&args.data_dir.join("keys")).display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A verifier key given as text or as the path of a file holding it.
@@ -589,6 +623,27 @@ async fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
         .map(|value| key_argument(value).and_then(|key| NoteVerifier::from_verifier_key(&key).map_err(Into::into)))
         .transpose()?;
     let mut client = connect(&args).await?;
+    // A pinned key that has been rotated away: its handovers say which key signs now.
+    let verifier = match verifier {
+        Some(pinned) => {
+            let latest = client
+                .latest_checkpoint(pb::LatestCheckpointRequest {})
+                .await
+                .map_err(|status| anyhow!("the broker refused: {}", status.message()))?
+                .into_inner();
+            let in_force = super::verify::key_in_force(&pinned, &latest.key_handovers)
+                .context("the broker's key handovers do not lead from the given verifier key")?;
+            if in_force.key_id() != pinned.key_id() {
+                eprintln!(
+                    "the checkpoint key was rotated: following its handovers, {}+{:08x} signs now",
+                    in_force.name(),
+                    in_force.key_id()
+                );
+            }
+            Some(in_force)
+        }
+        None => None,
+    };
     let from = args.from.as_deref().map(parse_time).transpose()?;
     let to = args.to.as_deref().map(parse_time).transpose()?;
     if args.recipients_of_child {

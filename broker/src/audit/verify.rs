@@ -6,7 +6,11 @@
 //! 1. every record's frame and checksum, and that it decodes as an entry;
 //! 2. that sequence numbers run 0, 1, 2, ... without a gap or a repeat (a dropped or reordered entry fails here);
 //! 3. every stored checkpoint's signature against the verifier key, that its origin is the key's name, and that each
-//!    checkpoint's size is at least the previous one's (a log that shrank is not an extension);
+//!    checkpoint's size is at least the previous one's (a log that shrank is not an extension). A key handover (a
+//!    checkpoint signed by the key in force and by the next one, naming the next key in a `key-rotation` extension
+//!    line; `broker audit rotate-key`) passes trust to the next key, and every later checkpoint must be signed by it.
+//!    Checkpoints before the first one the given key signed (signed by keys it took over from) are counted, not
+//!    checked; give the earliest key to check them too;
 //! 4. that each checkpoint's root equals the RFC 6962 root recomputed from the entries at its size, which with (3)
 //!    means every checkpoint extends the one before it. An entry rewritten with a valid checksum and sequence number
 //!    is caught here: the failure names the range of entries between the last checkpoint that still matches and the
@@ -20,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use super::{
     AuditEntry, AuditLog,
-    checkpoint::{Checkpoint, NoteVerifier},
+    checkpoint::{Checkpoint, CheckpointError, NoteVerifier},
     checkpoints::{self, read_verifier_key},
     merkle::{EMPTY_ROOT, Hash, RootBuilder, leaf_hash},
 };
@@ -35,6 +39,10 @@ pub struct VerifyReport {
     pub checkpoints: u64,
     /// The latest checkpoint, if any.
     pub latest_checkpoint: Option<Checkpoint>,
+    /// Checkpoints signed before the given key's first, by keys it took over from: not checked.
+    pub unchecked_checkpoints: u64,
+    /// The key handovers followed, as (checkpoint index, the next key's verifier key).
+    pub key_rotations: Vec<(u64, String)>,
 }
 
 /// Why verification failed.
@@ -57,6 +65,10 @@ pub enum VerifyFailure {
     OutOfSequence { position: u64, offset: u64, found: u64 },
     #[error("checkpoint {index} is not validly signed: {reason}")]
     BadSignature { index: u64, reason: String },
+    #[error("no checkpoint is signed by the verifier key `{0}` (nor handed over to it by a key rotation)")]
+    NoCheckpointOfKey(String),
+    #[error("checkpoint {index} is a key handover that does not pass the log on properly: {reason}")]
+    BadHandover { index: u64, reason: String },
     #[error("checkpoint {index} has origin `{origin}`, not the verifier key's name `{expected}`")]
     WrongOrigin { index: u64, origin: String, expected: String },
     #[error("checkpoint {index} has size {size}, smaller than the previous checkpoint's {previous_size}")]
@@ -105,38 +117,90 @@ pub fn verify_data_dir(
         path: checkpoints::checkpoints_path(&audit_dir),
         reason: error.to_string(),
     })?;
-    let checkpoints = check_signatures(&verifier, &notes)?;
-    verify_entries(&AuditLog::path(&audit_dir), &checkpoints, progress)
+    let chain = check_signatures(&verifier, &notes)?;
+    let mut report = verify_entries(&AuditLog::path(&audit_dir), &chain.checkpoints, chain.unchecked, progress)?;
+    report.unchecked_checkpoints = chain.unchecked;
+    report.key_rotations = chain.rotations;
+    Ok(report)
 }
 
-/// Opens every note and checks origins and that sizes never decrease.
-pub fn check_signatures(verifier: &NoteVerifier, notes: &[String]) -> Result<Vec<Checkpoint>, VerifyFailure> {
-    let mut checkpoints: Vec<Checkpoint> = Vec::with_capacity(notes.len());
+/// The checkpoints [`check_signatures`] accepted.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SignedChain {
+    /// Checkpoints before the given key's first, not checked; they come first in the file.
+    pub unchecked: u64,
+    /// The checked checkpoints, in signing order (the file's from index `unchecked` on).
+    pub checkpoints: Vec<Checkpoint>,
+    /// The key handovers followed: (checkpoint index, the next key's verifier key).
+    pub rotations: Vec<(u64, String)>,
+}
+
+/// Opens every note with the key in force, `verifier` at first and then each key a handover passes the log on to,
+/// and checks origins and that sizes never decrease. Notes before the first one `verifier` opens are counted as
+/// unchecked (signed by keys it took over from); after that, every note must open with the key in force.
+pub fn check_signatures(verifier: &NoteVerifier, notes: &[String]) -> Result<SignedChain, VerifyFailure> {
+    let mut trusted = verifier.clone();
+    let mut chain = SignedChain { unchecked: 0, checkpoints: Vec::with_capacity(notes.len()), rotations: Vec::new() };
     for (index, note) in notes.iter().enumerate() {
         let index = index as u64;
-        let checkpoint = checkpoints::open_note(verifier, note)
-            .map_err(|error| VerifyFailure::BadSignature { index, reason: error.to_string() })?;
-        if checkpoint.origin != verifier.name() {
+        let checkpoint = match checkpoints::open_note(&trusted, note) {
+            Ok(checkpoint) => checkpoint,
+            Err(CheckpointError::UnknownKey { .. }) if chain.checkpoints.is_empty() => {
+                chain.unchecked += 1;
+                continue;
+            }
+            Err(error) => return Err(VerifyFailure::BadSignature { index, reason: error.to_string() }),
+        };
+        if checkpoint.origin != trusted.name() {
             return Err(VerifyFailure::WrongOrigin {
                 index,
                 origin: checkpoint.origin,
-                expected: verifier.name().to_owned(),
+                expected: trusted.name().to_owned(),
             });
         }
-        if let Some(previous) = checkpoints.last()
+        if let Some(previous) = chain.checkpoints.last()
             && checkpoint.size < previous.size
         {
             return Err(VerifyFailure::Shrank { index, size: checkpoint.size, previous_size: previous.size });
         }
-        checkpoints.push(checkpoint);
+        if let Some(next) = checkpoints::handover_key(&checkpoint) {
+            let bad = |reason: String| VerifyFailure::BadHandover { index, reason };
+            let next_verifier = NoteVerifier::from_verifier_key(next)
+                .map_err(|error| bad(format!("the next key `{next}` is not a valid verifier key: {error}")))?;
+            if next_verifier.name() != trusted.name() {
+                return Err(bad(format!("the next key is named `{}`, not the log's origin", next_verifier.name())));
+            }
+            checkpoints::open_note(&next_verifier, note)
+                .map_err(|error| bad(format!("it is not signed by the next key: {error}")))?;
+            chain.rotations.push((index, next.to_owned()));
+            trusted = next_verifier;
+        }
+        chain.checkpoints.push(checkpoint);
     }
-    Ok(checkpoints)
+    if chain.checkpoints.is_empty() && !notes.is_empty() {
+        return Err(VerifyFailure::NoCheckpointOfKey(format!("{}+{:08x}", verifier.name(), verifier.key_id())));
+    }
+    Ok(chain)
 }
 
-/// Replays `entries_path` against already signature-checked `checkpoints` (in signing order).
+/// The key that signs now, for an auditor who trusts `pinned`: the key the last of `handovers` (the broker's key
+/// handover notes, oldest first) passes the log on to, following each from `pinned` as [`check_signatures`] does;
+/// `pinned` itself when no handover came after it.
+pub fn key_in_force(pinned: &NoteVerifier, handovers: &[String]) -> Result<NoteVerifier, VerifyFailure> {
+    let chain = check_signatures(pinned, handovers)?;
+    match chain.rotations.last() {
+        Some((index, key)) => NoteVerifier::from_verifier_key(key)
+            .map_err(|error| VerifyFailure::BadHandover { index: *index, reason: error.to_string() }),
+        None => Ok(pinned.clone()),
+    }
+}
+
+/// Replays `entries_path` against already signature-checked `checkpoints` (in signing order; the first is checkpoint
+/// `first_index` of the file, for the failures' indexes).
 pub fn verify_entries(
     entries_path: &Path,
     checkpoints: &[Checkpoint],
+    first_index: u64,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<VerifyReport, VerifyFailure> {
     let unreadable = |reason: String| VerifyFailure::Unreadable { path: entries_path.to_owned(), reason };
@@ -156,7 +220,7 @@ pub fn verify_entries(
             let root = if builder.size() == 0 { EMPTY_ROOT } else { builder.root() };
             if checkpoint.root != root {
                 return Err(VerifyFailure::RootMismatch {
-                    index: *next_checkpoint as u64,
+                    index: first_index + *next_checkpoint as u64,
                     size: checkpoint.size,
                     first_suspect: matched_size,
                     last_suspect: checkpoint.size.saturating_sub(1),
@@ -213,7 +277,7 @@ pub fn verify_entries(
     if let Some(checkpoint) = checkpoints.get(next_checkpoint) {
         if checkpoint.size > builder.size() {
             return Err(VerifyFailure::Truncated {
-                index: next_checkpoint as u64,
+                index: first_index + next_checkpoint as u64,
                 size: checkpoint.size,
                 entries: builder.size(),
             });
@@ -221,7 +285,7 @@ pub fn verify_entries(
         // Sizes never decrease and every size up to the log's was checked on the way, so this cannot happen; it is
         // reported rather than ignored.
         return Err(VerifyFailure::RootMismatch {
-            index: next_checkpoint as u64,
+            index: first_index + next_checkpoint as u64,
             size: checkpoint.size,
             first_suspect: 0,
             last_suspect: checkpoint.size.saturating_sub(1),
@@ -232,6 +296,8 @@ pub fn verify_entries(
         root: if builder.size() == 0 { EMPTY_ROOT } else { builder.root() },
         checkpoints: checkpoints.len() as u64,
         latest_checkpoint: checkpoints.last().cloned(),
+        unchecked_checkpoints: 0,
+        key_rotations: Vec::new(),
     })
 }
 
@@ -289,7 +355,103 @@ mod tests {
         let other = tempfile::tempdir().unwrap();
         let key = load_or_create_signer(other.path(), DEFAULT_ORIGIN).unwrap().verifier_key();
         let failure = verify_data_dir(dir.path(), Some(&key), &mut |_, _| {}).unwrap_err();
-        assert!(matches!(failure, VerifyFailure::BadSignature { index: 0, .. }), "{failure}");
+        assert!(matches!(failure, VerifyFailure::NoCheckpointOfKey(_)), "{failure}");
+    }
+
+    fn signer_of(keys: &Path) -> crate::audit::checkpoint::NoteSigner {
+        let seed: [u8; 32] =
+            hex::decode(std::fs::read_to_string(keys.join(checkpoints::SIGNING_KEY_FILE)).unwrap().trim())
+                .unwrap()
+                .try_into()
+                .unwrap();
+        crate::audit::checkpoint::NoteSigner::new(DEFAULT_ORIGIN, ed25519_dalek::SigningKey::from_bytes(&seed)).unwrap()
+    }
+
+    fn rewrite_notes(audit: &Path, notes: &[String]) {
+        let path = checkpoints::checkpoints_path(audit);
+        std::fs::remove_file(&path).unwrap();
+        let (mut log, _) = crate::store::log::AppendLog::open(&path, 0, |_, _| Ok(())).unwrap();
+        log.append(notes.iter().map(String::as_bytes)).unwrap();
+    }
+
+    /// A rotated key keeps the chain: the handover is signed by both keys and names the new one, the broker signs on
+    /// with the new key, and the log verifies from the retired key (following the handover) or from the new one
+    /// (counting the earlier checkpoints as unchecked). A checkpoint signed by the retired key after the handover, or
+    /// a handover the new key did not sign, fails.
+    #[test]
+    fn a_rotated_checkpoint_key_keeps_the_chain_of_trust() {
+        let dir = data_dir_with(20);
+        let (keys, audit) = (dir.path().join("keys"), dir.path().join("audit"));
+        let retired_key = checkpoints::read_verifier_key(&keys).unwrap();
+        let retired = signer_of(&keys);
+        let rotation = checkpoints::rotate_signing_key(dir.path()).unwrap();
+        assert_eq!(rotation.previous, retired_key);
+        assert_eq!(rotation.handover_size, Some(20));
+        assert_eq!(checkpoints::read_verifier_key(&keys).unwrap(), rotation.next, "the new key is published");
+        assert_eq!(signer_of(&keys).verifier_key(), rotation.next, "and signs from now on");
+        assert_eq!(checkpoints::take_rotation_to_record(&keys), Some(rotation.clone()), "left to record");
+
+        let mut log = AuditLog::open(&audit).unwrap();
+        let checkpointer = Checkpointer::open_in(dir.path(), log.tree(), DEFAULT_ORIGIN).unwrap();
+        assert_eq!(checkpointer.handovers().len(), 1);
+        log.append(vec![AuditEntry { event: Some(EventType::KeyRotation), ..AuditEntry::default() }]).unwrap();
+        checkpointer.checkpoint_now().unwrap();
+
+        let from_retired = verify_data_dir(dir.path(), Some(&retired_key), &mut |_, _| {}).unwrap();
+        assert_eq!((from_retired.checkpoints, from_retired.unchecked_checkpoints), (4, 0));
+        assert_eq!(from_retired.key_rotations, vec![(2, rotation.next.clone())]);
+        assert_eq!(from_retired.latest_checkpoint.unwrap().size, 21);
+        let from_new = verify(dir.path()).unwrap();
+        assert_eq!((from_new.checkpoints, from_new.unchecked_checkpoints, from_new.entries), (2, 2, 21));
+
+        // The retired key signs on after its handover (as a thief of it might).
+        let notes = checkpoints::read_notes(&audit).unwrap();
+        let mut forged = notes.clone();
+        let mut latest = checkpoints::parse_note(&notes[3]).unwrap();
+        latest.extensions.clear();
+        forged[3] = retired.sign_checkpoint(&latest).unwrap();
+        rewrite_notes(&audit, &forged);
+        let failure = verify_data_dir(dir.path(), Some(&retired_key), &mut |_, _| {}).unwrap_err();
+        assert!(matches!(failure, VerifyFailure::BadSignature { index: 3, .. }), "{failure}");
+
+        // A handover the next key did not sign passes nothing on.
+        let mut unsigned = notes.clone();
+        let handover = checkpoints::parse_note(&notes[2]).unwrap();
+        unsigned[2] = retired.sign_checkpoint(&handover).unwrap();
+        rewrite_notes(&audit, &unsigned);
+        let failure = verify_data_dir(dir.path(), Some(&retired_key), &mut |_, _| {}).unwrap_err();
+        assert!(matches!(failure, VerifyFailure::BadHandover { index: 2, .. }), "{failure}");
+    }
+
+    /// A rotation interrupted after its new key was written, or after its handover was stored, stops the broker's
+    /// start until it is run again, which finishes it with the same key and one handover.
+    #[test]
+    fn an_interrupted_rotation_is_finished_by_running_it_again() {
+        let dir = data_dir_with(10);
+        let (keys, audit) = (dir.path().join("keys"), dir.path().join("audit"));
+        let retired = signer_of(&keys);
+        let seed = [7u8; 32];
+        std::fs::write(keys.join(checkpoints::NEXT_SIGNING_KEY_FILE), hex::encode(seed)).unwrap();
+        let next =
+            crate::audit::checkpoint::NoteSigner::new(DEFAULT_ORIGIN, ed25519_dalek::SigningKey::from_bytes(&seed))
+                .unwrap();
+        let log = AuditLog::open(&audit).unwrap();
+        let refused = Checkpointer::open_in(dir.path(), log.tree(), DEFAULT_ORIGIN).unwrap_err();
+        assert!(matches!(refused, checkpoints::CheckpointsError::RotationUnfinished(_)), "{refused}");
+
+        // The handover was stored before the interruption.
+        let mut notes = checkpoints::read_notes(&audit).unwrap();
+        let mut handover = checkpoints::parse_note(notes.last().unwrap()).unwrap();
+        handover.extensions = vec![format!("{}{}", checkpoints::KEY_ROTATION_EXTENSION, next.verifier_key())];
+        notes.push(next.cosign(&retired.sign_checkpoint(&handover).unwrap()).unwrap());
+        rewrite_notes(&audit, &notes);
+
+        let rotation = checkpoints::rotate_signing_key(dir.path()).unwrap();
+        assert_eq!(rotation.next, next.verifier_key(), "the interrupted rotation's key");
+        assert_eq!(checkpoints::read_notes(&audit).unwrap().len(), notes.len(), "one handover");
+        assert!(!keys.join(checkpoints::NEXT_SIGNING_KEY_FILE).exists());
+        Checkpointer::open_in(dir.path(), log.tree(), DEFAULT_ORIGIN).unwrap();
+        assert_eq!(verify(dir.path()).unwrap().unchecked_checkpoints, 1);
     }
 
     #[test]

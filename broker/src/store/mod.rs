@@ -1333,7 +1333,7 @@ mod tests {
             drop(store);
             let audit = AuditLog::open(&dir.path().join("audit")).unwrap();
             assert_eq!(audit.len(), 4, "{what}: what was put back is durable");
-            crate::audit::verify::verify_entries(&audit_path, &[], &mut |_, _| {}).unwrap();
+            crate::audit::verify::verify_entries(&audit_path, &[], 0, &mut |_, _| {}).unwrap();
         }
     }
 

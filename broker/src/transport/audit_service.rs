@@ -359,6 +359,7 @@ impl Audit for AuditService {
         Ok(Response::new(pb::LatestCheckpointResponse {
             checkpoint: self.checkpointer.latest().as_ref().map(checkpoint_view),
             verifier_key: self.checkpointer.verifier_key(),
+            key_handovers: self.checkpointer.handovers().to_vec(),
         }))
     }
 

@@ -473,3 +473,82 @@ async fn a_log_is_signed_under_its_configured_origin_which_cannot_change() -> Re
     assert!(after.entries > before.entries);
     Ok(())
 }
+
+/// The operator rotates the checkpoint signing key with the broker stopped (refused while it runs). The broker
+/// records the rotation in the audit log when it starts again and signs on with the new key; an auditor who pinned
+/// the retired key follows the handover the broker serves to the new one; the log verifies from either key, and
+/// the retired private key is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_key_is_rotated_and_auditors_follow_the_handover() -> Result<()> {
+    use broker::audit::cli::{AuditCommand, RotateKeyArgs};
+    let area = Area::new()?;
+    let data_dir = area.data_dir();
+    let keys = data_dir.join("keys");
+    let rotate = || broker::audit::cli::run(AuditCommand::RotateKey(RotateKeyArgs { data_dir: data_dir.clone() }));
+    let broker = InProcessBroker::start(&area).await?;
+    let mut police = area.client(POLICE, broker.address).await?;
+    police.send(pb::SendRequest { envelope: Some(notification("rotate-1")?) }).await?;
+    let audit_dir = data_dir.join("audit");
+    assert!(
+        tests::eventually(Duration::from_secs(3), || checkpoints::latest_note(&audit_dir).ok().flatten().is_some())
+            .await
+    );
+    let refused = rotate().expect_err("not while the broker runs");
+    assert!(format!("{refused:#}").contains("in use"), "{refused:#}");
+    broker.stop().await?;
+    let retired_key = checkpoints::read_verifier_key(&keys)?;
+    let retired_seed = std::fs::read_to_string(keys.join(checkpoints::SIGNING_KEY_FILE))?;
+    let signed_before = checkpoints::read_notes(&audit_dir)?.len();
+
+    assert_eq!(rotate()?, std::process::ExitCode::SUCCESS);
+    let new_key = checkpoints::read_verifier_key(&keys)?;
+    assert_ne!(new_key, retired_key);
+    assert_ne!(std::fs::read_to_string(keys.join(checkpoints::SIGNING_KEY_FILE))?, retired_seed, "retired key gone");
+
+    let broker = InProcessBroker::start(&area).await?;
+    let mut police = area.client(POLICE, broker.address).await?;
+    police.send(pb::SendRequest { envelope: Some(notification("rotate-2")?) }).await?;
+    let auditor_token = area.token("luton-csc", "auditor-0001", &["auditor"])?;
+    let mut auditor = audit_client(&area, "luton-csc", &auditor_token, broker.address).await?;
+    let rotations = auditor
+        .query(pb::AuditQueryRequest {
+            filter: Some(pb::AuditFilter { event_types: vec!["key-rotation".into()], ..Default::default() }),
+            limit: 10,
+            after_sequence: None,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(rotations.records.len(), 1, "the rotation is recorded once");
+    let detail = &rotations.records[0].entry.as_ref().unwrap().detail;
+    let key_id = |key: &str| key.split('+').nth(1).unwrap().to_owned();
+    assert!(detail.contains(&key_id(&retired_key)) && detail.contains(&key_id(&new_key)), "{detail}");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let latest = loop {
+        let latest = auditor.latest_checkpoint(pb::LatestCheckpointRequest {}).await?.into_inner();
+        let size = latest.checkpoint.as_ref().map_or(0, |checkpoint| checkpoint.tree_size);
+        if size > rotations.checkpoint.as_ref().map_or(0, |checkpoint| checkpoint.tree_size)
+            || tokio::time::Instant::now() > deadline
+        {
+            break latest;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(latest.verifier_key, new_key);
+    assert_eq!(latest.key_handovers.len(), 1);
+    let pinned = NoteVerifier::from_verifier_key(&retired_key)?;
+    let in_force = broker::audit::verify::key_in_force(&pinned, &latest.key_handovers)?;
+    assert_eq!(in_force.key_id(), NoteVerifier::from_verifier_key(&new_key)?.key_id());
+    let note = &latest.checkpoint.expect("a checkpoint after the restart").note;
+    checkpoints::open_note(&in_force, note)?;
+    assert!(checkpoints::open_note(&pinned, note).is_err(), "the retired key signs no more");
+    broker.stop().await?;
+
+    let from_retired = verify_data_dir(&data_dir, Some(&retired_key), &mut |_, _| {})?;
+    assert_eq!(from_retired.key_rotations, vec![(signed_before as u64, new_key.clone())]);
+    assert_eq!(from_retired.unchecked_checkpoints, 0);
+    let from_new = verify(&data_dir)?;
+    assert_eq!(from_new.unchecked_checkpoints, signed_before as u64);
+    assert_eq!(from_new.entries, from_retired.entries);
+    Ok(())
+}
