@@ -157,7 +157,9 @@ struct Shared {
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
-/// Called with the delivery record whose acknowledgement deadline has passed, after the escalation is recorded.
+/// Called with a delivery record whose acknowledgement deadline has passed (`escalated`), or whose copy was
+/// dead-lettered (state [`DeliveryState::DeadLettered`]), once that is durable: the sender and the rule's escalation
+/// agency are told ([`crate::exchange::Exchange::send_escalation_notices`]).
 pub type EscalationHook = Arc<dyn Fn(DeliveryRecord) + Send + Sync>;
 
 impl Deliveries {
@@ -1280,6 +1282,7 @@ impl RecipientActor {
                 record.state = DeliveryState::Queued;
                 commit.writes.push(Write::PutBlob(records::delivery_key(&delivery_id), encode_or_empty(&record)));
             }
+            let dead = dead.then_some(record);
             done.push((delivery_id, seq, deadline, delay, dead, reply));
         }
         if done.is_empty() {
@@ -1288,14 +1291,16 @@ impl RecipientActor {
         match self.shared.store.commit(commit).await {
             Ok(_) => {
                 for (delivery_id, seq, deadline, delay, dead, reply) in done {
-                    if dead {
+                    let given_up = dead.is_some();
+                    if let Some(record) = dead {
                         self.forget(&delivery_id, seq, deadline);
+                        self.report_dead_letter(record);
                     } else {
                         self.in_flight.remove(&delivery_id);
                         self.ready.remove(seq);
                         self.add_delayed(Instant::now() + delay, seq, delivery_id);
                     }
-                    let _ = reply.send(Ok(dead));
+                    let _ = reply.send(Ok(given_up));
                 }
             }
             Err(error) => {
@@ -1308,6 +1313,18 @@ impl RecipientActor {
                     .into()));
                 }
             }
+        }
+    }
+
+    /// Tells the sender (and the rule's escalation agency) of a dead letter now durable, through the escalation hook;
+    /// not for the broker's own notices (nobody to tell).
+    fn report_dead_letter(&self, record: DeliveryRecord) {
+        tracing::warn!(delivery_id = %record.delivery_id, recipient = %self.recipient, "copy dead-lettered after its last attempt");
+        if record.sender == "broker" {
+            return;
+        }
+        if let Some(hook) = self.shared.on_escalation.lock().ok().and_then(|slot| slot.clone()) {
+            hook(record);
         }
     }
 
@@ -1387,7 +1404,7 @@ impl RecipientActor {
                 let mut record = record;
                 let deadline = pending_deadline(&record);
                 self.dead_letter(&mut commit, &mut record, seq, now_micros);
-                dead.push((delivery_id, seq, deadline));
+                dead.push((delivery_id, seq, deadline, record));
             } else {
                 // Redelivered by the next pump, which records the attempt.
                 self.ready.insert(seq, delivery_id);
@@ -1398,13 +1415,14 @@ impl RecipientActor {
         }
         match self.shared.store.commit(commit).await {
             Ok(_) => {
-                for (delivery_id, seq, deadline) in dead {
+                for (delivery_id, seq, deadline, record) in dead {
                     self.forget(&delivery_id, seq, deadline);
+                    self.report_dead_letter(record);
                 }
             }
             Err(error) => {
                 tracing::error!(error = %error, recipient = %self.recipient, "could not record dead letters; will retry");
-                for (delivery_id, seq, _) in dead {
+                for (delivery_id, seq, ..) in dead {
                     self.in_flight.insert(delivery_id, seq, Instant::now() + Duration::from_secs(1));
                 }
             }
@@ -1820,6 +1838,36 @@ mod tests {
         let copy = tokio::time::timeout(Duration::from_secs(10), stream.recv()).await.unwrap().unwrap().unwrap();
         assert_eq!(copy.delivery_id, delivery_id);
         OneCopyDelivered { _dir: dir, _stop: stop, store, deliveries, stream, delivery_id }
+    }
+
+    /// A copy whose acknowledgement wait runs out after its last attempt is dead-lettered, and once that is durable
+    /// the escalation hook hears of it (so the sender is told), with the record saying dead-lettered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_dead_lettered_when_its_last_wait_runs_out_is_reported() {
+        let Engine { _dir, _stop, store, deliveries } = engine(DeliveryConfig {
+            ack_wait: Duration::from_millis(200),
+            max_attempts: 1,
+            ..DeliveryConfig::default()
+        });
+        let (reported, mut reports) = tokio::sync::mpsc::unbounded_channel();
+        deliveries.set_escalation_hook(Arc::new(move |record| {
+            let _ = reported.send(record);
+        }));
+        let delivery_id = store_copy(&store, 1).await;
+        deliveries.enqueued(Enqueued {
+            recipient: SCHOOL.into(),
+            seq: 1,
+            delivery_id: delivery_id.clone(),
+            acknowledge_by_micros: None,
+            recorded: None,
+        });
+        let mut stream = deliveries.subscribe(SCHOOL);
+        let copy = tokio::time::timeout(Duration::from_secs(10), stream.recv()).await.unwrap().unwrap().unwrap();
+        assert_eq!(copy.delivery_id, delivery_id);
+        let record = tokio::time::timeout(Duration::from_secs(10), reports.recv()).await.unwrap().unwrap();
+        assert_eq!((record.delivery_id.as_str(), record.state), (delivery_id.as_str(), DeliveryState::DeadLettered));
+        assert_eq!(state_of(&store, &delivery_id), DeliveryState::DeadLettered, "durable before it is reported");
+        assert!(tokio::time::timeout(Duration::from_millis(300), reports.recv()).await.is_err(), "reported once");
     }
 
     fn state_of(store: &Store, delivery_id: &str) -> DeliveryState {

@@ -301,6 +301,24 @@ impl Exchange {
     /// escalation) with a broker-written escalation notice. The notice names the message and the recipient, never
     /// the child or the content, so it needs no sharing decision; it is audited like any other share.
     pub async fn send_escalation_notices(&self, late: DeliveryRecord) -> Result<(), ExchangeError> {
+        let dead_lettered = matches!(late.state, records::DeliveryState::DeadLettered);
+        let (reason, reason_code, explanation) = if dead_lettered {
+            (
+                pb::EscalationReason::DeadLettered,
+                "dead-letter-notice",
+                format!(
+                    "{} could not take message {}: the broker gave it up after {} delivery attempts, so {} will not \
+                     receive it through the broker; contact them by other means",
+                    late.recipient, late.message_id, late.attempts, late.recipient
+                ),
+            )
+        } else {
+            (
+                pb::EscalationReason::DeadlinePassed,
+                "escalation-notice",
+                format!("{} has not acknowledged message {} by its deadline", late.recipient, late.message_id),
+            )
+        };
         let policy = self.policy();
         let now = OffsetDateTime::now_utc();
         let now_micros = micros(now);
@@ -324,10 +342,8 @@ impl Exchange {
                 recipient: late.recipient.clone(),
                 deadline: late.acknowledge_by_micros.map(timestamp_micros),
                 rule_id: late.rule_ids.join(","),
-                explanation: format!(
-                    "{} has not acknowledged message {} by its deadline",
-                    late.recipient, late.message_id
-                ),
+                explanation,
+                reason: reason as i32,
             })),
             ..Default::default()
         };
@@ -354,9 +370,13 @@ impl Exchange {
                 message_id: message_id.clone(),
                 recipient: target.clone(),
                 rule_ids: vec!["broker-escalation-notice".to_owned()],
-                reason_code: "escalation-notice".to_owned(),
+                reason_code: reason_code.to_owned(),
                 policy_set_hash: policy.hash().to_owned(),
-                detail: format!("escalates {}", late.delivery_id),
+                detail: if dead_lettered {
+                    format!("reports the dead letter {}", late.delivery_id)
+                } else {
+                    format!("escalates {}", late.delivery_id)
+                },
                 ..AuditEntry::default()
             });
             let copy = NewCopy {
@@ -374,8 +394,8 @@ impl Exchange {
             decisions.push(RecipientDecision {
                 recipient: target.clone(),
                 accepted: true,
-                reason_code: "escalation-notice".to_owned(),
-                explanation: "acknowledgement deadline passed".to_owned(),
+                reason_code: reason_code.to_owned(),
+                explanation: if dead_lettered { "dead-lettered" } else { "acknowledgement deadline passed" }.to_owned(),
                 rule_ids: vec!["broker-escalation-notice".to_owned()],
                 fields_shared: Vec::new(),
                 fields_withheld: Vec::new(),

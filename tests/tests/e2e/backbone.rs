@@ -185,12 +185,29 @@ async fn a_negative_acknowledgement_delays_and_the_last_attempt_dead_letters() -
         .into_inner();
     assert!(answer.dead_lettered, "the second of two attempts dead-letters");
 
-    let track = police.track(pb::TrackRequest { message_id: receipt.message_id }).await?.into_inner();
+    let track = police.track(pb::TrackRequest { message_id: receipt.message_id.clone() }).await?.into_inner();
     assert_eq!(track.recipients[0].state, pb::DeliveryState::DeadLettered as i32);
     assert!(track.recipients[0].events.iter().any(|event| event.event == "dead-lettered"));
     // A dead-lettered copy is no longer waiting: acknowledging it is refused.
     let late = school.acknowledge(pb::AcknowledgeRequest { delivery_id: second.delivery_id }).await;
     assert!(late.is_ok() || late.unwrap_err().code() == tonic::Code::NotFound);
+
+    // The school will never get it through the broker: the police, and the local authority the rule escalates to,
+    // are told at once (not at the deadline, which a dead letter no longer has), so they can act by other means.
+    for agency in [POLICE, FRONT_DOOR] {
+        let mut client = area.client(agency, broker.address).await?;
+        let mut notices = client.deliveries(pb::DeliveriesRequest {}).await?.into_inner();
+        let notice = tokio::time::timeout(Duration::from_secs(10), notices.next()).await?.unwrap()?;
+        let envelope = notice.envelope.expect("the notice");
+        assert_eq!(envelope.kind, pb::MessageKind::EscalationNotice as i32, "{agency}");
+        assert_eq!(envelope.correlation_id, receipt.message_id);
+        let Some(pb::envelope::Body::Escalation(escalation)) = envelope.body else { panic!("an escalation body") };
+        assert_eq!(escalation.reason, pb::EscalationReason::DeadLettered as i32);
+        assert_eq!(escalation.recipient, SCHOOL);
+        assert!(escalation.explanation.contains("2 delivery attempts"), "{}", escalation.explanation);
+        assert!(envelope.subject.is_none(), "a notice never names the child");
+        client.acknowledge(pb::AcknowledgeRequest { delivery_id: notice.delivery_id }).await?;
+    }
     broker.stop().await
 }
 
