@@ -69,6 +69,12 @@ pub enum CheckpointsError {
     #[error("cannot rotate the checkpoint key: {0}")]
     CannotRotate(String),
     #[error(
+        "the last key handover in `{path}` passes the audit log to the key `{key}`, but `keys/checkpoint.ed25519` is \
+         another key: put that key's private key back (a handover cannot be undone; checkpoints signed with another \
+         key would not verify)"
+    )]
+    HandedOverElsewhere { path: PathBuf, key: String },
+    #[error(
         "this audit log's origin is `{existing}` (named in `{path}`), but the configuration names `{configured}`: a \
          log's origin cannot change, as auditors' verifier keys and every checkpoint signed name it. Set \
          `audit.checkpoint_origin` back to `{existing}`, or give the new origin to a new data directory"
@@ -153,9 +159,18 @@ fn load_signer(keys_dir: &Path, origin: &str) -> Result<NoteSigner, CheckpointsE
 }
 
 /// The verifier key a key handover checkpoint passes the log on to, if it is one: a checkpoint signed by the key in
-/// force and by the next key, naming the next key's verifier key in an extension line `key-rotation <verifier key>`.
+/// force and by the next key, whose one extension line is `key-rotation <verifier key>`.
 pub fn handover_key(checkpoint: &Checkpoint) -> Option<&str> {
-    checkpoint.extensions.iter().find_map(|line| line.strip_prefix(KEY_ROTATION_EXTENSION))
+    match checkpoint.extensions.as_slice() {
+        [line] => line.strip_prefix(KEY_ROTATION_EXTENSION),
+        _ => None,
+    }
+}
+
+/// Whether a checkpoint has a `key-rotation` line at all (a handover, or a malformed one: [`handover_key`] reads
+/// only a checkpoint whose one extension line it is).
+pub fn mentions_handover(checkpoint: &Checkpoint) -> bool {
+    checkpoint.extensions.iter().any(|line| line.starts_with(KEY_ROTATION_EXTENSION))
 }
 
 /// What [`rotate_signing_key`] did.
@@ -172,54 +187,89 @@ pub struct Rotation {
 /// Replaces the checkpoint signing key of the (stopped) broker whose data directory is `data_dir`, keeping the chain
 /// of trust: the latest checkpoint is signed again, with an extension line naming the new key's verifier key, by the
 /// retired key and by the new one (a handover), so an auditor who trusts the retired key learns the new one from a
-/// note the retired key signed. Then the new key replaces the old one's file (the retired private key is gone), the
-/// verifier key is published, and the rotation is left for the broker to record in the audit log at its next start.
+/// note the retired key signed. Then the new key replaces the old one's file (the retired private key is gone from
+/// the data directory), the verifier key is published, and the rotation is left for the broker to record in the
+/// audit log at its next start.
 ///
 /// Each step can be interrupted and the command run again: the new key is kept under [`NEXT_SIGNING_KEY_FILE`] until
-/// the end (the broker refuses to start while it is there), and a handover already stored is not signed twice.
+/// the end (written atomically and durably before any handover names it; the broker refuses to start while it is
+/// there), a handover already stored is not signed twice, and a rotation that ended before publishing its key is
+/// finished by publishing it. A second rotation is refused until the broker has recorded the first.
 /// The caller holds the data directory's lock.
 pub fn rotate_signing_key(data_dir: &Path) -> Result<Rotation, CheckpointsError> {
     let keys = data_dir.join("keys");
-    let published = read_verifier_key(&keys).map_err(|_| {
-        CheckpointsError::CannotRotate("no published checkpoint key: start the broker once first".into())
-    })?;
+    let cannot = |reason: String| CheckpointsError::CannotRotate(reason);
+    let published = read_verifier_key(&keys)
+        .map_err(|_| cannot("no published checkpoint key: start the broker once first".into()))?;
     let origin = NoteVerifier::from_verifier_key(&published)?.name().to_owned();
     let current_path = signing_key_path(&keys);
-    let current = read_seed(&current_path)?.ok_or_else(|| {
-        CheckpointsError::CannotRotate(format!("`{}` is missing: there is no key to retire", current_path.display()))
-    })?;
+    let current = read_seed(&current_path)?
+        .ok_or_else(|| cannot(format!("`{}` is missing: there is no key to retire", current_path.display())))?;
     let current = NoteSigner::new(&origin, SigningKey::from_bytes(&current))?;
+
+    let audit_dir = data_dir.join("audit");
+    let notes = read_notes(&audit_dir)?;
+    let latest_index = notes.len().saturating_sub(1) as u64;
+    let stored = |reason: String| CheckpointsError::Stored {
+        path: checkpoints_path(&audit_dir),
+        index: latest_index,
+        reason: format!("the latest checkpoint: {reason}"),
+    };
+    let latest = match notes.last() {
+        Some(note) => Some((note, parse_note(note).map_err(|error| stored(error.to_string()))?)),
+        None => None,
+    };
+    let handed_to = latest.as_ref().and_then(|(_, checkpoint)| handover_key(checkpoint)).map(str::to_owned);
+    let next_path = keys.join(NEXT_SIGNING_KEY_FILE);
+    let pending = read_seed(&next_path)?;
+    let record = keys.join(ROTATION_TO_RECORD_FILE);
+
     if current.verifier_key() != published {
-        return Err(CheckpointsError::CannotRotate(format!(
+        // Interrupted after the new key took the old one's place, before it was published.
+        if pending.is_none() && handed_to.as_deref() == Some(current.verifier_key().as_str()) {
+            publish_verifier_key(&keys, &current)?;
+            let handover_size = latest.map(|(_, checkpoint)| checkpoint.size);
+            return Ok(Rotation { previous: published, next: current.verifier_key(), handover_size });
+        }
+        return Err(cannot(format!(
             "`{}` is not the key of the published verifier key `{published}`",
             current_path.display()
         )));
     }
-    let next_path = keys.join(NEXT_SIGNING_KEY_FILE);
-    let next = match read_seed(&next_path)? {
+    if pending.is_none() && record.exists() {
+        return Err(cannot(format!(
+            "the previous rotation is not yet recorded in the audit log (`{}` is there): start the broker once, then \
+             rotate again",
+            record.display()
+        )));
+    }
+    let next = match pending {
         Some(seed) => seed,
         None => {
             let seed: [u8; 32] = rand::random();
-            write_private(&next_path, &hex::encode(seed))
+            write_private_durably(&next_path, &hex::encode(seed))
                 .map_err(|error| CheckpointsError::Key { path: next_path.clone(), reason: error.to_string() })?;
             seed
         }
     };
     let next = NoteSigner::new(&origin, SigningKey::from_bytes(&next))?;
+    if let Some(handed) = &handed_to
+        && *handed != next.verifier_key()
+        && *handed != current.verifier_key()
+    {
+        return Err(cannot(format!(
+            "the latest checkpoint hands the log over to the key `{handed}`, which is neither the key in force nor \
+             this rotation's (`{}`); a handover cannot be undone: put that key's private key back",
+            next_path.display()
+        )));
+    }
 
-    let audit_dir = data_dir.join("audit");
-    let latest = read_notes(&audit_dir)?.pop();
     let handover_size = match latest {
         None => None,
-        Some(note) => {
-            let stored = |reason: String| CheckpointsError::Stored {
-                path: checkpoints_path(&audit_dir),
-                index: 0,
-                reason: format!("the latest checkpoint: {reason}"),
-            };
-            let checkpoint = open_note(&NoteVerifier::from_verifier_key(&published)?, &note)
+        Some((note, checkpoint)) => {
+            open_note(&NoteVerifier::from_verifier_key(&published)?, note)
                 .map_err(|error| stored(error.to_string()))?;
-            if handover_key(&checkpoint) != Some(next.verifier_key().as_str()) {
+            if handed_to.as_deref() != Some(next.verifier_key().as_str()) {
                 let handover = Checkpoint {
                     origin: checkpoint.origin.clone(),
                     size: checkpoint.size,
@@ -235,7 +285,6 @@ pub fn rotate_signing_key(data_dir: &Path) -> Result<Rotation, CheckpointsError>
         }
     };
     let rotation = Rotation { previous: published, next: next.verifier_key(), handover_size };
-    let record = keys.join(ROTATION_TO_RECORD_FILE);
     let text = format!(
         "{}\n{}\n{}\n",
         rotation.previous,
@@ -252,14 +301,31 @@ pub fn rotate_signing_key(data_dir: &Path) -> Result<Rotation, CheckpointsError>
 }
 
 /// A rotation [`rotate_signing_key`] left to record (retired verifier key, new verifier key, handover size), once;
-/// the file is removed by [`rotation_recorded`] after the entry is durable.
+/// the file is removed by [`rotation_recorded`] after the entry is durable. A note that cannot be read or does not
+/// name two verifier keys is logged and left where it is.
 pub fn take_rotation_to_record(keys_dir: &Path) -> Option<Rotation> {
-    let text = std::fs::read_to_string(keys_dir.join(ROTATION_TO_RECORD_FILE)).ok()?;
+    let path = keys_dir.join(ROTATION_TO_RECORD_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(error) => {
+            tracing::warn!(path = %path.display(), error = %error, "cannot read the note of a checkpoint key rotation");
+            return None;
+        }
+    };
     let mut lines = text.lines();
-    let previous = lines.next()?.to_owned();
-    let next = lines.next()?.to_owned();
-    let handover_size = lines.next()?.parse().ok();
-    Some(Rotation { previous, next, handover_size })
+    let rotation = match (lines.next(), lines.next(), lines.next()) {
+        (Some(previous), Some(next), Some(size))
+            if NoteVerifier::from_verifier_key(previous).is_ok() && NoteVerifier::from_verifier_key(next).is_ok() =>
+        {
+            Some(Rotation { previous: previous.to_owned(), next: next.to_owned(), handover_size: size.parse().ok() })
+        }
+        _ => None,
+    };
+    if rotation.is_none() {
+        tracing::warn!(path = %path.display(), "the note of a checkpoint key rotation is not one this broker wrote");
+    }
+    rotation
 }
 
 /// Forgets the rotation [`take_rotation_to_record`] returned, now that it is recorded.
@@ -280,6 +346,22 @@ fn read_seed(path: &Path) -> Result<Option<[u8; 32]>, CheckpointsError> {
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(error) => Err(key_error(error.to_string())),
+    }
+}
+
+/// Writes a secret file readable only by its owner, atomically and durably (by a temporary name, `fsync`, rename and
+/// `fsync` of its folder), replacing any earlier one.
+fn write_private_durably(path: &Path, contents: &str) -> std::io::Result<()> {
+    let temporary = path.with_extension("tmp");
+    match std::fs::remove_file(&temporary) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    write_private(&temporary, contents)?;
+    std::fs::rename(&temporary, path)?;
+    match path.parent() {
+        Some(parent) => sync_folder(parent),
+        None => Ok(()),
     }
 }
 
@@ -415,16 +497,26 @@ impl Checkpointer {
         let mut last = None;
         let mut count = 0u64;
         let mut handovers = Vec::new();
+        let mut handed_to = None;
         let (log, _recovery) = AppendLog::open(&path, 0, |_, bytes| {
             if let Ok(note) = std::str::from_utf8(bytes)
-                && parse_note(note).is_ok_and(|checkpoint| handover_key(&checkpoint).is_some())
+                && let Ok(checkpoint) = parse_note(note)
+                && let Some(key) = handover_key(&checkpoint)
             {
+                handed_to = Some(key.to_owned());
                 handovers.push(note.to_owned());
             }
             last = Some(bytes.to_vec());
             count += 1;
             Ok(())
         })?;
+        // A log handed over to another key can only go on with that key: checkpoints signed with this one would not
+        // verify after the handover.
+        if let Some(key) = handed_to
+            && key != signer.verifier_key()
+        {
+            return Err(CheckpointsError::HandedOverElsewhere { path, key });
+        }
         let verifier = NoteVerifier::from_verifier_key(&signer.verifier_key())?;
         let latest = match last {
             Some(bytes) => {

@@ -246,6 +246,16 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
                     .map(|checkpoint| format!(", latest checkpoint at size {}", checkpoint.size))
                     .unwrap_or_default()
             );
+            for (index, key) in &report.key_rotations {
+                println!("checkpoint {index} hands the log over to the key {key}");
+            }
+            if report.unchecked_checkpoints > 0 {
+                println!(
+                    "{} earlier checkpoints, signed by keys this one took over from, were not checked (give the \
+                     earliest key with --verifier-key to check them too)",
+                    report.unchecked_checkpoints
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(failure) => {

@@ -163,6 +163,12 @@ pub fn check_signatures(verifier: &NoteVerifier, notes: &[String]) -> Result<Sig
         {
             return Err(VerifyFailure::Shrank { index, size: checkpoint.size, previous_size: previous.size });
         }
+        if checkpoints::mentions_handover(&checkpoint) && checkpoints::handover_key(&checkpoint).is_none() {
+            return Err(VerifyFailure::BadHandover {
+                index,
+                reason: "a key handover's one extension line must be `key-rotation <verifier key>`".to_owned(),
+            });
+        }
         if let Some(next) = checkpoints::handover_key(&checkpoint) {
             let bad = |reason: String| VerifyFailure::BadHandover { index, reason };
             let next_verifier = NoteVerifier::from_verifier_key(next)
@@ -452,6 +458,45 @@ mod tests {
         assert!(!keys.join(checkpoints::NEXT_SIGNING_KEY_FILE).exists());
         Checkpointer::open_in(dir.path(), log.tree(), DEFAULT_ORIGIN).unwrap();
         assert_eq!(verify(dir.path()).unwrap().unchecked_checkpoints, 1);
+
+        // Interrupted after the new key took the old one's place but before it was published: running it again
+        // publishes it.
+        std::fs::write(keys.join(checkpoints::VERIFIER_KEY_FILE), format!("{}\n", retired.verifier_key())).unwrap();
+        let finished = checkpoints::rotate_signing_key(dir.path()).unwrap();
+        assert_eq!((finished.previous, finished.next.clone()), (retired.verifier_key(), next.verifier_key()));
+        assert_eq!(checkpoints::read_verifier_key(&keys).unwrap(), next.verifier_key());
+
+        // Another rotation waits until the broker has recorded this one.
+        let refused = checkpoints::rotate_signing_key(dir.path()).unwrap_err();
+        assert!(refused.to_string().contains("not yet recorded"), "{refused}");
+        checkpoints::rotation_recorded(&keys).unwrap();
+        checkpoints::rotate_signing_key(dir.path()).unwrap();
+
+        // The retired key put back (a restored key file, say) cannot sign on: the log was handed over.
+        std::fs::write(keys.join(checkpoints::SIGNING_KEY_FILE), hex::encode(seed)).unwrap();
+        std::fs::write(keys.join(checkpoints::VERIFIER_KEY_FILE), format!("{}\n", next.verifier_key())).unwrap();
+        let refused = Checkpointer::open_in(dir.path(), log.tree(), DEFAULT_ORIGIN).unwrap_err();
+        assert!(matches!(refused, checkpoints::CheckpointsError::HandedOverElsewhere { .. }), "{refused}");
+    }
+
+    /// A handover must say nothing but the next key: a note with the `key-rotation` line among other extension lines
+    /// is refused rather than read one way by one verifier and another way by the next.
+    #[test]
+    fn a_handover_with_other_extension_lines_is_refused() {
+        let dir = data_dir_with(10);
+        let (keys, audit) = (dir.path().join("keys"), dir.path().join("audit"));
+        let signer = signer_of(&keys);
+        let next =
+            crate::audit::checkpoint::NoteSigner::new(DEFAULT_ORIGIN, ed25519_dalek::SigningKey::from_bytes(&[9; 32]))
+                .unwrap();
+        let mut notes = checkpoints::read_notes(&audit).unwrap();
+        let mut handover = checkpoints::parse_note(&notes[0]).unwrap();
+        handover.extensions =
+            vec!["note 1".into(), format!("{}{}", checkpoints::KEY_ROTATION_EXTENSION, next.verifier_key())];
+        notes.push(next.cosign(&signer.sign_checkpoint(&handover).unwrap()).unwrap());
+        rewrite_notes(&audit, &notes);
+        let failure = verify(dir.path()).unwrap_err();
+        assert!(matches!(failure, VerifyFailure::BadHandover { index: 1, .. }), "{failure}");
     }
 
     #[test]
