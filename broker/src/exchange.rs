@@ -52,12 +52,13 @@ pub struct Exchange {
     policy: CurrentPolicy,
     pseudonymiser: Pseudonymiser,
     /// Serialises sends that share an idempotency key, so two concurrent sends cannot both store a message.
-    idempotency_locks: Arc<Vec<tokio::sync::Mutex<()>>>,
+    idempotency_locks: Arc<Vec<Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Exchange {
     pub fn new(store: Store, deliveries: Deliveries, policy: CurrentPolicy, pseudonymiser: Pseudonymiser) -> Self {
-        let idempotency_locks = Arc::new((0..IDEMPOTENCY_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect());
+        let idempotency_locks =
+            Arc::new((0..IDEMPOTENCY_STRIPES).map(|_| Arc::new(tokio::sync::Mutex::new(()))).collect());
         Self { store, deliveries, policy, pseudonymiser, idempotency_locks }
     }
 
@@ -72,13 +73,16 @@ impl Exchange {
     pub async fn send(&self, caller: &Caller, mut envelope: pb::Envelope) -> Result<pb::SendResponse, ExchangeError> {
         validate(&envelope)?;
         let key = envelope.idempotency_key.clone();
-        let _guard = if key.is_empty() {
+        // Held until the message's commit has been applied, in the task that commits it: a caller that goes away
+        // (its deadline passed while the disk was slow) does not let its retry with the same key decide again while
+        // the first commit is still on its way (both would be stored and delivered).
+        let guard = if key.is_empty() {
             None
         } else {
             let mut hasher = DefaultHasher::new();
             (&caller.agency, &key).hash(&mut hasher);
             let stripe = (hasher.finish() % IDEMPOTENCY_STRIPES as u64) as usize;
-            Some(self.idempotency_locks[stripe].lock().await)
+            Some(self.idempotency_locks[stripe].clone().lock_owned().await)
         };
         if !key.is_empty()
             && let Some(message_id) = self.store.get(&records::idempotency_key(&caller.agency, &key))?
@@ -231,7 +235,7 @@ impl Exchange {
                 .writes
                 .push(Write::Put(records::idempotency_key(&caller.agency, &key), message_id.clone().into_bytes()));
         }
-        self.commit_and_enqueue(commit, enqueued).await?;
+        self.commit_and_enqueue(commit, enqueued, guard).await?;
         tracing::info!(
             %message_id,
             sender = %caller.agency,
@@ -415,17 +419,26 @@ impl Exchange {
             recipients: decisions,
         };
         commit.writes.push(Write::PutBlob(records::message_key(&message_id), records::encode(&record)?));
-        self.commit_and_enqueue(commit, enqueued).await?;
+        self.commit_and_enqueue(commit, enqueued, None).await?;
         Ok(())
     }
 
     /// Makes the commit durable, then hands its copies to their recipients' actors, in a task of its own: a caller
     /// that goes away meanwhile (the client cancels the call, or its deadline passes) cannot stop the copies of a
     /// durable commit from reaching their actors (they would wait for a restart, some recorded as delivered).
-    async fn commit_and_enqueue(&self, commit: Commit, enqueued: Vec<Enqueued>) -> Result<(), ExchangeError> {
+    /// `idempotency` (the send's idempotency key's lock) is held by that task until the commit is applied, so a retry
+    /// with the same key finds it.
+    async fn commit_and_enqueue(
+        &self,
+        commit: Commit,
+        enqueued: Vec<Enqueued>,
+        idempotency: Option<tokio::sync::OwnedMutexGuard<()>>,
+    ) -> Result<(), ExchangeError> {
         let (store, deliveries) = (self.store.clone(), self.deliveries.clone());
         let committed = tokio::spawn(async move {
-            store.commit(commit).await?;
+            let committed = store.commit(commit).await;
+            drop(idempotency);
+            committed?;
             for entry in enqueued {
                 deliveries.enqueued(entry);
             }
@@ -830,6 +843,33 @@ mod tests {
         })
         .unwrap();
         assert_eq!(escalations, 1);
+    }
+
+    /// A send whose caller goes away while its commit waits (a stalled disk; the client's deadline passed) keeps its
+    /// idempotency key's lock until that commit is applied: the client's retry with the same key waits for it and
+    /// is answered with the first message's receipt, so the message is stored, and delivered, once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_while_a_cancelled_send_still_commits_gets_its_receipt() {
+        let Area { dir: _dir, _stop, store, deliveries: _deliveries, exchange } = area();
+        let police = Caller { agency: "beds-police".into(), practitioner: "pc-1".into(), roles: vec!["spoc".into()] };
+        let mut envelope = example("operation-encompass-notification.json");
+        envelope.idempotency_key = "stalled-disk".into();
+        let send = |exchange: &Exchange| {
+            let (exchange, police, envelope) = (exchange.clone(), police.clone(), envelope.clone());
+            tokio::spawn(async move { exchange.send(&police, envelope).await })
+        };
+        let paused = store.pause_commits();
+        let first = send(&exchange);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        first.abort();
+        assert!(first.await.unwrap_err().is_cancelled(), "the caller went away while the commit waited");
+        let retry = send(&exchange);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!retry.is_finished(), "the retry waits for the first send's commit");
+        drop(paused);
+        let receipt = tokio::time::timeout(Duration::from_secs(10), retry).await.unwrap().unwrap().unwrap();
+        assert!(receipt.duplicate, "answered with the first message's receipt");
+        assert_eq!(store.scan_prefix(b"m/").count(), 1, "one message stored");
     }
 
     /// A send to a recipient whose agent is connected and idle records the copy's first delivery in the send's own

@@ -325,6 +325,9 @@ struct Inner {
     /// For tests: reads of keys under these prefixes fail.
     #[cfg(test)]
     failing_reads: std::sync::Mutex<Vec<Vec<u8>>>,
+    /// For tests: [`Store::pause_commits`].
+    #[cfg(test)]
+    commits_paused: Arc<std::sync::Mutex<()>>,
 }
 
 /// What opening found, for the start-up log line.
@@ -483,6 +486,8 @@ impl Store {
         let index_broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let commits_stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (sender, receiver) = mpsc::channel::<Job>();
+        #[cfg(test)]
+        let commits_paused = Arc::new(std::sync::Mutex::new(()));
         let committer = Applier {
             db: db.clone(),
             applying: applying.clone(),
@@ -490,6 +495,8 @@ impl Store {
             index_broken: index_broken.clone(),
             stopped: commits_stopped.clone(),
             audit_written,
+            #[cfg(test)]
+            paused: commits_paused.clone(),
         };
         let handle = thread::Builder::new()
             .name("committer".to_owned())
@@ -519,6 +526,8 @@ impl Store {
             fail_next_journal_write,
             #[cfg(test)]
             failing_reads: std::sync::Mutex::new(Vec::new()),
+            #[cfg(test)]
+            commits_paused,
         };
         Ok((Self { inner: Arc::new(inner) }, report))
     }
@@ -731,6 +740,13 @@ impl Store {
         BlobRef::decode(value).is_some()
     }
 
+    /// Holds every commit not yet taken up by the committer (as a stalled disk would) until the guard is dropped
+    /// (tests).
+    #[cfg(test)]
+    pub(crate) fn pause_commits(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner.commits_paused.lock().unwrap()
+    }
+
     /// Makes the journal's next write fail, as a full disk would (tests).
     #[cfg(test)]
     pub(crate) fn fail_next_journal_write(&self) {
@@ -892,6 +908,9 @@ struct Applier {
     stopped: Arc<std::sync::atomic::AtomicBool>,
     /// How long `entries.log` was after the last group applied (see [`IndexCheckpointer`]).
     audit_written: Arc<std::sync::atomic::AtomicU64>,
+    /// For tests: held by the committer around each group, so a test holding it holds commits back.
+    #[cfg(test)]
+    paused: Arc<std::sync::Mutex<()>>,
 }
 
 impl Applier {
@@ -925,6 +944,10 @@ fn run_committer(jobs: mpsc::Receiver<Job>, mut journal: Journal, mut audit: Aud
                 Err(_) => break,
             }
         }
+        #[cfg(test)]
+        let paused = applier.paused.clone();
+        #[cfg(test)]
+        let _paused = paused.lock();
         let started = std::time::Instant::now();
         let metrics = crate::metrics::metrics();
         for job in &group {
