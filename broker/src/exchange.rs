@@ -849,6 +849,8 @@ mod tests {
     /// idempotency key's lock until that commit is applied: the client's retry with the same key waits for it and
     /// is answered with the first message's receipt, so the message is stored, and delivered, once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    // The guard is held across awaits on purpose: it is what holds the committer thread (a std thread) back.
+    #[allow(clippy::await_holding_lock)]
     async fn a_retry_while_a_cancelled_send_still_commits_gets_its_receipt() {
         let Area { dir: _dir, _stop, store, deliveries: _deliveries, exchange } = area();
         let police = Caller { agency: "beds-police".into(), practitioner: "pc-1".into(), roles: vec!["spoc".into()] };
