@@ -16,6 +16,23 @@ use crate::{auth::token::TokensFile, delivery::DeliveryConfig};
 /// Default largest message accepted: 4 MiB.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
+/// The longest acknowledgement wait `delivery.ack_wait_seconds` may set.
+const MAX_ACK_WAIT: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+/// The most delivery attempts `delivery.max_attempts` may set.
+const MAX_ATTEMPTS: u32 = 1000;
+/// The shortest and longest default retry delay (`delivery.default_retry_delay_millis`): zero redelivered a refused
+/// copy at once, using up its attempts in milliseconds.
+const MIN_RETRY_DELAY: Duration = Duration::from_millis(100);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(24 * 60 * 60);
+/// The largest in-flight window per agency (`delivery.max_in_flight`).
+const MAX_IN_FLIGHT: usize = 65_536;
+/// The largest message size limit (`limits.max_message_bytes`).
+const MAX_MESSAGE_BYTES_LIMIT: usize = 64 * 1024 * 1024;
+/// The largest journal segment (`storage.journal_segment_bytes`).
+const MAX_SEGMENT_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+/// The largest index cache (`storage.index_cache_bytes`).
+const MAX_INDEX_CACHE_BYTES: u64 = 16 * 1024 * 1024 * 1024;
+
 /// The raw configuration file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -199,13 +216,15 @@ impl Config {
             file.tls.key = Some(value.into());
         }
         if let Some(value) = environment("BROKER_MAX_MESSAGE_BYTES") {
-            file.limits.max_message_bytes = number("BROKER_MAX_MESSAGE_BYTES", value).map(|n| n as usize);
+            file.limits.max_message_bytes =
+                number("BROKER_MAX_MESSAGE_BYTES", value).map(|n| n.min(usize::MAX as u64) as usize);
         }
         if let Some(value) = environment("BROKER_ACK_WAIT_SECONDS") {
             file.delivery.ack_wait_seconds = number("BROKER_ACK_WAIT_SECONDS", value);
         }
         if let Some(value) = environment("BROKER_MAX_ATTEMPTS") {
-            file.delivery.max_attempts = number("BROKER_MAX_ATTEMPTS", value).map(|n| n as u32);
+            file.delivery.max_attempts =
+                number("BROKER_MAX_ATTEMPTS", value).map(|n| u32::try_from(n).unwrap_or(u32::MAX));
         }
         if let Some(value) = environment("BROKER_CHECKPOINT_ORIGIN") {
             file.audit.checkpoint_origin = Some(value);
@@ -266,6 +285,25 @@ impl Config {
         if delivery.ack_wait.is_zero() {
             problems.push("`delivery.ack_wait_seconds` must be at least 1".to_owned());
         }
+        // Upper bounds: a value in the wrong unit (milliseconds for seconds) or a typo makes no sense for these, and
+        // the delivery engine's timers cannot reach far beyond them.
+        if delivery.ack_wait > MAX_ACK_WAIT {
+            problems
+                .push(format!("`delivery.ack_wait_seconds` must be at most {} (seven days)", MAX_ACK_WAIT.as_secs()));
+        }
+        if delivery.max_attempts > MAX_ATTEMPTS {
+            problems.push(format!("`delivery.max_attempts` must be at most {MAX_ATTEMPTS}"));
+        }
+        if delivery.default_retry_delay < MIN_RETRY_DELAY || delivery.default_retry_delay > MAX_RETRY_DELAY {
+            problems.push(format!(
+                "`delivery.default_retry_delay_millis` must be from {} to {} (a day)",
+                MIN_RETRY_DELAY.as_millis(),
+                MAX_RETRY_DELAY.as_millis()
+            ));
+        }
+        if delivery.max_in_flight > MAX_IN_FLIGHT {
+            problems.push(format!("`delivery.max_in_flight` must be at most {MAX_IN_FLIGHT}"));
+        }
         let max_message_bytes = file.limits.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
         if file.tokens.issuers.is_empty() {
             problems.push(
@@ -276,6 +314,9 @@ impl Config {
         if max_message_bytes < 1024 {
             problems.push("`limits.max_message_bytes` must be at least 1024".to_owned());
         }
+        if max_message_bytes > MAX_MESSAGE_BYTES_LIMIT {
+            problems.push(format!("`limits.max_message_bytes` must be at most {MAX_MESSAGE_BYTES_LIMIT} (64 MiB)"));
+        }
         let journal_segment_bytes =
             file.storage.journal_segment_bytes.unwrap_or(crate::store::journal::DEFAULT_SEGMENT_BYTES);
         if journal_segment_bytes < crate::store::journal::MIN_SEGMENT_BYTES {
@@ -283,6 +324,12 @@ impl Config {
                 "`storage.journal_segment_bytes` must be at least {}",
                 crate::store::journal::MIN_SEGMENT_BYTES
             ));
+        }
+        if journal_segment_bytes > MAX_SEGMENT_BYTES {
+            problems.push(format!("`storage.journal_segment_bytes` must be at most {MAX_SEGMENT_BYTES} (4 GiB)"));
+        }
+        if file.storage.index_cache_bytes.is_some_and(|bytes| bytes > MAX_INDEX_CACHE_BYTES) {
+            problems.push(format!("`storage.index_cache_bytes` must be at most {MAX_INDEX_CACHE_BYTES} (16 GiB)"));
         }
         let checkpoint_origin =
             file.audit.checkpoint_origin.unwrap_or_else(|| crate::audit::checkpoints::DEFAULT_ORIGIN.to_owned());
@@ -368,6 +415,30 @@ mod tests {
         for expected in ["`listen`", "`data_dir` is required", "`tls.key` is required", "max_attempts"] {
             assert!(text.contains(expected), "missing {expected} in {text}");
         }
+    }
+
+    /// Values in the wrong unit, or far past anything sensible, are refused at start with the setting named: before,
+    /// an acknowledgement wait of centuries started and then made the delivery engine's timers panic, a retry delay
+    /// of zero used up a refused copy's attempts in milliseconds, and `BROKER_MAX_ATTEMPTS=4294967297` meant 1.
+    #[test]
+    fn values_past_their_bounds_are_refused() {
+        let cases = [
+            ("[delivery]\nack_wait_seconds = 18446744073709551615", "`delivery.ack_wait_seconds` must be at most"),
+            ("[delivery]\ndefault_retry_delay_millis = 0", "`delivery.default_retry_delay_millis` must be from"),
+            ("[delivery]\ndefault_retry_delay_millis = 86400001", "`delivery.default_retry_delay_millis` must be from"),
+            ("[delivery]\nmax_in_flight = 1000000", "`delivery.max_in_flight` must be at most"),
+            ("[limits]\nmax_message_bytes = 1073741824", "`limits.max_message_bytes` must be at most"),
+            ("[storage]\njournal_segment_bytes = 8589934592", "`storage.journal_segment_bytes` must be at most"),
+            ("[storage]\nindex_cache_bytes = 34359738368", "`storage.index_cache_bytes` must be at most"),
+        ];
+        for (extra, expected) in cases {
+            let error = parse(&format!("{MINIMAL}\n{extra}"), &[]).unwrap_err();
+            assert!(error.to_string().contains(expected), "{extra}: {error}");
+        }
+        let error = parse(MINIMAL, &[("BROKER_MAX_ATTEMPTS", "4294967297")]).unwrap_err();
+        assert!(error.to_string().contains("`delivery.max_attempts` must be at most"), "{error}");
+        let within = "[delivery]\nack_wait_seconds = 604800\ndefault_retry_delay_millis = 100\nmax_attempts = 1000";
+        parse(&format!("{MINIMAL}\n{within}"), &[]).unwrap();
     }
 
     #[test]

@@ -17,6 +17,9 @@ use std::{
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind, jwk::JwkSet};
 use serde::{Deserialize, Serialize};
 
+/// The most clock skew `tokens.leeway_seconds` may allow.
+pub const MAX_LEEWAY_SECONDS: u64 = 300;
+
 /// The claims the broker reads. `roles` may also be given as a single `role`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Claims {
@@ -176,6 +179,10 @@ impl TokenVerifier {
     /// Reads every issuer's keys; `base` resolves relative paths. Every problem is reported.
     pub fn load(settings: &TokensFile, base: &Path) -> Result<Self, Vec<String>> {
         let mut problems = Vec::new();
+        if settings.leeway_seconds.is_some_and(|leeway| leeway > MAX_LEEWAY_SECONDS) {
+            // A value in milliseconds (30000) would accept tokens hours after they expired.
+            problems.push(format!("`tokens.leeway_seconds` must be at most {MAX_LEEWAY_SECONDS} (five minutes)"));
+        }
         let mut by_agency: HashMap<String, Vec<TrustedIssuer>> = HashMap::new();
         let mut watched = Vec::new();
         for (index, issuer) in settings.issuers.iter().enumerate() {
@@ -487,6 +494,22 @@ mod tests {
         assert_eq!(practitioner.roles, vec!["spoc".to_owned()]);
         assert_eq!(practitioner.valid_until, exp + 5, "accepted until its expiry plus the leeway");
         assert_eq!(verifier.verify("beds-police", &token).unwrap().valid_until, exp + 5, "also when remembered");
+    }
+
+    /// A leeway written in milliseconds would accept tokens hours after they expired: refused at load.
+    #[test]
+    fn a_leeway_past_five_minutes_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (police, _, public) = DevIssuer::generate("beds-police").unwrap();
+        std::fs::write(dir.path().join("police.pem"), public).unwrap();
+        let settings = |leeway| TokensFile {
+            audience: None,
+            leeway_seconds: Some(leeway),
+            issuers: vec![police.issuer_file(Path::new("police.pem"))],
+        };
+        let problems = TokenVerifier::load(&settings(30_000), dir.path()).err().unwrap();
+        assert!(problems.iter().any(|problem| problem.contains("`tokens.leeway_seconds`")), "{problems:?}");
+        assert!(TokenVerifier::load(&settings(MAX_LEEWAY_SECONDS), dir.path()).is_ok());
     }
 
     #[test]
