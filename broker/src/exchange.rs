@@ -713,8 +713,66 @@ pub fn validate(envelope: &pb::Envelope) -> Result<(), ExchangeError> {
             return Err(invalid("envelope.subject.date_of_birth", "is before 1900"));
         }
     }
+    check_timestamps(envelope)
+}
+
+/// Refuses a timestamp outside what protobuf's JSON mapping (RFC 3339, years 0001 to 9999) can write, or with
+/// nanoseconds out of range. Such a message was accepted, and then every recipient's agent failed to write its copy
+/// as JSON and negatively acknowledged it until it was dead-lettered (milliseconds put in `seconds`, say).
+fn check_timestamps(envelope: &pb::Envelope) -> Result<(), ExchangeError> {
+    use pb::envelope::Body;
+    let mut found: Vec<(&'static str, Option<&prost_types::Timestamp>)> = vec![
+        ("envelope.created_at", envelope.created_at.as_ref()),
+        (
+            "envelope.agreement.agreed_at",
+            envelope.agreement.as_ref().and_then(|agreement| agreement.agreed_at.as_ref()),
+        ),
+    ];
+    match &envelope.body {
+        Some(Body::DomesticAbuseIncident(incident)) => {
+            found.push(("envelope.domestic_abuse_incident.occurred_at", incident.occurred_at.as_ref()));
+        }
+        Some(Body::PublicProtectionNotice(notice)) => {
+            found.push(("envelope.public_protection_notice.occurred_at", notice.occurred_at.as_ref()));
+        }
+        Some(Body::ReferralOutcome(outcome)) => {
+            found.push(("envelope.referral_outcome.received_at", outcome.received_at.as_ref()));
+        }
+        Some(Body::InformationRequest(request)) => {
+            found.push(("envelope.information_request.respond_by", request.respond_by.as_ref()));
+        }
+        Some(Body::Meeting(meeting)) => found.push(("envelope.meeting.starts_at", meeting.starts_at.as_ref())),
+        Some(Body::CareAttendance(attendance)) => {
+            found.push(("envelope.care_attendance.attended_at", attendance.attended_at.as_ref()));
+        }
+        Some(Body::MissingEpisode(episode)) => {
+            found.push(("envelope.missing_episode.missing_since", episode.missing_since.as_ref()));
+            found.push(("envelope.missing_episode.found_at", episode.found_at.as_ref()));
+        }
+        Some(Body::Escalation(escalation)) => {
+            found.push(("envelope.escalation.deadline", escalation.deadline.as_ref()))
+        }
+        _ => {}
+    }
+    for (field, timestamp) in found {
+        if let Some(timestamp) = timestamp
+            && (!(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&timestamp.seconds)
+                || !(0..1_000_000_000).contains(&timestamp.nanos))
+        {
+            return Err(ExchangeError::InvalidArgument {
+                field,
+                description: "is not a time between the years 1 and 9999 (seconds since 1970, and nanoseconds from 0 \
+                              to 999,999,999)"
+                    .to_owned(),
+            });
+        }
+    }
     Ok(())
 }
+
+/// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z, the range of protobuf's `Timestamp` in JSON.
+const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
+const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
 
 fn truncate(text: &str) -> String {
     text.chars().take(40).collect()
@@ -1010,6 +1068,62 @@ mod tests {
         let bare =
             pb::Delivery { delivery_id: "d".into(), envelope: Some(pb::Envelope::default()), ..Default::default() };
         assert_eq!(encode_delivery(bare.clone(), &[]), bare.encode_to_vec());
+    }
+
+    /// Every timestamp an envelope can hold (found from the descriptors, so a new field is not missed) is checked:
+    /// out of protobuf JSON's range, or with nanoseconds out of range, it is refused naming its field; in range it
+    /// passes.
+    #[test]
+    fn every_timestamp_out_of_range_is_refused_naming_its_field() {
+        use prost_reflect::{DynamicMessage, Kind, MessageDescriptor, ReflectMessage, Value};
+        fn paths(message: &MessageDescriptor, prefix: &str, depth: usize, out: &mut Vec<String>) {
+            for field in message.fields() {
+                let Kind::Message(inner) = field.kind() else { continue };
+                let path = format!("{prefix}.{}", field.name());
+                if inner.full_name() == "google.protobuf.Timestamp" {
+                    assert!(!field.is_list(), "{path}: a repeated timestamp needs its own check");
+                    out.push(path);
+                } else if depth < 8 && !field.is_list() && !field.is_map() {
+                    paths(&inner, &path, depth + 1, out);
+                }
+            }
+        }
+        fn set(message: &mut DynamicMessage, path: &[&str], timestamp: &prost_types::Timestamp) {
+            let field = message.descriptor().get_field_by_name(path[0]).unwrap();
+            if path.len() == 1 {
+                let mut value = DynamicMessage::new(field.kind().as_message().unwrap().clone());
+                value.transcode_from(timestamp).unwrap();
+                message.set_field(&field, Value::Message(value));
+            } else {
+                let mut inner = match message.get_field(&field).as_message() {
+                    Some(inner) => inner.clone(),
+                    None => DynamicMessage::new(field.kind().as_message().unwrap().clone()),
+                };
+                set(&mut inner, &path[1..], timestamp);
+                message.set_field(&field, Value::Message(inner));
+            }
+        }
+        let pool = proto::descriptor_pool().unwrap();
+        let descriptor = pool.get_message_by_name(proto::ENVELOPE_MESSAGE).unwrap();
+        let mut found = Vec::new();
+        paths(&descriptor, "envelope", 0, &mut found);
+        assert_eq!(found.len(), 11, "{found:?}");
+        let year_10000 = prost_types::Timestamp { seconds: MAX_TIMESTAMP_SECONDS + 1, nanos: 0 };
+        let bad_nanos = prost_types::Timestamp { seconds: 1_700_000_000, nanos: -1 };
+        let fine = prost_types::Timestamp { seconds: 1_700_000_000, nanos: 999_999_999 };
+        for path in &found {
+            let segments: Vec<&str> = path.split('.').skip(1).collect();
+            for (timestamp, refused) in [(&year_10000, true), (&bad_nanos, true), (&fine, false)] {
+                let mut message = DynamicMessage::new(descriptor.clone());
+                set(&mut message, &segments, timestamp);
+                let envelope: pb::Envelope = message.transcode_to().unwrap();
+                match check_timestamps(&envelope) {
+                    Err(ExchangeError::InvalidArgument { field, .. }) if refused => assert_eq!(field, path),
+                    Ok(()) if !refused => {}
+                    other => panic!("{path} = {timestamp:?}: {other:?}"),
+                }
+            }
+        }
     }
 
     #[test]
