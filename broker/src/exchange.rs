@@ -230,7 +230,11 @@ impl Exchange {
             recipients: decisions,
         };
         commit.writes.push(Write::PutBlob(records::message_key(&message_id), records::encode(&record)?));
-        if !key.is_empty() {
+        // A send refused for every recipient is recorded (its decisions are audited, and `track` shows them) but not
+        // kept under its key: the call failed, so the same request sent again (once the policy or the envelope is
+        // mended) is decided again rather than answered with the old refusal.
+        let any_accepted = record.recipients.iter().any(|decision| decision.accepted);
+        if !key.is_empty() && any_accepted {
             commit
                 .writes
                 .push(Write::Put(records::idempotency_key(&caller.agency, &key), message_id.clone().into_bytes()));
@@ -1124,6 +1128,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A send refused for every recipient does not use up its idempotency key: the same request is decided again
+    /// (refused again, as a new message), and once mended it is accepted under that key, after which the key
+    /// answers with that receipt.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_send_refused_for_every_recipient_does_not_use_up_its_key() {
+        let Area { dir: _dir, _stop, store: _store, deliveries: _deliveries, exchange } = area();
+        let school =
+            Caller { agency: "luton-oakwood-primary".into(), practitioner: "dsl-1".into(), roles: vec!["dsl".into()] };
+        let mut refused = example("operation-encompass-notification.json");
+        refused.idempotency_key = "k-1".into();
+        refused.recipients = vec!["luton-csc".into()];
+        let first = match exchange.send(&school, refused.clone()).await {
+            Err(ExchangeError::Refused { receipt, .. }) => receipt,
+            other => panic!("expected a refusal: {other:?}"),
+        };
+        let again = match exchange.send(&school, refused).await {
+            Err(ExchangeError::Refused { receipt, .. }) => receipt,
+            other => panic!("expected a refusal: {other:?}"),
+        };
+        assert!(!again.duplicate, "decided again");
+        assert_ne!(again.message_id, first.message_id);
+
+        let mut mended = example("school-referral-to-front-door.json");
+        mended.idempotency_key = "k-1".into();
+        let accepted = exchange.send(&school, mended.clone()).await.unwrap();
+        assert!(!accepted.duplicate);
+        let repeated = exchange.send(&school, mended).await.unwrap();
+        assert!(repeated.duplicate);
+        assert_eq!(repeated.message_id, accepted.message_id);
     }
 
     #[test]
