@@ -37,6 +37,12 @@ pub enum ExchangeError {
     Refused { receipt: Box<pb::SendResponse>, summary: String },
     #[error("no message `{0}` sent by this agency")]
     NotFound(String),
+    /// The idempotency key was first used for a message with other content.
+    #[error(
+        "this idempotency key was used for another message (`{message_id}`), with different content: give each \
+         message a key of its own (this one was not sent)"
+    )]
+    KeyReused { message_id: String },
     #[error("{0}")]
     Store(#[from] StoreError),
 }
@@ -84,10 +90,14 @@ impl Exchange {
             let stripe = (hasher.finish() % IDEMPOTENCY_STRIPES as u64) as usize;
             Some(self.idempotency_locks[stripe].clone().lock_owned().await)
         };
+        let digest = content_digest(&envelope);
         if !key.is_empty()
-            && let Some(message_id) = self.store.get(&records::idempotency_key(&caller.agency, &key))?
+            && let Some(value) = self.store.get(&records::idempotency_key(&caller.agency, &key))?
         {
-            let message_id = String::from_utf8_lossy(&message_id).into_owned();
+            let (message_id, stored_digest) = records::parse_idempotency_value(&value);
+            if stored_digest.is_some_and(|stored| stored != digest) {
+                return Err(ExchangeError::KeyReused { message_id });
+            }
             let record = self.message_record(&message_id)?.ok_or_else(|| ExchangeError::NotFound(message_id))?;
             let mut receipt = receipt_of(&record);
             receipt.duplicate = true;
@@ -235,9 +245,10 @@ impl Exchange {
         // mended) is decided again rather than answered with the old refusal.
         let any_accepted = record.recipients.iter().any(|decision| decision.accepted);
         if !key.is_empty() && any_accepted {
-            commit
-                .writes
-                .push(Write::Put(records::idempotency_key(&caller.agency, &key), message_id.clone().into_bytes()));
+            commit.writes.push(Write::Put(
+                records::idempotency_key(&caller.agency, &key),
+                records::idempotency_value(&message_id, &digest),
+            ));
         }
         self.commit_and_enqueue(commit, enqueued, guard).await?;
         tracing::info!(
@@ -778,6 +789,16 @@ fn check_timestamps(envelope: &pb::Envelope) -> Result<(), ExchangeError> {
 const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
 const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
 
+/// What an idempotency key is checked against when used again: the SHA-256 of the envelope as sent, without its
+/// `created_at` (a client may stamp each retry afresh) and `message_id` (the broker's).
+fn content_digest(envelope: &pb::Envelope) -> [u8; 32] {
+    use sha2::Digest;
+    let mut content = envelope.clone();
+    content.created_at = None;
+    content.message_id.clear();
+    sha2::Sha256::digest(content.encode_to_vec()).into()
+}
+
 fn truncate(text: &str) -> String {
     text.chars().take(40).collect()
 }
@@ -1159,6 +1180,42 @@ mod tests {
         let repeated = exchange.send(&school, mended).await.unwrap();
         assert!(repeated.duplicate);
         assert_eq!(repeated.message_id, accepted.message_id);
+    }
+
+    /// A key used again with other content is refused (the second message was not sent, and the caller is told
+    /// rather than handed the first message's receipt as if it were its own); the same content with a fresh
+    /// `created_at` is the same message. A key an older broker stored (no digest) answers as before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_used_again_for_other_content_is_refused() {
+        let Area { dir: _dir, _stop, store, deliveries: _deliveries, exchange } = area();
+        let police = Caller { agency: "beds-police".into(), practitioner: "pc-1".into(), roles: vec!["spoc".into()] };
+        let mut first = example("operation-encompass-notification.json");
+        first.idempotency_key = "incident-7".into();
+        let receipt = exchange.send(&police, first.clone()).await.unwrap();
+
+        let mut retried = first.clone();
+        retried.created_at = Some(prost_types::Timestamp { seconds: 1_800_000_000, nanos: 0 });
+        let again = exchange.send(&police, retried).await.unwrap();
+        assert!(again.duplicate);
+        assert_eq!(again.message_id, receipt.message_id);
+
+        let mut other = first.clone();
+        if let Some(pb::envelope::Body::DomesticAbuseIncident(incident)) = &mut other.body {
+            incident.location = "another address".into();
+        }
+        match exchange.send(&police, other.clone()).await {
+            Err(ExchangeError::KeyReused { message_id }) => assert_eq!(message_id, receipt.message_id),
+            answer => panic!("expected the key's reuse to be refused: {answer:?}"),
+        }
+
+        // Stored by an older broker: the message id alone.
+        other.idempotency_key = "older".into();
+        let older = exchange.send(&police, other.clone()).await.unwrap();
+        let write = Write::Put(records::idempotency_key("beds-police", "older"), older.message_id.clone().into_bytes());
+        store.commit(Commit { audit: Vec::new(), writes: vec![write] }).await.unwrap();
+        let mut changed = other;
+        changed.purpose = "something else".into();
+        assert!(exchange.send(&police, changed).await.unwrap().duplicate, "no digest to compare: as before");
     }
 
     #[test]

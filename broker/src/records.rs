@@ -8,7 +8,7 @@
 //! | key | value |
 //! |---|---|
 //! | `m/<message_id>` | [`MessageRecord`]: sender, time, and the receipt per named recipient |
-//! | `i/<sender>/<idempotency key>` | the message id the key was first used for |
+//! | `i/<sender>/<idempotency key>` | the message id the key was first used for, and the SHA-256 of that message's content ([`idempotency_value`]) |
 //! | `d/<delivery_id>` | [`DeliveryRecord`]: state of one recipient's copy, with its tracking events |
 //! | `q/<recipient>/<seq, 20 digits>` | while the copy waits for acknowledgement: the delivery id and its pending acknowledgement deadline ([`queue_value`]; what `Store::get` and scans read), with the encoded `pb::Delivery` (the recipient's copy) attached (`Store::get_attachment`); deleted once acknowledged or dead-lettered |
 //! | `c/<delivery_id>` | the copy, for a copy queued by a broker from before attached copies (its `q/` entry has no attachment); deleted with the `q/` entry |
@@ -73,6 +73,25 @@ pub fn parse_queue_value(value: &[u8]) -> Option<(String, Option<Option<i64>>)> 
         None => Some((text.to_owned(), None)),
         Some((delivery_id, "")) => Some((delivery_id.to_owned(), Some(None))),
         Some((delivery_id, micros)) => Some((delivery_id.to_owned(), Some(Some(micros.parse().ok()?)))),
+    }
+}
+
+/// The value under an `i/` key: the message id, then a newline and the hex SHA-256 of the content the key was first
+/// used for (see `exchange::content_digest`).
+pub fn idempotency_value(message_id: &str, digest: &[u8; 32]) -> Vec<u8> {
+    format!("{message_id}\n{}", hex::encode(digest)).into_bytes()
+}
+
+/// What an `i/` value says: the message id, and the content digest (`None` for a value an older broker wrote,
+/// which holds the id alone, or one that does not parse).
+pub fn parse_idempotency_value(value: &[u8]) -> (String, Option<[u8; 32]>) {
+    let text = String::from_utf8_lossy(value);
+    match text.split_once('\n') {
+        Some((message_id, digest)) => {
+            let digest = hex::decode(digest).ok().and_then(|bytes| <[u8; 32]>::try_from(bytes).ok());
+            (message_id.to_owned(), digest)
+        }
+        None => (text.into_owned(), None),
     }
 }
 

@@ -57,6 +57,15 @@ impl From<ExchangeError> for Status {
                 format!("no message `{message_id}` sent by this agency"),
                 HashMap::new(),
             ),
+            ExchangeError::KeyReused { message_id } => {
+                let text = ExchangeError::KeyReused { message_id: message_id.clone() }.to_string();
+                status(
+                    Code::FailedPrecondition,
+                    "idempotency-key-reused",
+                    text,
+                    HashMap::from([("message_id".to_owned(), message_id)]),
+                )
+            }
             ExchangeError::Store(error) => store_status(&error),
         }
     }
