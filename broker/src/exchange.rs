@@ -37,6 +37,18 @@ pub enum ExchangeError {
     Refused { receipt: Box<pb::SendResponse>, summary: String },
     #[error("no message `{0}` sent by this agency")]
     NotFound(String),
+    /// A correction that does not go to every agency the original reached.
+    #[error(
+        "this message corrects `{original}`, which reached {missing}: a correction must go to every agency that \
+         received the original (add them to `recipients`)"
+    )]
+    CorrectionMissesRecipients { original: String, missing: String },
+    /// The recipients' copies together are more than one commit may hold.
+    #[error(
+        "the copies of this message for its recipients come to more than the {limit} bytes one message may store: \
+         send it to fewer recipients at a time, or make it smaller"
+    )]
+    TooLarge { limit: usize },
     /// The idempotency key was first used for a message with other content.
     #[error(
         "this idempotency key was used for another message (`{message_id}`), with different content: give each \
@@ -59,13 +71,15 @@ pub struct Exchange {
     pseudonymiser: Pseudonymiser,
     /// Serialises sends that share an idempotency key, so two concurrent sends cannot both store a message.
     idempotency_locks: Arc<Vec<Arc<tokio::sync::Mutex<()>>>>,
+    /// [`MAX_COPY_BYTES_PER_SEND`], smaller in tests.
+    max_copy_bytes: usize,
 }
 
 impl Exchange {
     pub fn new(store: Store, deliveries: Deliveries, policy: CurrentPolicy, pseudonymiser: Pseudonymiser) -> Self {
         let idempotency_locks =
             Arc::new((0..IDEMPOTENCY_STRIPES).map(|_| Arc::new(tokio::sync::Mutex::new(()))).collect());
-        Self { store, deliveries, policy, pseudonymiser, idempotency_locks }
+        Self { store, deliveries, policy, pseudonymiser, idempotency_locks, max_copy_bytes: MAX_COPY_BYTES_PER_SEND }
     }
 
     pub fn policy(&self) -> Arc<PolicySet> {
@@ -104,6 +118,7 @@ impl Exchange {
             return refusal_or(receipt);
         }
 
+        self.check_correction(caller, &envelope)?;
         let policy = self.policy();
         let now = OffsetDateTime::now_utc();
         let now_micros = micros(now);
@@ -120,6 +135,7 @@ impl Exchange {
         let mut enqueued = Vec::new();
         // Encoded once, with its message id: every recipient's decision and copy read these bytes.
         let encoded = envelope.encode_to_vec();
+        let mut copy_bytes = 0usize;
         for recipient in &envelope.recipients {
             let request = DecisionRequest {
                 sender: &caller.agency,
@@ -134,7 +150,14 @@ impl Exchange {
             let mut copy = None;
             if decision.permitted {
                 match policy.build_copy_encoded(&encoded, &decision) {
-                    Ok(built) => copy = Some(built),
+                    Ok(built) => {
+                        // Checked before anything is stored: one send is one journal record, which has a limit.
+                        copy_bytes = copy_bytes.saturating_add(built.len());
+                        if copy_bytes > self.max_copy_bytes {
+                            return Err(ExchangeError::TooLarge { limit: self.max_copy_bytes });
+                        }
+                        copy = Some(built);
+                    }
                     Err(error) => {
                         // Deny on any error while deciding (invariant 1).
                         tracing::error!(error = %error, %recipient, "could not build a recipient copy: refused");
@@ -260,6 +283,32 @@ impl Exchange {
             "message decided"
         );
         refusal_or(receipt_of(&record))
+    }
+
+    /// A correction (`corrects`) must name a message this agency sent, and go to every agency that message was
+    /// accepted for: each of them holds the data being corrected (DOMAIN.md: tell every recipient when shared data
+    /// is corrected). The broker does not add them itself; the sender addresses them, and the policy decides each.
+    fn check_correction(&self, caller: &Caller, envelope: &pb::Envelope) -> Result<(), ExchangeError> {
+        if envelope.corrects.is_empty() {
+            return Ok(());
+        }
+        let original = match self.message_record(&envelope.corrects)? {
+            Some(record) if record.sender == caller.agency => record,
+            _ => return Err(ExchangeError::NotFound(envelope.corrects.clone())),
+        };
+        let missing: Vec<&str> = original
+            .recipients
+            .iter()
+            .filter(|decision| decision.accepted && !envelope.recipients.contains(&decision.recipient))
+            .map(|decision| decision.recipient.as_str())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(ExchangeError::CorrectionMissesRecipients {
+            original: original.message_id,
+            missing: missing.iter().map(|agency| format!("`{agency}`")).collect::<Vec<_>>().join(", "),
+        })
     }
 
     /// The state of a message the caller's agency sent, per recipient.
@@ -706,12 +755,44 @@ pub fn validate(envelope: &pb::Envelope) -> Result<(), ExchangeError> {
     if envelope.idempotency_key.len() > 200 || envelope.idempotency_key.chars().any(|c| c.is_control()) {
         return Err(invalid("envelope.idempotency_key", "must be at most 200 printable characters"));
     }
+    // Codes reach every recipient whatever the policy withholds, and are quoted in decisions' explanations: codes,
+    // not free text (a name or a case note written here would pass every field mask).
+    let code = |field: &'static str, value: &str, required: bool| {
+        if value.is_empty() && !required {
+            return Ok(());
+        }
+        if value.is_empty()
+            || value.len() > 64
+            || !value.bytes().all(|byte| byte.is_ascii_alphanumeric() || b"._:-".contains(&byte))
+        {
+            return Err(invalid(field, "must be a code of 1 to 64 letters, digits, `.`, `_`, `:` or `-`"));
+        }
+        Ok(())
+    };
+    code("envelope.purpose", &envelope.purpose, true)?;
+    code("envelope.sender_role", &envelope.sender_role, false)?;
+    code("envelope.recipient_role", &envelope.recipient_role, false)?;
+    for (field, value) in
+        [("envelope.correlation_id", &envelope.correlation_id), ("envelope.corrects", &envelope.corrects)]
+    {
+        if !value.is_empty() && uuid::Uuid::try_parse(value).is_err() {
+            return Err(invalid(field, "must be a message id the broker gave (a UUID)"));
+        }
+    }
     if let Some(agreement) = &envelope.agreement {
         if pb::AgreementState::try_from(agreement.state).is_err() {
             return Err(invalid("envelope.agreement.state", "is not a known agreement state"));
         }
         if pb::OverrideReason::try_from(agreement.override_reason).is_err() {
             return Err(invalid("envelope.agreement.override_reason", "is not a known override reason"));
+        }
+        // Recorded in the audit log when an override is used: an identifier, never a name or free text.
+        let authorised_by = &agreement.authorised_by;
+        if authorised_by.len() > 128 || authorised_by.chars().any(|c| !c.is_ascii_graphic()) {
+            return Err(invalid(
+                "envelope.agreement.authorised_by",
+                "must be the practitioner's identifier (their token's subject): at most 128 characters, no spaces",
+            ));
         }
     }
     if let Some(date) = envelope.subject.as_ref().and_then(|child| child.date_of_birth.as_ref()) {
@@ -788,6 +869,10 @@ fn check_timestamps(envelope: &pb::Envelope) -> Result<(), ExchangeError> {
 /// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z, the range of protobuf's `Timestamp` in JSON.
 const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
 const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+
+/// The most bytes the recipients' copies of one send may come to: a send is stored as one journal record
+/// ([`crate::store::log::MAX_RECORD_BYTES`], 256 MiB), with its records and audit entries beside the copies.
+const MAX_COPY_BYTES_PER_SEND: usize = 192 * 1024 * 1024;
 
 /// What an idempotency key is checked against when used again: the SHA-256 of the envelope as sent, without its
 /// `created_at` (a client may stamp each retry afresh) and `message_id` (the broker's).
@@ -1182,6 +1267,52 @@ mod tests {
         assert_eq!(repeated.message_id, accepted.message_id);
     }
 
+    /// A correction must go to every agency the original reached (they all hold what is being corrected), and may
+    /// correct only a message of the sender's own agency.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_correction_goes_to_every_recipient_of_the_original() {
+        let Area { dir: _dir, _stop, store: _store, deliveries: _deliveries, exchange } = area();
+        let police = Caller { agency: "beds-police".into(), practitioner: "pc-1".into(), roles: vec!["spoc".into()] };
+        let original = exchange.send(&police, example("operation-encompass-notification.json")).await.unwrap();
+        let mut correction = example("operation-encompass-notification.json");
+        correction.corrects = original.message_id.clone();
+        correction.recipients = vec!["luton-csc".into()];
+        match exchange.send(&police, correction.clone()).await {
+            Err(ExchangeError::CorrectionMissesRecipients { original: named, missing }) => {
+                assert_eq!(named, original.message_id);
+                assert_eq!(missing, "`luton-oakwood-primary`");
+            }
+            answer => panic!("expected the correction to be refused: {answer:?}"),
+        }
+        correction.recipients = vec!["luton-oakwood-primary".into()];
+        exchange.send(&police, correction.clone()).await.unwrap();
+        let school =
+            Caller { agency: "luton-oakwood-primary".into(), practitioner: "dsl-1".into(), roles: vec!["dsl".into()] };
+        let mut foreign = example("school-referral-to-front-door.json");
+        foreign.corrects = original.message_id.clone();
+        let refused = exchange.send(&school, foreign).await.unwrap_err();
+        assert!(matches!(refused, ExchangeError::NotFound(_)), "another agency's message: {refused:?}");
+    }
+
+    /// A send whose recipients' copies come to more than one commit may hold is refused with OUT_OF_RANGE before
+    /// anything is stored (before, the commit failed as "unavailable, retry", and the client retried for ever).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_send_whose_copies_are_too_large_together_stores_nothing() {
+        let Area { dir: _dir, _stop, store, deliveries: _deliveries, mut exchange } = area();
+        let council =
+            Caller { agency: "luton-csc".into(), practitioner: "sw-1".into(), roles: vec!["social-worker".into()] };
+        let envelope = example("child-protection-plan-notification.json");
+        let one_copy = exchange.send(&council, envelope.clone()).await.unwrap();
+        assert_eq!(one_copy.recipients.len(), 2);
+        let stored = store.scan_prefix(b"m/").count();
+        // Each copy is smaller than the envelope, two together larger.
+        exchange.max_copy_bytes = envelope.encoded_len();
+        let refused = exchange.send(&council, envelope).await.unwrap_err();
+        assert!(matches!(refused, ExchangeError::TooLarge { .. }), "{refused:?}");
+        assert_eq!(tonic::Status::from(refused).code(), tonic::Code::OutOfRange);
+        assert_eq!(store.scan_prefix(b"m/").count(), stored, "nothing stored");
+    }
+
     /// A key used again with other content is refused (the second message was not sent, and the caller is told
     /// rather than handed the first message's receipt as if it were its own); the same content with a fresh
     /// `created_at` is the same message. A key an older broker stored (no digest) answers as before.
@@ -1214,7 +1345,7 @@ mod tests {
         let write = Write::Put(records::idempotency_key("beds-police", "older"), older.message_id.clone().into_bytes());
         store.commit(Commit { audit: Vec::new(), writes: vec![write] }).await.unwrap();
         let mut changed = other;
-        changed.purpose = "something else".into();
+        changed.purpose = "something-else".into();
         assert!(exchange.send(&police, changed).await.unwrap().duplicate, "no digest to compare: as before");
     }
 
@@ -1236,5 +1367,28 @@ mod tests {
         envelope.purpose.clear();
         assert!(validate(&envelope).is_err());
         assert!(validate(&example("school-referral-to-front-door.json")).is_ok());
+
+        // Codes and identifiers that reach every recipient, or the audit log, are not free text.
+        type Mend = fn(&mut pb::Envelope);
+        let cases: [(&str, Mend); 6] = [
+            ("envelope.purpose", |envelope| envelope.purpose = "operation encompass for Amelia".into()),
+            ("envelope.sender_role", |envelope| envelope.sender_role = "x".repeat(65)),
+            ("envelope.recipient_role", |envelope| envelope.recipient_role = "dsl (Mrs Jones)".into()),
+            ("envelope.correlation_id", |envelope| envelope.correlation_id = "SMITH-J-150312".into()),
+            ("envelope.corrects", |envelope| envelope.corrects = "the one from Tuesday".into()),
+            ("envelope.agreement.authorised_by", |envelope| {
+                envelope.agreement.get_or_insert_default().authorised_by = "Inspector Jane Smith".into()
+            }),
+        ];
+        for (expected, mend) in cases {
+            let mut envelope = example("operation-encompass-notification.json");
+            mend(&mut envelope);
+            let Err(ExchangeError::InvalidArgument { field, .. }) = validate(&envelope) else { panic!("{expected}") };
+            assert_eq!(field, expected);
+        }
+        let mut fine = example("operation-encompass-notification.json");
+        fine.correlation_id = "0195a3c2-7d10-7b2e-9c41-000000000001".into();
+        fine.agreement.get_or_insert_default().authorised_by = "inspector.smith@beds.police.example".into();
+        validate(&fine).unwrap();
     }
 }

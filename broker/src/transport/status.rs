@@ -57,6 +57,23 @@ impl From<ExchangeError> for Status {
                 format!("no message `{message_id}` sent by this agency"),
                 HashMap::new(),
             ),
+            ExchangeError::CorrectionMissesRecipients { original, missing } => {
+                let text =
+                    ExchangeError::CorrectionMissesRecipients { original: original.clone(), missing: missing.clone() }
+                        .to_string();
+                status(
+                    Code::FailedPrecondition,
+                    "correction-misses-recipients",
+                    text,
+                    HashMap::from([("corrects".to_owned(), original), ("missing".to_owned(), missing)]),
+                )
+            }
+            ExchangeError::TooLarge { limit } => status(
+                Code::OutOfRange,
+                "message-too-large",
+                ExchangeError::TooLarge { limit }.to_string(),
+                HashMap::new(),
+            ),
             ExchangeError::KeyReused { message_id } => {
                 let text = ExchangeError::KeyReused { message_id: message_id.clone() }.to_string();
                 status(
