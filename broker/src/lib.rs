@@ -233,9 +233,20 @@ pub async fn run(
     // The audit log (its Merkle tree and the auditors' index, from their start-up cache and the entries after it) is
     // read on its own thread while sled opens (which replays sled's own log); they share nothing.
     let opening = std::time::Instant::now();
+    let fresh = store::journal::segment_files(&config.data_dir).map_or(true, |segments| segments.is_empty());
+    if fresh {
+        // A mistyped path, or a restore that never ran, starts a new area with no messages, no audit trail and new
+        // keys: said loudly, since agents connect to it all the same.
+        tracing::warn!(
+            data_dir = %config.data_dir.display(),
+            "the data directory holds no journal: starting a NEW, EMPTY broker (new keys, empty audit log); if you meant \
+             an existing one or a restore, stop now and check `data_dir`"
+        );
+    }
     let data_dir_lock = store::lock_data_dir(&config.data_dir)?;
     // Before the audit log is read: a directory from a newer broker is refused with one clear error.
     store::format::check_and_mark(&config.data_dir)?;
+    audit::check_keys_kept(&config.data_dir)?;
     let audit_dir = config.data_dir.join("audit");
     let reading_audit = std::thread::Builder::new()
         .name("audit-open".to_owned())

@@ -71,7 +71,36 @@ pub enum AuditError {
          (which puts back from the journal what the log lost)"
     )]
     WriteBackFailed,
+    #[error(
+        "the audit log in `{data_dir}` holds entries, but `keys/{missing}` is missing: restore it from a backup (a new \
+         key in its place could never again link a child to earlier entries, or sign checkpoints auditors can verify)"
+    )]
+    KeysMissing { data_dir: PathBuf, missing: String },
 }
+
+/// Refuses to go on when a key the audit log depends on is missing from a data directory whose audit log holds
+/// entries or checkpoints: the broker would make a new one in its place, silently (a new pseudonymisation key can
+/// never link earlier pseudonyms to a child again; a new signing key cannot sign on from checkpoints signed with the
+/// old one). A new data directory, with nothing in its log, gets its keys made as before.
+pub fn check_keys_kept(data_dir: &Path) -> Result<(), AuditError> {
+    let audit_dir = data_dir.join("audit");
+    let holds = |path: PathBuf| std::fs::metadata(path).is_ok_and(|metadata| metadata.len() > 0);
+    if !holds(AuditLog::path(&audit_dir)) && !holds(checkpoints::checkpoints_path(&audit_dir)) {
+        return Ok(());
+    }
+    let keys = data_dir.join("keys");
+    let missing: Vec<&str> = [PSEUDONYM_KEY_FILE, checkpoints::SIGNING_KEY_FILE]
+        .into_iter()
+        .filter(|name| !keys.join(name).exists())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(AuditError::KeysMissing { data_dir: data_dir.to_owned(), missing: missing.join("` and `keys/") })
+}
+
+/// File name of the pseudonymisation key under the keys directory.
+pub const PSEUDONYM_KEY_FILE: &str = "pseudonym-v1.key";
 
 /// What happened.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
@@ -695,7 +724,7 @@ pub struct Pseudonymiser {
 impl Pseudonymiser {
     /// Loads the pseudonymisation key from `keys_dir/pseudonym-v1.key`, creating it on first run.
     pub fn load_or_create(keys_dir: &Path) -> Result<Self, AuditError> {
-        let path = keys_dir.join("pseudonym-v1.key");
+        let path = keys_dir.join(PSEUDONYM_KEY_FILE);
         let key_error = |reason: String| AuditError::Key { path: path.clone(), reason };
         let key = match std::fs::read_to_string(&path) {
             Ok(text) => {
@@ -782,6 +811,24 @@ mod tests {
         drop(log);
         let log = AuditLog::open(dir.path()).unwrap();
         assert_eq!(log.len(), 3);
+    }
+
+    /// A directory whose audit log holds entries must still have its keys: a missing one is named, not made anew.
+    /// A new directory, or one whose keys are there, is fine.
+    #[test]
+    fn a_missing_key_beside_a_log_with_entries_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        check_keys_kept(dir.path()).unwrap();
+        std::fs::create_dir_all(dir.path().join("audit")).unwrap();
+        std::fs::write(AuditLog::path(&dir.path().join("audit")), b"an entry").unwrap();
+        let error = check_keys_kept(dir.path()).unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("pseudonym-v1.key") && text.contains("checkpoint.ed25519"), "{text}");
+        Pseudonymiser::load_or_create(&dir.path().join("keys")).unwrap();
+        let text = check_keys_kept(dir.path()).unwrap_err().to_string();
+        assert!(!text.contains("pseudonym-v1.key") && text.contains("checkpoint.ed25519"), "{text}");
+        std::fs::write(dir.path().join("keys").join(checkpoints::SIGNING_KEY_FILE), "00").unwrap();
+        check_keys_kept(dir.path()).unwrap();
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub fn read_mark(data_dir: &Path) -> Result<Mark, StoreError> {
 /// unless it already says so. Called before anything else in the directory is read or written, but for
 /// `broker.lock`, which the broker takes first.
 pub fn check_and_mark(data_dir: &Path) -> Result<(), StoreError> {
+    if data_dir.join(crate::backup::RESTORING_MARK).exists() {
+        return Err(StoreError::UnfinishedRestore(data_dir.to_owned()));
+    }
     match read_mark(data_dir)? {
         Mark::Format(found) if found == DATA_FORMAT => Ok(()),
         Mark::Format(found) if found > DATA_FORMAT => {

@@ -112,6 +112,11 @@ pub enum StoreError {
     )]
     NewerFormat { path: PathBuf, found: u32, supported: u32 },
     #[error(
+        "`{0}` holds a restore that did not finish (`restore-unfinished` is there): empty the directory and run \
+         `broker restore` again"
+    )]
+    UnfinishedRestore(PathBuf),
+    #[error(
         "`{0}` does not say which data format the directory holds (expected one line, `safeguarding-broker data format \
          <number>`); nothing in the directory was changed"
     )]
