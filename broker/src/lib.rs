@@ -199,6 +199,10 @@ fn survive_file_size_limit() {
     }
 }
 
+/// How long calls under way may take to finish once shutdown begins (well inside the usual 30 s grace period of a
+/// supervisor such as Kubernetes).
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves the broker on `listener` until `shutdown` resolves, then stops accepting, ends delivery streams, lets
 /// requests in flight finish and closes the store.
 pub async fn run(
@@ -368,6 +372,7 @@ pub async fn run(
         let store = store.clone();
         async move { store.restart_needed().await }
     };
+    let (signalled, shutdown_began) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         tokio::select! {
             () = shutdown => {}
@@ -377,23 +382,41 @@ pub async fn run(
         }
         tracing::info!("shutting down: no new connections, ending delivery streams");
         health.set_not_serving::<proto::pb::broker_server::BrokerServer<BrokerService>>().await;
+        // The whole server too: what `grpc.health.v1.Health/Check` with no service name (and most probes) ask about.
+        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         let _ = stop_streams.send(true);
+        let _ = signalled.send(());
     };
-    let served = tonic::transport::Server::builder()
-        .tls_config(tls)?
-        // One span per request, named by its gRPC method (never by anything in the message).
-        .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(service)
-        .add_service(audit_service)
-        .serve_with_incoming_shutdown(
-            // TCP_NODELAY, as tonic's own `serve` sets it: without it Nagle's algorithm and delayed ACKs add ~40 ms
-            // stalls to small responses (measured by the load generator, PERFORMANCE.md).
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            signal,
-        )
-        .await;
+    let mut serving = Box::pin(
+        tonic::transport::Server::builder()
+            .tls_config(tls)?
+            // One span per request, named by its gRPC method (never by anything in the message).
+            .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(service)
+            .add_service(audit_service)
+            .serve_with_incoming_shutdown(
+                // TCP_NODELAY, as tonic's own `serve` sets it: without it Nagle's algorithm and delayed ACKs add ~40 ms
+                // stalls to small responses (measured by the load generator, PERFORMANCE.md).
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                signal,
+            ),
+    );
+    // Requests under way get `DRAIN` to finish once shutdown begins; a call that never ends by itself (a client
+    // watching `Health/Watch`, say) would otherwise hold the shutdown open until the process is killed, which skips
+    // closing the store and the final checkpoint.
+    let served = tokio::select! {
+        served = &mut serving => served,
+        () = async {
+            let _ = shutdown_began.await;
+            tokio::time::sleep(DRAIN).await;
+        } => {
+            tracing::warn!(seconds = DRAIN.as_secs(), "calls still open after shutdown began: closing them");
+            Ok(())
+        }
+    };
+    drop(serving);
     reloader.abort();
     revocation_reloader.abort();
     policy_watcher.abort();

@@ -63,6 +63,40 @@ async fn health_and_reflection_answer_standard_clients() -> Result<()> {
     broker.stop().await
 }
 
+/// At shutdown the server as a whole (the empty service name, which probes ask about) turns NOT_SERVING, as the
+/// Broker service does; and a client watching health, whose call never ends by itself, does not hold the shutdown
+/// open: the broker stops within its drain time, its store closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_turns_health_not_serving_and_is_not_held_open_by_a_watcher() -> Result<()> {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let area = Area::new()?;
+    let broker = InProcessBroker::start(&area).await?;
+    let mut health = HealthClient::new(area.channel(POLICE, broker.address).await?);
+    let mut watch = health.watch(HealthCheckRequest { service: String::new() }).await?.into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), watch.message()).await??.expect("a status");
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    let started = std::time::Instant::now();
+    let stopping = tokio::spawn(broker.stop());
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message()).await??.expect("a status");
+    assert_eq!(next.status, ServingStatus::NotServing as i32, "the whole server is not serving once shutdown begins");
+    tokio::time::timeout(Duration::from_secs(15), stopping).await???;
+    assert!(started.elapsed() < Duration::from_secs(15), "stopped within the drain time: {:?}", started.elapsed());
+    // In a process of its own the broker now exits. Here, the watcher's connection outlives `run` until the client
+    // lets it go; then the data directory is free and opens again.
+    drop(watch);
+    drop(health);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match InProcessBroker::start(&area).await?.stop().await {
+            Ok(()) => return Ok(()),
+            Err(error) if tokio::time::Instant::now() < deadline && format!("{error:#}").contains("in use") => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_traffic_without_personal_data() -> Result<()> {
     let metrics_address = free_port();
