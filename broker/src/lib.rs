@@ -217,6 +217,8 @@ pub async fn run(
     // With the TLS files, before storage opens (which can take seconds after a long run): a list that does not load
     // stops the start at once.
     let revocations = load_revocations(&config)?;
+    // The token issuers' key files too: a missing one stops the start here, not after a long replay.
+    let tokens = load_tokens(&config)?;
     if !revocations.is_empty() {
         tracing::info!(revoked = revocations.len(), "certificate revocation lists loaded");
     }
@@ -282,7 +284,6 @@ pub async fn run(
         "storage opened"
     );
     let pseudonymiser = Pseudonymiser::load_or_create(&config.data_dir.join("keys"))?;
-    let tokens = load_tokens(&config)?;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::DESCRIPTOR_SET)
         .build_v1()
