@@ -657,13 +657,23 @@ fn override_detail(envelope: &pb::Envelope) -> String {
     format!("state={state} reason={reason} authorised_by={}", agreement.authorised_by)
 }
 
-fn refusal_or(receipt: pb::SendResponse) -> Result<pb::SendResponse, ExchangeError> {
+pub(crate) fn refusal_or(receipt: pb::SendResponse) -> Result<pb::SendResponse, ExchangeError> {
     let any_accepted = receipt.recipients.iter().any(|r| r.outcome == pb::RecipientOutcome::Accepted as i32);
     if any_accepted {
         return Ok(receipt);
     }
-    let summary =
-        receipt.recipients.iter().map(|r| format!("{}: {}", r.recipient, r.reason_code)).collect::<Vec<_>>().join("; ");
+    // The first few in the message (a header); the error's metadata and `track` say more.
+    const SUMMARISED: usize = 8;
+    let mut summary = receipt
+        .recipients
+        .iter()
+        .take(SUMMARISED)
+        .map(|r| format!("{}: {}", r.recipient, r.reason_code))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if receipt.recipients.len() > SUMMARISED {
+        summary.push_str(&format!("; and {} more", receipt.recipients.len() - SUMMARISED));
+    }
     Err(ExchangeError::Refused { receipt: Box::new(receipt), summary })
 }
 
