@@ -104,7 +104,8 @@ impl Exchange {
             let stripe = (hasher.finish() % IDEMPOTENCY_STRIPES as u64) as usize;
             Some(self.idempotency_locks[stripe].clone().lock_owned().await)
         };
-        let digest = content_digest(&envelope);
+        // Only a send with a key needs it.
+        let digest = if key.is_empty() { [0; 32] } else { content_digest(&mut envelope) };
         if !key.is_empty()
             && let Some(value) = self.store.get(&records::idempotency_key(&caller.agency, &key))?
         {
@@ -886,12 +887,15 @@ const MAX_COPY_BYTES_PER_SEND: usize = 192 * 1024 * 1024;
 
 /// What an idempotency key is checked against when used again: the SHA-256 of the envelope as sent, without its
 /// `created_at` (a client may stamp each retry afresh) and `message_id` (the broker's).
-fn content_digest(envelope: &pb::Envelope) -> [u8; 32] {
+/// The two are taken out for the encoding and put back (no copy of the envelope).
+fn content_digest(envelope: &mut pb::Envelope) -> [u8; 32] {
     use sha2::Digest;
-    let mut content = envelope.clone();
-    content.created_at = None;
-    content.message_id.clear();
-    sha2::Sha256::digest(content.encode_to_vec()).into()
+    let created_at = envelope.created_at.take();
+    let message_id = std::mem::take(&mut envelope.message_id);
+    let digest = sha2::Sha256::digest(envelope.encode_to_vec()).into();
+    envelope.created_at = created_at;
+    envelope.message_id = message_id;
+    digest
 }
 
 fn truncate(text: &str) -> String {
