@@ -144,6 +144,16 @@ async fn receive_until_stop(
                             tracing::warn!("delivery stream ended by the broker: reconnecting");
                             break;
                         }
+                        Err(status) if status.code() == tonic::Code::Aborted => {
+                            // Another agent of this agency (or this one's earlier connection) took the stream: wait
+                            // the longest before taking it back, so two agents do not keep replacing each other.
+                            tracing::error!(
+                                message = status.message(),
+                                "another connection of this agency took the delivery stream: is a second agent running?"
+                            );
+                            delay = config.delivery.reconnect_max;
+                            break;
+                        }
                         Err(status) => {
                             tracing::warn!(
                                 code = code_name(status.code()),

@@ -58,6 +58,12 @@ use crate::{
 };
 use proto::pb;
 
+/// Copies handed to a stream that its agent has not read yet, at most. The actor records an attempt only for a copy
+/// that has a place here, and its acknowledgement wait starts then: with the whole in-flight window buffered (256 by
+/// default), a slow agent's last copies waited out their acknowledgement wait unread, were recorded as delivered
+/// again with no room to send them, and used up their attempts while the agent was healthy.
+const STREAM_BUFFER: usize = 32;
+
 /// Settings of the delivery engine.
 #[derive(Clone, Debug)]
 pub struct DeliveryConfig {
@@ -321,7 +327,7 @@ impl Deliveries {
 
     /// Opens `recipient`'s delivery stream. A newer stream for the same agency replaces an older one.
     pub fn subscribe(&self, recipient: &str) -> mpsc::Receiver<StreamItem> {
-        let (stream, receiver) = mpsc::channel(self.shared.config.max_in_flight.max(1) + 1);
+        let (stream, receiver) = mpsc::channel(self.shared.config.max_in_flight.clamp(1, STREAM_BUFFER));
         self.send(recipient, Command::Subscribe { stream });
         receiver
     }
@@ -967,9 +973,18 @@ impl RecipientActor {
         match pb::Delivery::decode(copy.as_slice()) {
             Ok(mut delivery) => {
                 delivery.attempt = attempt;
-                // The channel holds at most `max_in_flight + 1` and we never have more than that in flight.
-                if stream.try_send(Ok(delivery)).is_err() {
-                    tracing::debug!(%delivery_id, "delivery stream closed; the copy stays in flight until redelivery");
+                match stream.try_send(Ok(delivery)) {
+                    Ok(()) => {}
+                    // The pump sends no more than the buffer's room; a copy a send recorded for an idle stream may
+                    // still find it full (the room sends are offered is advisory): it waits in the queue instead.
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::warn!(%delivery_id, "the agent's stream buffer is full: the copy waits in the queue");
+                        self.in_flight.remove(&delivery_id);
+                        self.ready.insert(seq, delivery_id);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        tracing::debug!(%delivery_id, "delivery stream closed; the copy stays in flight until redelivery");
+                    }
                 }
             }
             Err(error) => {
@@ -996,7 +1011,8 @@ impl RecipientActor {
     /// the room left in the window while the actor is idle, none otherwise.
     fn publish_direct_room(&self, stopping: bool) {
         let room = if !stopping && self.idle_with_room() {
-            self.shared.config.max_in_flight - self.in_flight.len()
+            let buffer = self.stream.as_ref().map_or(0, |stream| stream.capacity());
+            (self.shared.config.max_in_flight - self.in_flight.len()).min(buffer)
         } else {
             0
         };
@@ -1062,7 +1078,17 @@ impl RecipientActor {
                     if !self.delivering.is_empty() {
                         self.settle().await;
                     }
-                    self.stream = Some(stream);
+                    if let Some(replaced) = self.stream.replace(stream) {
+                        // Said to the agent whose stream this was (it would otherwise see a clean end and reconnect
+                        // at once, taking the stream back: two agents of one agency replace each other's streams).
+                        let _ = replaced.try_send(Err(crate::transport::status::status(
+                            tonic::Code::Aborted,
+                            "stream-replaced",
+                            "another connection of this agency opened its delivery stream, which replaces this one: \
+                             run one agent per agency",
+                            std::collections::HashMap::new(),
+                        )));
+                    }
                     self.requeue_in_flight();
                 }
                 // While loading, an acknowledgement of a copy not in flight may be of one not loaded yet.
@@ -1148,9 +1174,14 @@ impl RecipientActor {
         let _ = self.depth.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |depth| Some(depth.saturating_sub(1)));
     }
 
+    /// Puts a copy to wait out a retry delay until `when`, replacing any wait it already had (a copy negatively
+    /// acknowledged twice would otherwise keep its first timer too, which later put it back in the queue while it
+    /// was in flight).
     fn add_delayed(&mut self, when: Instant, seq: u64, delivery_id: String) {
+        if let Some(earlier) = self.delayed_at.insert(seq, when) {
+            self.delayed.remove(&(earlier, seq));
+        }
         self.delayed.insert((when, seq), delivery_id);
-        self.delayed_at.insert(seq, when);
     }
 
     fn add_deadline(&mut self, when: i64, seq: u64) {
@@ -1350,9 +1381,11 @@ impl RecipientActor {
             if entry.key().0 > now {
                 break;
             }
-            let ((_, seq), delivery_id) = entry.remove_entry();
-            self.delayed_at.remove(&seq);
-            self.ready.insert(seq, delivery_id);
+            let ((when, seq), delivery_id) = entry.remove_entry();
+            if self.delayed_at.get(&seq) == Some(&when) {
+                self.delayed_at.remove(&seq);
+                self.ready.insert(seq, delivery_id);
+            }
         }
         let expired = self.in_flight.take_expired(now);
         if !expired.is_empty() {
@@ -1509,7 +1542,14 @@ impl RecipientActor {
                 self.requeue_in_flight();
                 return;
             }
-            let room = self.shared.config.max_in_flight.saturating_sub(self.in_flight.len() + self.delivering.len());
+            // The window's room, and no more than the stream's buffer can take now (copies being delivered take their
+            // places when their commit is done).
+            let room = self
+                .shared
+                .config
+                .max_in_flight
+                .saturating_sub(self.in_flight.len() + self.delivering.len())
+                .min(stream.capacity().saturating_sub(self.delivering.len()));
             if room == 0 || self.ready.is_empty() {
                 return;
             }
@@ -1524,6 +1564,14 @@ impl RecipientActor {
             let mut outgoing = Vec::new();
             for (seq, delivery_id) in &batch {
                 self.ready.remove(*seq);
+                if self.in_flight.contains_key(delivery_id)
+                    || self.delivering.contains_key(delivery_id)
+                    || self.acking.contains_key(delivery_id)
+                {
+                    // Already on its way, or being acknowledged: never a second attempt of the same copy at once.
+                    tracing::warn!(%delivery_id, "a copy already in flight was queued again: skipped");
+                    continue;
+                }
                 if let Some(copy) = self.recorded.remove(seq) {
                     // Its attempt is already recorded (by its send's commit): it goes out in order with the rest.
                     outgoing.push(Outgoing {
@@ -1838,6 +1886,74 @@ mod tests {
         let copy = tokio::time::timeout(Duration::from_secs(10), stream.recv()).await.unwrap().unwrap().unwrap();
         assert_eq!(copy.delivery_id, delivery_id);
         OneCopyDelivered { _dir: dir, _stop: stop, store, deliveries, stream, delivery_id }
+    }
+
+    /// An agent that does not read its stream is handed no more copies than the stream's buffer holds: only those
+    /// are recorded as delivered (their acknowledgement waits started), the rest wait in the queue; as the agent
+    /// reads and acknowledges, the others follow, each at its first attempt.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn copies_are_recorded_as_delivered_only_as_the_stream_buffer_takes_them() {
+        let Engine { _dir, _stop, store, deliveries } = engine(DeliveryConfig::default());
+        let mut ids = Vec::new();
+        for seq in 1..=100 {
+            let delivery_id = store_copy(&store, seq).await;
+            deliveries.enqueued(Enqueued {
+                recipient: SCHOOL.into(),
+                seq,
+                delivery_id: delivery_id.clone(),
+                acknowledge_by_micros: None,
+                recorded: None,
+            });
+            ids.push(delivery_id);
+        }
+        let mut stream = deliveries.subscribe(SCHOOL);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let delivered = ids.iter().filter(|id| state_of(&store, id) == DeliveryState::Delivered).count();
+        assert!(delivered > 0 && delivered <= STREAM_BUFFER, "{delivered} recorded as delivered, none read");
+        let school = Actor { agency: SCHOOL.into(), ..Actor::default() };
+        let mut received = Vec::new();
+        while received.len() < ids.len() {
+            let copy = tokio::time::timeout(Duration::from_secs(10), stream.recv()).await.unwrap().unwrap().unwrap();
+            assert_eq!(copy.attempt, 1, "{}", copy.delivery_id);
+            deliveries.acknowledge(SCHOOL, &copy.delivery_id, school.clone()).await.unwrap();
+            received.push(copy.delivery_id);
+        }
+        assert_eq!(received, ids, "all of them, in order");
+    }
+
+    /// A newer stream of the same agency replaces the older, which is told why (ABORTED, `stream-replaced`) rather
+    /// than seeing a clean end and reconnecting at once; the copy in flight on it goes to the newer stream.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replaced_stream_is_told_why() {
+        let OneCopyDelivered { store: _store, deliveries, mut stream, delivery_id, _dir, _stop } =
+            one_copy_delivered().await;
+        let mut newer = deliveries.subscribe(SCHOOL);
+        let ended = tokio::time::timeout(Duration::from_secs(5), stream.recv()).await.unwrap().unwrap().unwrap_err();
+        assert_eq!(ended.code(), tonic::Code::Aborted);
+        assert!(ended.message().contains("one agent per agency"), "{}", ended.message());
+        assert!(stream.recv().await.is_none());
+        let copy = tokio::time::timeout(Duration::from_secs(5), newer.recv()).await.unwrap().unwrap().unwrap();
+        assert_eq!(copy.delivery_id, delivery_id);
+    }
+
+    /// A copy negatively acknowledged twice waits out the second delay only: the first delay's timer does not put it
+    /// back in the queue (before, it did, while the copy was in flight again, and it was sent and counted twice).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_negative_acknowledgement_replaces_the_first_delay() {
+        let OneCopyDelivered { store, deliveries, mut stream, delivery_id, _dir, _stop } = one_copy_delivered().await;
+        let school = Actor { agency: SCHOOL.into(), ..Actor::default() };
+        let nack =
+            |delay| deliveries.negative_acknowledge(SCHOOL, &delivery_id, school.clone(), Some(delay), "busy".into());
+        assert!(!nack(Duration::from_millis(300)).await.unwrap());
+        assert!(!nack(Duration::from_millis(1500)).await.unwrap());
+        let early = tokio::time::timeout(Duration::from_millis(1000), stream.recv()).await;
+        assert!(early.is_err(), "not after the first delay: {early:?}");
+        let again = tokio::time::timeout(Duration::from_secs(5), stream.recv()).await.unwrap().unwrap().unwrap();
+        assert_eq!(again.attempt, 2);
+        deliveries.acknowledge(SCHOOL, &delivery_id, school.clone()).await.unwrap();
+        let late = tokio::time::timeout(Duration::from_millis(700), stream.recv()).await;
+        assert!(late.is_err(), "and never again: {late:?}");
+        assert_eq!(state_of(&store, &delivery_id), DeliveryState::Acknowledged);
     }
 
     /// A copy whose acknowledgement wait runs out after its last attempt is dead-lettered, and once that is durable

@@ -295,7 +295,15 @@ pub async fn run(
     reload::audit_policy_event(&store, audit::EventType::PolicyActivated, policy.hash(), "at start".to_owned()).await;
     record_key_rotation(&store, &config.data_dir.join("keys")).await;
     let current_policy = Arc::new(RwLock::new(Arc::new(policy)));
-    let policy_watcher = tokio::spawn(reload::watch(config.policy_dir.clone(), current_policy.clone(), store.clone()));
+    // Each reload of the revocation lists or the policy set is announced to the open delivery streams, which end at
+    // once if their agent may no longer receive (a revoked certificate, an agency the policy set no longer knows).
+    let (access_changed, access_changes) = watch::channel(0u64);
+    let policy_watcher = {
+        let access_changed = access_changed.clone();
+        tokio::spawn(reload::watch(config.policy_dir.clone(), current_policy.clone(), store.clone(), move || {
+            access_changed.send_modify(|count| *count += 1)
+        }))
+    };
     let exchange = Exchange::new(store.clone(), deliveries.clone(), current_policy, pseudonymiser);
     {
         let exchange = exchange.clone();
@@ -320,9 +328,6 @@ pub async fn run(
         ))
     };
     let current_revocations = Arc::new(RwLock::new(Arc::new(revocations)));
-    // Each reload of the revocation lists is announced to the open delivery streams, which end at once if the new
-    // lists revoke their certificate.
-    let (revocations_reloaded, revocation_reloads) = watch::channel(0u64);
     let revocation_reloader = {
         let config = config.clone();
         tokio::spawn(reload_on_change(
@@ -330,7 +335,7 @@ pub async fn run(
             current_revocations.clone(),
             auth::revocation::RevocationList::files_changed,
             move || load_revocations(&config),
-            move || revocations_reloaded.send_modify(|count| *count += 1),
+            move || access_changed.send_modify(|count| *count += 1),
         ))
     };
     let audit_service = transport::audit_service::server(
@@ -350,7 +355,7 @@ pub async fn run(
         exchange,
         deliveries.clone(),
         current_tokens,
-        (current_revocations, revocation_reloads),
+        (current_revocations, access_changes),
         store.clone(),
     ))
     .max_decoding_message_size(config.max_message_bytes)

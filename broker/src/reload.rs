@@ -65,8 +65,8 @@ pub async fn audit_policy_event(store: &Store, event: EventType, hash: &str, det
     }
 }
 
-/// Watches `dir` until the task is aborted.
-pub async fn watch(dir: PathBuf, current: CurrentPolicy, store: Store) {
+/// Watches `dir` until the task is aborted; `activated` is called after each new set takes effect.
+pub async fn watch(dir: PathBuf, current: CurrentPolicy, store: Store, activated: impl Fn() + Send) {
     let mut seen = fingerprint(&dir);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     #[cfg(unix)]
@@ -90,16 +90,19 @@ pub async fn watch(dir: PathBuf, current: CurrentPolicy, store: Store) {
             continue;
         }
         seen = now;
-        reload(&dir, &current, &store).await;
+        if reload(&dir, &current, &store).await {
+            activated();
+        }
     }
 }
 
-/// One reload attempt: swap in the new set if it validates and its tests pass.
-pub async fn reload(dir: &Path, current: &CurrentPolicy, store: &Store) {
+/// One reload attempt: swap in the new set if it validates and its tests pass; true if a new set took effect.
+pub async fn reload(dir: &Path, current: &CurrentPolicy, store: &Store) -> bool {
     let old_hash = current.read().map(|policy| policy.hash().to_owned()).unwrap_or_default();
     match load_and_test(dir) {
         Ok(policy) if policy.hash() == old_hash => {
             tracing::debug!("policy files touched but the set is unchanged");
+            false
         }
         Ok(policy) => {
             let hash = policy.hash().to_owned();
@@ -109,10 +112,12 @@ pub async fn reload(dir: &Path, current: &CurrentPolicy, store: &Store) {
             }
             crate::metrics::metrics().policy_activated(&hash);
             tracing::info!(policy_set_hash = %hash, "policy set reloaded and activated");
+            true
         }
         Err(reason) => {
             tracing::error!(reason = %reason, kept = %old_hash, "new policy files rejected: keeping the last good set");
             audit_policy_event(store, EventType::PolicyRejected, &old_hash, reason).await;
+            false
         }
     }
 }

@@ -32,7 +32,7 @@ pub struct BrokerService {
     exchange: Exchange,
     deliveries: Deliveries,
     authenticator: Authenticator,
-    /// Ticks whenever the revocation lists are reloaded (see [`CountedStream`]).
+    /// Ticks whenever the revocation lists or the policy set are reloaded (see [`CountedStream`]).
     revocation_reloads: watch::Receiver<u64>,
 }
 
@@ -269,13 +269,13 @@ type StillAllowed = Arc<dyn Fn() -> Result<(), AuthError> + Send + Sync>;
 /// A delivery stream that counts itself in the `connected_agents` metric while it is open, and ends (with
 /// `UNAUTHENTICATED`, reason `token-expired`, `certificate-revoked` or `unknown-agency`) once its agent may no longer
 /// receive: when the token that opened it expires (its `exp` plus the leeway), as soon as revocation lists that
-/// revoke its certificate are loaded, and in any case before it would carry another copy (so also once a policy
-/// reload has removed its agency). The agent opens it again with its fresh token.
+/// revoke its certificate, or a policy set without its agency, are loaded, and in any case before it would carry
+/// another copy (a race with the announcement). The agent opens it again with its fresh token.
 pub struct CountedStream {
     inner: ReceiverStream<StreamItem>,
     agency: String,
     still_allowed: StillAllowed,
-    /// Yields whenever the revocation lists are reloaded; `None` once the broker stops reloading them.
+    /// Yields whenever the revocation lists or the policy set are reloaded; `None` once the broker stops reloading.
     reloads: Option<WatchStream<u64>>,
     /// Fires when the token that opened the stream is no longer accepted.
     token_expiry: std::pin::Pin<Box<tokio::time::Sleep>>,
