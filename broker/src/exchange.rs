@@ -488,6 +488,26 @@ impl Exchange {
         Ok(())
     }
 
+    /// [`Self::send_escalation_notices`], retried after a failure (a full disk may clear), from `wait` doubling up to a
+    /// minute, while the broker runs: the escalation or dead letter they report is already durable, so only a stop
+    /// before they are stored loses them (ARCHITECTURE.md).
+    pub async fn notify_until_stored(&self, late: DeliveryRecord, mut wait: std::time::Duration) {
+        loop {
+            match self.send_escalation_notices(late.clone()).await {
+                Ok(()) => return,
+                Err(ExchangeError::Store(error @ (StoreError::Stopped | StoreError::NeedsRestart))) => {
+                    tracing::error!(error = %error, delivery_id = %late.delivery_id, "escalation notices not queued: the broker is stopping");
+                    return;
+                }
+                Err(error) => {
+                    tracing::error!(error = %error, delivery_id = %late.delivery_id, retry_in_millis = wait.as_millis() as u64, "could not queue escalation notices; will retry");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(60));
+                }
+            }
+        }
+    }
+
     /// Makes the commit durable, then hands its copies to their recipients' actors, in a task of its own: a caller
     /// that goes away meanwhile (the client cancels the call, or its deadline passes) cannot stop the copies of a
     /// durable commit from reaching their actors (they would wait for a restart, some recorded as delivered).
@@ -1054,6 +1074,26 @@ mod tests {
         let receipt = tokio::time::timeout(Duration::from_secs(10), retry).await.unwrap().unwrap().unwrap();
         assert!(receipt.duplicate, "answered with the first message's receipt");
         assert_eq!(store.scan_prefix(b"m/").count(), 1, "one message stored");
+    }
+
+    /// Escalation notices whose commit fails (a full disk) are tried again until they are stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn escalation_notices_are_retried_until_stored() {
+        let Area { dir: _dir, _stop, store, deliveries, exchange } = area();
+        let police = Caller { agency: "beds-police".into(), practitioner: "pc-1".into(), roles: vec!["spoc".into()] };
+        let receipt = exchange.send(&police, example("operation-encompass-notification.json")).await.unwrap();
+        let delivery_id = records::delivery_id(&receipt.message_id, "luton-oakwood-primary");
+        let mut late: DeliveryRecord =
+            records::decode(&store.get(&records::delivery_key(&delivery_id)).unwrap().unwrap()).unwrap();
+        late.state = DeliveryState::DeadLettered;
+        store.fail_next_journal_write();
+        exchange.notify_until_stored(late, Duration::from_millis(50)).await;
+        let mut stream = deliveries.subscribe("beds-police");
+        let notice = tokio::time::timeout(Duration::from_secs(10), stream.recv()).await.unwrap().unwrap().unwrap();
+        let Some(pb::envelope::Body::Escalation(escalation)) = notice.envelope.unwrap().body else {
+            panic!("a notice")
+        };
+        assert_eq!(escalation.reason, pb::EscalationReason::DeadLettered as i32);
     }
 
     /// A send to a recipient whose agent is connected and idle records the copy's first delivery in the send's own

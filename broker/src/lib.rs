@@ -309,11 +309,7 @@ pub async fn run(
         let exchange = exchange.clone();
         deliveries.set_escalation_hook(Arc::new(move |late| {
             let exchange = exchange.clone();
-            tokio::spawn(async move {
-                if let Err(error) = exchange.send_escalation_notices(late).await {
-                    tracing::error!(error = %error, "could not queue escalation notices");
-                }
-            });
+            tokio::spawn(async move { exchange.notify_until_stored(late, std::time::Duration::from_secs(1)).await });
         }));
     }
     let current_tokens = Arc::new(RwLock::new(Arc::new(tokens)));
