@@ -58,12 +58,6 @@ use crate::{
 };
 use proto::pb;
 
-/// Copies handed to a stream that its agent has not read yet, at most. The actor records an attempt only for a copy
-/// that has a place here, and its acknowledgement wait starts then: with the whole in-flight window buffered (256 by
-/// default), a slow agent's last copies waited out their acknowledgement wait unread, were recorded as delivered
-/// again with no room to send them, and used up their attempts while the agent was healthy.
-const STREAM_BUFFER: usize = 32;
-
 /// Settings of the delivery engine.
 #[derive(Clone, Debug)]
 pub struct DeliveryConfig {
@@ -137,6 +131,51 @@ enum Command {
     LoadedUpTo(u64, oneshot::Sender<()>),
     /// Every copy queued for the agency at start has been handed to its actor.
     Loaded,
+    /// The agent's stream read this copy from its buffer ([`DeliveryReceiver`]).
+    Read(String),
+}
+
+/// The receiving end of an agency's delivery stream. Reading a copy tells the recipient's actor, which starts the
+/// copy's acknowledgement wait then: copies that wait unread in the buffer (an agent slower than the copies coming)
+/// do not run out of time there, get sent again and use up their attempts while the agent is healthy.
+pub struct DeliveryReceiver {
+    inner: mpsc::Receiver<StreamItem>,
+    /// Who to tell of each copy read: the engine and the recipient; `None` for a receiver made in a test.
+    read: Option<(Deliveries, String)>,
+}
+
+impl DeliveryReceiver {
+    /// A receiver of a bare channel, which tells nobody what it reads (tests of the stream around it).
+    pub fn detached(inner: mpsc::Receiver<StreamItem>) -> Self {
+        Self { inner, read: None }
+    }
+
+    pub fn poll_recv(&mut self, context: &mut std::task::Context<'_>) -> std::task::Poll<Option<StreamItem>> {
+        let polled = self.inner.poll_recv(context);
+        if let std::task::Poll::Ready(Some(Ok(delivery))) = &polled
+            && let Some((deliveries, recipient)) = &self.read
+        {
+            deliveries.read(recipient, &delivery.delivery_id);
+        }
+        polled
+    }
+
+    pub async fn recv(&mut self) -> Option<StreamItem> {
+        std::future::poll_fn(|context| self.poll_recv(context)).await
+    }
+
+    pub fn try_recv(&mut self) -> Result<StreamItem, mpsc::error::TryRecvError> {
+        let item = self.inner.try_recv()?;
+        if let (Ok(delivery), Some((deliveries, recipient))) = (&item, &self.read) {
+            deliveries.read(recipient, &delivery.delivery_id);
+        }
+        Ok(item)
+    }
+
+    /// Stops the stream: the actor sees it closed.
+    pub fn close(&mut self) {
+        self.inner.close();
+    }
 }
 
 /// Handle to the delivery engine. Cheap to clone.
@@ -325,11 +364,18 @@ impl Deliveries {
         self.send(&recipient, Command::Enqueue(entry));
     }
 
-    /// Opens `recipient`'s delivery stream. A newer stream for the same agency replaces an older one.
-    pub fn subscribe(&self, recipient: &str) -> mpsc::Receiver<StreamItem> {
-        let (stream, receiver) = mpsc::channel(self.shared.config.max_in_flight.clamp(1, STREAM_BUFFER));
+    /// Opens `recipient`'s delivery stream. A newer stream for the same agency replaces an older one. Its buffer holds
+    /// the whole in-flight window; a copy's acknowledgement wait starts when the stream reads it from there
+    /// ([`DeliveryReceiver`]), not when it is put there.
+    pub fn subscribe(&self, recipient: &str) -> DeliveryReceiver {
+        let (stream, receiver) = mpsc::channel(self.shared.config.max_in_flight.max(1) + 1);
         self.send(recipient, Command::Subscribe { stream });
-        receiver
+        DeliveryReceiver { inner: receiver, read: Some((self.clone(), recipient.to_owned())) }
+    }
+
+    /// The agent's stream has read this copy from its buffer: its acknowledgement wait starts.
+    fn read(&self, recipient: &str, delivery_id: &str) {
+        self.send_if_running(recipient, Command::Read(delivery_id.to_owned()));
     }
 
     pub async fn acknowledge(&self, recipient: &str, delivery_id: &str, actor: Actor) -> Result<(), DeliveryError> {
@@ -462,7 +508,11 @@ fn refuse(command: Command) {
         Command::Nack { reply, .. } => {
             let _ = reply.send(Err(DeliveryError::ShuttingDown));
         }
-        Command::Enqueue(_) | Command::Subscribe { .. } | Command::LoadedUpTo(..) | Command::Loaded => {}
+        Command::Enqueue(_)
+        | Command::Subscribe { .. }
+        | Command::LoadedUpTo(..)
+        | Command::Loaded
+        | Command::Read(_) => {}
     }
 }
 
@@ -504,6 +554,8 @@ struct InFlight {
     deadline: Instant,
     /// Its acknowledgement's commit is under way: its wait does not run out meanwhile (see [`InFlightCopies::pause`]).
     paused: bool,
+    /// In the stream's buffer, not read by it yet: its wait has not started ([`InFlightCopies::start_wait`]).
+    buffered: bool,
 }
 
 /// Copies sent and not yet acknowledged, by delivery id, with the acknowledgement waits of those not being
@@ -512,20 +564,40 @@ struct InFlight {
 #[derive(Default)]
 struct InFlightCopies {
     by_id: HashMap<String, InFlight>,
-    /// (wait ends, seq) -> delivery id, for every copy in `by_id` that is not paused.
+    /// (wait ends, seq) -> delivery id, for every copy in `by_id` that is neither paused nor buffered.
     waits: BTreeMap<(Instant, u64), String>,
 }
 
 impl InFlightCopies {
+    /// In flight with its wait running, to end at `deadline`.
     fn insert(&mut self, delivery_id: String, seq: u64, deadline: Instant) {
         self.remove(&delivery_id);
         self.waits.insert((deadline, seq), delivery_id.clone());
-        self.by_id.insert(delivery_id, InFlight { seq, deadline, paused: false });
+        self.by_id.insert(delivery_id, InFlight { seq, deadline, paused: false, buffered: false });
+    }
+
+    /// In flight, in the stream's buffer: its wait starts when the stream reads it ([`Self::start_wait`]).
+    fn insert_buffered(&mut self, delivery_id: String, seq: u64, deadline: Instant) {
+        self.remove(&delivery_id);
+        self.by_id.insert(delivery_id, InFlight { seq, deadline, paused: false, buffered: true });
+    }
+
+    /// The stream read this copy: its wait runs from now until `deadline`.
+    fn start_wait(&mut self, delivery_id: &str, deadline: Instant) {
+        if let Some(entry) = self.by_id.get_mut(delivery_id)
+            && entry.buffered
+        {
+            entry.buffered = false;
+            entry.deadline = deadline;
+            if !entry.paused {
+                self.waits.insert((deadline, entry.seq), delivery_id.to_owned());
+            }
+        }
     }
 
     fn remove(&mut self, delivery_id: &str) -> Option<InFlight> {
         let entry = self.by_id.remove(delivery_id)?;
-        if !entry.paused {
+        if !entry.paused && !entry.buffered {
             self.waits.remove(&(entry.deadline, entry.seq));
         }
         Some(entry)
@@ -550,7 +622,9 @@ impl InFlightCopies {
             && !entry.paused
         {
             entry.paused = true;
-            self.waits.remove(&(entry.deadline, entry.seq));
+            if !entry.buffered {
+                self.waits.remove(&(entry.deadline, entry.seq));
+            }
         }
     }
 
@@ -559,7 +633,9 @@ impl InFlightCopies {
             && entry.paused
         {
             entry.paused = false;
-            self.waits.insert((entry.deadline, entry.seq), delivery_id.to_owned());
+            if !entry.buffered {
+                self.waits.insert((entry.deadline, entry.seq), delivery_id.to_owned());
+            }
         }
     }
 
@@ -582,13 +658,18 @@ impl InFlightCopies {
         expired
     }
 
-    /// Takes out every copy not being acknowledged, in the order their waits run out (consume it whole).
-    fn take_unpaused(&mut self) -> impl Iterator<Item = (String, u64)> + '_ {
-        let by_id = &mut self.by_id;
-        std::mem::take(&mut self.waits).into_iter().map(move |((_, seq), delivery_id)| {
-            by_id.remove(&delivery_id);
-            (delivery_id, seq)
-        })
+    /// Takes out every copy not being acknowledged (read by the stream or still in its buffer).
+    fn take_unpaused(&mut self) -> Vec<(String, u64)> {
+        self.waits.clear();
+        let mut taken = Vec::new();
+        self.by_id.retain(|delivery_id, entry| {
+            if entry.paused {
+                return true;
+            }
+            taken.push((delivery_id.clone(), entry.seq));
+            false
+        });
+        taken
     }
 
     /// The delivery id of the copy with this sequence number (a scan: at most `max_in_flight`).
@@ -964,8 +1045,9 @@ impl RecipientActor {
         } else {
             metrics().redeliveries.inc();
         }
+        // Its wait starts when the stream reads it (`Command::Read`); until then it cannot run out.
         let deadline = Instant::now() + self.shared.config.ack_wait;
-        self.in_flight.insert(delivery_id.clone(), seq, deadline);
+        self.in_flight.insert_buffered(delivery_id.clone(), seq, deadline);
         // With no stream (the broker is stopping, or the stream was seen closed), the copy stays in flight until the
         // agent's next stream puts it back at the front of the queue, or its wait runs out; a stream closed since
         // puts it back at the next pump.
@@ -1098,6 +1180,10 @@ impl RecipientActor {
                         && !self.delivering.contains_key(delivery_id) =>
                 {
                     self.deferred.push(command)
+                }
+                Command::Read(delivery_id) => {
+                    let deadline = Instant::now() + self.shared.config.ack_wait;
+                    self.in_flight.start_wait(&delivery_id, deadline);
                 }
                 Command::Ack { delivery_id, actor, reply } => acks.push((delivery_id, actor, reply)),
                 Command::Nack { delivery_id, actor, delay, reason, reply } => {
@@ -1868,7 +1954,7 @@ mod tests {
         _stop: watch::Sender<bool>,
         store: Store,
         deliveries: Deliveries,
-        stream: mpsc::Receiver<StreamItem>,
+        stream: DeliveryReceiver,
         delivery_id: String,
     }
 
@@ -1888,14 +1974,16 @@ mod tests {
         OneCopyDelivered { _dir: dir, _stop: stop, store, deliveries, stream, delivery_id }
     }
 
-    /// An agent that does not read its stream is handed no more copies than the stream's buffer holds: only those
-    /// are recorded as delivered (their acknowledgement waits started), the rest wait in the queue; as the agent
-    /// reads and acknowledges, the others follow, each at its first attempt.
+    /// Copies an agent has not read yet (slower than the copies coming) do not run out of time in its stream's
+    /// buffer: each one's acknowledgement wait starts when the stream reads it. Before, the wait started when the
+    /// copy went into the buffer, so copies that waited there unread were sent again, and a healthy but slow agent's
+    /// copies used up their attempts and were dead-lettered.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn copies_are_recorded_as_delivered_only_as_the_stream_buffer_takes_them() {
-        let Engine { _dir, _stop, store, deliveries } = engine(DeliveryConfig::default());
+    async fn copies_waiting_unread_in_the_stream_do_not_run_out_of_time() {
+        let Engine { _dir, _stop, store, deliveries } =
+            engine(DeliveryConfig { ack_wait: Duration::from_millis(300), ..DeliveryConfig::default() });
         let mut ids = Vec::new();
-        for seq in 1..=100 {
+        for seq in 1..=5 {
             let delivery_id = store_copy(&store, seq).await;
             deliveries.enqueued(Enqueued {
                 recipient: SCHOOL.into(),
@@ -1907,18 +1995,29 @@ mod tests {
             ids.push(delivery_id);
         }
         let mut stream = deliveries.subscribe(SCHOOL);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let delivered = ids.iter().filter(|id| state_of(&store, id) == DeliveryState::Delivered).count();
-        assert!(delivered > 0 && delivered <= STREAM_BUFFER, "{delivered} recorded as delivered, none read");
+        // Unread for more than three acknowledgement waits.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
         let school = Actor { agency: SCHOOL.into(), ..Actor::default() };
-        let mut received = Vec::new();
-        while received.len() < ids.len() {
-            let copy = tokio::time::timeout(Duration::from_secs(10), stream.recv()).await.unwrap().unwrap().unwrap();
-            assert_eq!(copy.attempt, 1, "{}", copy.delivery_id);
+        for id in &ids {
+            let copy = tokio::time::timeout(Duration::from_secs(5), stream.recv()).await.unwrap().unwrap().unwrap();
+            assert_eq!((&copy.delivery_id, copy.attempt), (id, 1), "each once, in order, at its first attempt");
             deliveries.acknowledge(SCHOOL, &copy.delivery_id, school.clone()).await.unwrap();
-            received.push(copy.delivery_id);
         }
-        assert_eq!(received, ids, "all of them, in order");
+        let more = tokio::time::timeout(Duration::from_millis(700), stream.recv()).await;
+        assert!(more.is_err(), "nothing sent again: {more:?}");
+        // Read but not acknowledged: sent again once its wait, counted from the read, runs out.
+        let late = store_copy(&store, 6).await;
+        deliveries.enqueued(Enqueued {
+            recipient: SCHOOL.into(),
+            seq: 6,
+            delivery_id: late.clone(),
+            acknowledge_by_micros: None,
+            recorded: None,
+        });
+        let first = tokio::time::timeout(Duration::from_secs(5), stream.recv()).await.unwrap().unwrap().unwrap();
+        assert_eq!((first.delivery_id.as_str(), first.attempt), (late.as_str(), 1));
+        let again = tokio::time::timeout(Duration::from_secs(5), stream.recv()).await.unwrap().unwrap().unwrap();
+        assert_eq!((again.delivery_id.as_str(), again.attempt), (late.as_str(), 2));
     }
 
     /// A newer stream of the same agency replaces the older, which is told why (ABORTED, `stream-replaced`) rather

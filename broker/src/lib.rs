@@ -392,6 +392,11 @@ pub async fn run(
     let mut serving = Box::pin(
         tonic::transport::Server::builder()
             .tls_config(tls)?
+            // An agent that stops answering (a hung process, a dropped network path) loses its connection within a
+            // minute: its delivery stream ends and the copies on it go back to the queue. A copy's acknowledgement
+            // wait starts only when the stream reads it, so without this a stream no longer read would hold them.
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
             // One span per request, named by its gRPC method (never by anything in the message).
             .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()))
             .add_service(health_service)

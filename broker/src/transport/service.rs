@@ -6,7 +6,7 @@ use std::{
 };
 
 use tokio::sync::watch;
-use tokio_stream::wrappers::{ReceiverStream, WatchStream};
+use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -272,7 +272,7 @@ type StillAllowed = Arc<dyn Fn() -> Result<(), AuthError> + Send + Sync>;
 /// revoke its certificate, or a policy set without its agency, are loaded, and in any case before it would carry
 /// another copy (a race with the announcement). The agent opens it again with its fresh token.
 pub struct CountedStream {
-    inner: ReceiverStream<StreamItem>,
+    inner: crate::delivery::DeliveryReceiver,
     agency: String,
     still_allowed: StillAllowed,
     /// Yields whenever the revocation lists or the policy set are reloaded; `None` once the broker stops reloading.
@@ -334,7 +334,7 @@ impl tokio_stream::Stream for CountedStream {
                 Poll::Pending => break,
             }
         }
-        let next = std::pin::Pin::new(&mut self.inner).poll_next(context);
+        let next = self.inner.poll_recv(context);
         if matches!(next, Poll::Ready(Some(Ok(_))))
             && let Err(why) = (self.still_allowed)()
         {
@@ -398,7 +398,7 @@ impl Broker for BrokerService {
             })
         };
         Ok(Response::new(CountedStream {
-            inner: ReceiverStream::new(receiver),
+            inner: receiver,
             agency: caller.agency,
             still_allowed,
             reloads: Some(WatchStream::from_changes(self.revocation_reloads.clone())),
@@ -487,7 +487,7 @@ mod tests {
         let (copies, receiver) = tokio::sync::mpsc::channel(4);
         crate::metrics::metrics().connected_agents.inc();
         let mut stream = CountedStream {
-            inner: ReceiverStream::new(receiver),
+            inner: crate::delivery::DeliveryReceiver::detached(receiver),
             agency: "luton-oakwood-primary".to_owned(),
             still_allowed: Arc::new(move || {
                 if token_expired(valid_until) {
@@ -515,7 +515,7 @@ mod tests {
         let (copies, receiver) = tokio::sync::mpsc::channel(4);
         crate::metrics::metrics().connected_agents.inc();
         let mut stream = CountedStream {
-            inner: ReceiverStream::new(receiver),
+            inner: crate::delivery::DeliveryReceiver::detached(receiver),
             agency: "luton-oakwood-primary".to_owned(),
             still_allowed: Arc::new(move || {
                 if token_expired(valid_until) { Err(AuthError::StreamTokenExpired("x".to_owned())) } else { Ok(()) }
@@ -570,7 +570,7 @@ mod tests {
             })
         };
         let mut stream = CountedStream {
-            inner: ReceiverStream::new(receiver),
+            inner: crate::delivery::DeliveryReceiver::detached(receiver),
             agency: "luton-oakwood-primary".to_owned(),
             still_allowed,
             reloads: None,
