@@ -13,7 +13,7 @@
 //!    entry it lacks),
 //! 4. `keys/`: the pseudonymisation and checkpoint signing keys.
 //!
-//! 5. `backup-complete`: the list of every file above with its length and SHA-256, written last. A restore requires
+//! 5. `backup-complete`: every file above, one a line (length, SHA-256, name), written last. A restore requires
 //!    it and checks every file against it, so a backup cut short (a full disk, a killed process, a stream cut at an
 //!    entry boundary, which tar cannot tell from its end) is refused rather than restored as a directory missing
 //!    its journal or its keys. A backup that fails is never left looking whole: the file is written under
@@ -204,7 +204,8 @@ fn write_entries<W: Write>(data_dir: &Path, archive: &mut tar::Builder<W>) -> Re
         if prefix.inner.limit() != 0 {
             return Err(io(path)(std::io::Error::other("the file became shorter while it was copied")));
         }
-        manifest.push_str(&format!("{name} {length} {}\n", hex::encode(sha2::Digest::finalize(prefix.digest))));
+        // The name last: it may hold spaces (a file in `keys/`).
+        manifest.push_str(&format!("{length} {} {name}\n", hex::encode(sha2::Digest::finalize(prefix.digest))));
         report.files.push((name, length));
         Ok(())
     };
@@ -337,7 +338,7 @@ pub fn restore(backup_file: &Path, data_dir: &Path) -> Result<BackupReport, Back
     let mut listed = 0;
     for line in manifest.lines() {
         let mut parts = line.splitn(3, ' ');
-        let (Some(name), Some(length), Some(digest)) = (parts.next(), parts.next(), parts.next()) else {
+        let (Some(length), Some(digest), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(BackupError::Incomplete(format!("a manifest line does not parse: `{line}`")));
         };
         match restored.get(name) {

@@ -114,9 +114,13 @@ impl Exchange {
                 return Err(ExchangeError::KeyReused { message_id });
             }
             let record = self.message_record(&message_id)?.ok_or_else(|| ExchangeError::NotFound(message_id))?;
-            let mut receipt = receipt_of(&record);
-            receipt.duplicate = true;
-            return refusal_or(receipt);
+            // A key an older broker kept for a send refused for every recipient: decided again, as a new broker
+            // does for such a send (the new decision's commit writes the key afresh if anyone is accepted).
+            if record.recipients.iter().any(|decision| decision.accepted) {
+                let mut receipt = receipt_of(&record);
+                receipt.duplicate = true;
+                return refusal_or(receipt);
+            }
         }
 
         self.check_correction(caller, &envelope)?;
@@ -1295,7 +1299,7 @@ mod tests {
     /// answers with that receipt.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_send_refused_for_every_recipient_does_not_use_up_its_key() {
-        let Area { dir: _dir, _stop, store: _store, deliveries: _deliveries, exchange } = area();
+        let Area { dir: _dir, _stop, store, deliveries: _deliveries, exchange } = area();
         let school =
             Caller { agency: "luton-oakwood-primary".into(), practitioner: "dsl-1".into(), roles: vec!["dsl".into()] };
         let mut refused = example("operation-encompass-notification.json");
@@ -1305,12 +1309,20 @@ mod tests {
             Err(ExchangeError::Refused { receipt, .. }) => receipt,
             other => panic!("expected a refusal: {other:?}"),
         };
-        let again = match exchange.send(&school, refused).await {
+        let again = match exchange.send(&school, refused.clone()).await {
             Err(ExchangeError::Refused { receipt, .. }) => receipt,
             other => panic!("expected a refusal: {other:?}"),
         };
         assert!(!again.duplicate, "decided again");
         assert_ne!(again.message_id, first.message_id);
+        // A key an older broker kept for the refusal is not answered with it either.
+        let write =
+            Write::Put(records::idempotency_key("luton-oakwood-primary", "k-1"), first.message_id.clone().into_bytes());
+        store.commit(Commit { audit: Vec::new(), writes: vec![write] }).await.unwrap();
+        match exchange.send(&school, refused.clone()).await {
+            Err(ExchangeError::Refused { receipt, .. }) => assert!(!receipt.duplicate, "decided again"),
+            other => panic!("expected a refusal: {other:?}"),
+        }
 
         let mut mended = example("school-referral-to-front-door.json");
         mended.idempotency_key = "k-1".into();

@@ -11,8 +11,10 @@ use std::{io, path::Path};
 
 use super::{StoreError, log::LogError};
 
-/// The storage format this broker writes, and the newest it reads.
-pub const DATA_FORMAT: u32 = 1;
+/// The storage format this broker writes, and the newest it reads. 2: `i/` values carry a digest of the message's
+/// content after its id (an older broker would read the whole value as the id), and a restore marks its folder
+/// `restore-unfinished` until it is done (an older broker would not look for the mark).
+pub const DATA_FORMAT: u32 = 2;
 /// The mark's file name, in the data directory.
 pub const FORMAT_FILE: &str = "format";
 const PREFIX: &str = "safeguarding-broker data format ";
