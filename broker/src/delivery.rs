@@ -112,6 +112,8 @@ enum Command {
     Enqueue(Enqueued),
     Subscribe {
         stream: mpsc::Sender<StreamItem>,
+        /// What the stream has read from its buffer since the actor last looked ([`DeliveryReceiver`]).
+        reads: Reads,
     },
     Ack {
         delivery_id: String,
@@ -131,17 +133,22 @@ enum Command {
     LoadedUpTo(u64, oneshot::Sender<()>),
     /// Every copy queued for the agency at start has been handed to its actor.
     Loaded,
-    /// The agent's stream read this copy from its buffer ([`DeliveryReceiver`]).
-    Read(String),
+    /// The agent's stream read copies from its buffer ([`DeliveryReceiver`]): they are in its [`Reads`].
+    Read,
 }
+
+/// The copies a stream has read from its buffer, for its actor to start their acknowledgement waits; the receiver
+/// wakes the actor (`Command::Read`) only when the list was empty, so a stream read quickly wakes it once for many.
+type Reads = Arc<Mutex<Vec<String>>>;
 
 /// The receiving end of an agency's delivery stream. Reading a copy tells the recipient's actor, which starts the
 /// copy's acknowledgement wait then: copies that wait unread in the buffer (an agent slower than the copies coming)
 /// do not run out of time there, get sent again and use up their attempts while the agent is healthy.
 pub struct DeliveryReceiver {
     inner: mpsc::Receiver<StreamItem>,
-    /// Who to tell of each copy read: the engine and the recipient; `None` for a receiver made in a test.
-    read: Option<(Deliveries, String)>,
+    /// Who to tell of each copy read: the engine, the recipient and the stream's reads; `None` for a receiver made in
+    /// a test.
+    read: Option<(Deliveries, String, Reads)>,
 }
 
 impl DeliveryReceiver {
@@ -152,12 +159,24 @@ impl DeliveryReceiver {
 
     pub fn poll_recv(&mut self, context: &mut std::task::Context<'_>) -> std::task::Poll<Option<StreamItem>> {
         let polled = self.inner.poll_recv(context);
-        if let std::task::Poll::Ready(Some(Ok(delivery))) = &polled
-            && let Some((deliveries, recipient)) = &self.read
-        {
-            deliveries.read(recipient, &delivery.delivery_id);
+        if let std::task::Poll::Ready(Some(Ok(delivery))) = &polled {
+            self.tell_read(&delivery.delivery_id);
         }
         polled
+    }
+
+    fn tell_read(&self, delivery_id: &str) {
+        let Some((deliveries, recipient, reads)) = &self.read else { return };
+        let was_empty = match reads.lock() {
+            Ok(mut reads) => {
+                reads.push(delivery_id.to_owned());
+                reads.len() == 1
+            }
+            Err(_) => return,
+        };
+        if was_empty {
+            deliveries.send_if_running(recipient, Command::Read);
+        }
     }
 
     pub async fn recv(&mut self) -> Option<StreamItem> {
@@ -166,8 +185,8 @@ impl DeliveryReceiver {
 
     pub fn try_recv(&mut self) -> Result<StreamItem, mpsc::error::TryRecvError> {
         let item = self.inner.try_recv()?;
-        if let (Ok(delivery), Some((deliveries, recipient))) = (&item, &self.read) {
-            deliveries.read(recipient, &delivery.delivery_id);
+        if let Ok(delivery) = &item {
+            self.tell_read(&delivery.delivery_id);
         }
         Ok(item)
     }
@@ -369,13 +388,9 @@ impl Deliveries {
     /// ([`DeliveryReceiver`]), not when it is put there.
     pub fn subscribe(&self, recipient: &str) -> DeliveryReceiver {
         let (stream, receiver) = mpsc::channel(self.shared.config.max_in_flight.max(1) + 1);
-        self.send(recipient, Command::Subscribe { stream });
-        DeliveryReceiver { inner: receiver, read: Some((self.clone(), recipient.to_owned())) }
-    }
-
-    /// The agent's stream has read this copy from its buffer: its acknowledgement wait starts.
-    fn read(&self, recipient: &str, delivery_id: &str) {
-        self.send_if_running(recipient, Command::Read(delivery_id.to_owned()));
+        let reads = Reads::default();
+        self.send(recipient, Command::Subscribe { stream, reads: reads.clone() });
+        DeliveryReceiver { inner: receiver, read: Some((self.clone(), recipient.to_owned(), reads)) }
     }
 
     pub async fn acknowledge(&self, recipient: &str, delivery_id: &str, actor: Actor) -> Result<(), DeliveryError> {
@@ -508,11 +523,8 @@ fn refuse(command: Command) {
         Command::Nack { reply, .. } => {
             let _ = reply.send(Err(DeliveryError::ShuttingDown));
         }
-        Command::Enqueue(_)
-        | Command::Subscribe { .. }
-        | Command::LoadedUpTo(..)
-        | Command::Loaded
-        | Command::Read(_) => {}
+        Command::Enqueue(_) | Command::Subscribe { .. } | Command::LoadedUpTo(..) | Command::Loaded | Command::Read => {
+        }
     }
 }
 
@@ -860,6 +872,8 @@ struct RecipientActor {
     delayed: BTreeMap<(Instant, u64), String>,
     /// Copies sent and not yet acknowledged.
     in_flight: InFlightCopies,
+    /// What the current stream has read from its buffer since the actor last looked.
+    reads: Option<Reads>,
     /// Acknowledgement deadlines from policy obligations, as (when, seq), when in microseconds since the Unix epoch
     /// (the obligation's own terms, and half the size of an `Instant`: every queued copy of a flow with a deadline
     /// has one); the delivery id is looked up when one is due ([`Self::id_for_seq`]), so that a long queue holds
@@ -913,6 +927,7 @@ impl RecipientActor {
             ready,
             delayed: BTreeMap::new(),
             in_flight: InFlightCopies::default(),
+            reads: None,
             deadlines: BTreeSet::new(),
             delayed_at: HashMap::new(),
             stream: None,
@@ -1075,6 +1090,18 @@ impl RecipientActor {
         }
     }
 
+    /// Starts the acknowledgement waits of the copies the stream has read since the last look.
+    fn take_reads(&mut self) {
+        let read = match self.reads.as_ref().map(|reads| reads.lock()) {
+            Some(Ok(mut reads)) => std::mem::take(&mut *reads),
+            _ => return,
+        };
+        let deadline = Instant::now() + self.shared.config.ack_wait;
+        for delivery_id in read {
+            self.in_flight.start_wait(&delivery_id, deadline);
+        }
+    }
+
     fn stream_open(&self) -> bool {
         self.stream.as_ref().is_some_and(|stream| !stream.is_closed())
     }
@@ -1149,7 +1176,7 @@ impl RecipientActor {
                         _ => self.make_ready(entry.seq, entry.delivery_id),
                     }
                 }
-                Command::Subscribe { stream } => {
+                Command::Subscribe { stream, reads } => {
                     if stopping {
                         continue;
                     }
@@ -1160,6 +1187,7 @@ impl RecipientActor {
                     if !self.delivering.is_empty() {
                         self.settle().await;
                     }
+                    self.reads = Some(reads);
                     if let Some(replaced) = self.stream.replace(stream) {
                         // Said to the agent whose stream this was (it would otherwise see a clean end and reconnect
                         // at once, taking the stream back: two agents of one agency replace each other's streams).
@@ -1181,10 +1209,7 @@ impl RecipientActor {
                 {
                     self.deferred.push(command)
                 }
-                Command::Read(delivery_id) => {
-                    let deadline = Instant::now() + self.shared.config.ack_wait;
-                    self.in_flight.start_wait(&delivery_id, deadline);
-                }
+                Command::Read => self.take_reads(),
                 Command::Ack { delivery_id, actor, reply } => acks.push((delivery_id, actor, reply)),
                 Command::Nack { delivery_id, actor, delay, reason, reply } => {
                     nacks.push((delivery_id, actor, delay, reason, reply))
@@ -2132,7 +2157,7 @@ mod tests {
         async fn connect(&mut self, copies: u64) -> mpsc::Receiver<StreamItem> {
             let (stream, agent) = mpsc::channel(16);
             let mut commands = self.enqueue(1..=copies);
-            commands.push(Command::Subscribe { stream });
+            commands.push(Command::Subscribe { stream, reads: Reads::default() });
             self.step(commands).await;
             agent
         }
@@ -2289,7 +2314,7 @@ mod tests {
 
         let (acknowledging, answer) = ack(&test.ids[0]);
         let (stream, mut second) = mpsc::channel(16);
-        test.step(vec![acknowledging, Command::Subscribe { stream }]).await;
+        test.step(vec![acknowledging, Command::Subscribe { stream, reads: Reads::default() }]).await;
         answer.await.unwrap().unwrap();
         assert_eq!(received(&mut second), vec![(test.ids[1].clone(), 2)], "only the copy not acknowledged");
         assert_eq!(state_of(&test.store, &test.ids[0]), DeliveryState::Acknowledged);
@@ -2297,7 +2322,7 @@ mod tests {
         test.store.fail_next_journal_write();
         let (acknowledging, answer) = ack(&test.ids[1]);
         let (stream, mut third) = mpsc::channel(16);
-        test.step(vec![acknowledging, Command::Subscribe { stream }]).await;
+        test.step(vec![acknowledging, Command::Subscribe { stream, reads: Reads::default() }]).await;
         assert!(answer.await.unwrap().is_err(), "the failed commit is reported");
         test.step(Vec::new()).await;
         assert_eq!(received(&mut third), vec![(test.ids[1].clone(), 3)], "the copy went back to the ready queue");
@@ -2578,7 +2603,7 @@ mod tests {
             }));
         }
         let (stream, mut agent) = mpsc::channel(16);
-        commands.push(Command::Subscribe { stream });
+        commands.push(Command::Subscribe { stream, reads: Reads::default() });
         school.step(commands).await;
         assert_eq!(received(&mut agent), vec![(school.ids[1].clone(), 1)]);
         assert_eq!(school.actor.deadlines.iter().map(|(_, seq)| *seq).collect::<Vec<_>>(), vec![2]);
