@@ -1984,7 +1984,11 @@ mod tests {
     }
 
     async fn one_copy_delivered() -> OneCopyDelivered {
-        let Engine { _dir: dir, _stop: stop, store, deliveries } = engine(DeliveryConfig::default());
+        one_copy_delivered_with(DeliveryConfig::default()).await
+    }
+
+    async fn one_copy_delivered_with(config: DeliveryConfig) -> OneCopyDelivered {
+        let Engine { _dir: dir, _stop: stop, store, deliveries } = engine(config);
         let delivery_id = store_copy(&store, 1).await;
         deliveries.enqueued(Enqueued {
             recipient: SCHOOL.into(),
@@ -2084,26 +2088,15 @@ mod tests {
     /// the escalation hook hears of it (so the sender is told), with the record saying dead-lettered.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_copy_dead_lettered_when_its_last_wait_runs_out_is_reported() {
-        let Engine { _dir, _stop, store, deliveries } = engine(DeliveryConfig {
-            ack_wait: Duration::from_millis(200),
-            max_attempts: 1,
-            ..DeliveryConfig::default()
-        });
+        let config =
+            DeliveryConfig { ack_wait: Duration::from_millis(200), max_attempts: 1, ..DeliveryConfig::default() };
+        let OneCopyDelivered { store, deliveries, stream: _stream, delivery_id, _dir, _stop } =
+            one_copy_delivered_with(config).await;
+        // Set within the copy's 200 ms acknowledgement wait, which started when it was read.
         let (reported, mut reports) = tokio::sync::mpsc::unbounded_channel();
         deliveries.set_escalation_hook(Arc::new(move |record| {
             let _ = reported.send(record);
         }));
-        let delivery_id = store_copy(&store, 1).await;
-        deliveries.enqueued(Enqueued {
-            recipient: SCHOOL.into(),
-            seq: 1,
-            delivery_id: delivery_id.clone(),
-            acknowledge_by_micros: None,
-            recorded: None,
-        });
-        let mut stream = deliveries.subscribe(SCHOOL);
-        let copy = tokio::time::timeout(Duration::from_secs(10), stream.recv()).await.unwrap().unwrap().unwrap();
-        assert_eq!(copy.delivery_id, delivery_id);
         let record = tokio::time::timeout(Duration::from_secs(10), reports.recv()).await.unwrap().unwrap();
         assert_eq!((record.delivery_id.as_str(), record.state), (delivery_id.as_str(), DeliveryState::DeadLettered));
         assert_eq!(state_of(&store, &delivery_id), DeliveryState::DeadLettered, "durable before it is reported");

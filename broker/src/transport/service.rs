@@ -479,27 +479,38 @@ mod tests {
         assert_eq!(limiter.admit("beds-police", "token-expired", later), Admitted::Yes { not_recorded_before: 0 });
         assert_eq!(limiter.counts.len(), 1, "kinds with nothing left to report are forgotten at each new minute");
     }
+    /// A delivery stream of the school over a bare channel (its sender returned), with these checks.
+    fn test_stream(
+        still_allowed: StillAllowed,
+        token_expiry: tokio::time::Sleep,
+    ) -> (tokio::sync::mpsc::Sender<StreamItem>, CountedStream) {
+        let (copies, receiver) = tokio::sync::mpsc::channel(4);
+        crate::metrics::metrics().connected_agents.inc();
+        let stream = CountedStream {
+            inner: crate::delivery::DeliveryReceiver::detached(receiver),
+            agency: "luton-oakwood-primary".to_owned(),
+            still_allowed,
+            reloads: None,
+            token_expiry: Box::pin(token_expiry),
+            ended: false,
+        };
+        (copies, stream)
+    }
+
     /// A stream ends when the token that opened it stops being accepted, though no copy is due: the copy before
     /// then goes out, and the end says the token expired (so the agent opens it again with its fresh token).
     #[tokio::test]
     async fn a_stream_ends_when_its_token_expires_with_no_copy_due() {
         let valid_until = jsonwebtoken::get_current_timestamp() + 1;
-        let (copies, receiver) = tokio::sync::mpsc::channel(4);
-        crate::metrics::metrics().connected_agents.inc();
-        let mut stream = CountedStream {
-            inner: crate::delivery::DeliveryReceiver::detached(receiver),
-            agency: "luton-oakwood-primary".to_owned(),
-            still_allowed: Arc::new(move || {
-                if token_expired(valid_until) {
-                    Err(AuthError::StreamTokenExpired("luton-oakwood-primary".to_owned()))
-                } else {
-                    Ok(())
-                }
-            }),
-            reloads: None,
-            token_expiry: Box::pin(tokio::time::sleep_until(expiry_instant(valid_until))),
-            ended: false,
+        let expired = move || {
+            if token_expired(valid_until) {
+                Err(AuthError::StreamTokenExpired("luton-oakwood-primary".to_owned()))
+            } else {
+                Ok(())
+            }
         };
+        let (copies, mut stream) =
+            test_stream(Arc::new(expired), tokio::time::sleep_until(expiry_instant(valid_until)));
         copies.send(Ok(pb::Delivery::default())).await.unwrap();
         assert!(stream.next().await.unwrap().is_ok(), "the token is valid: the copy goes out");
         let started = std::time::Instant::now();
@@ -512,18 +523,7 @@ mod tests {
         assert!(copies.is_closed(), "the actor sees the stream closed");
 
         // A token past its time is refused before a copy even if the timer has not fired (the checks race).
-        let (copies, receiver) = tokio::sync::mpsc::channel(4);
-        crate::metrics::metrics().connected_agents.inc();
-        let mut stream = CountedStream {
-            inner: crate::delivery::DeliveryReceiver::detached(receiver),
-            agency: "luton-oakwood-primary".to_owned(),
-            still_allowed: Arc::new(move || {
-                if token_expired(valid_until) { Err(AuthError::StreamTokenExpired("x".to_owned())) } else { Ok(()) }
-            }),
-            reloads: None,
-            token_expiry: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
-            ended: false,
-        };
+        let (copies, mut stream) = test_stream(Arc::new(expired), tokio::time::sleep(Duration::from_secs(3600)));
         copies.send(Ok(pb::Delivery::default())).await.unwrap();
         assert!(stream.next().await.unwrap().is_err(), "the copy does not go out");
         assert!(copies.is_closed());
@@ -557,8 +557,6 @@ mod tests {
         let certificate = CertificateId::of(&X509Certificate::from_der(&der).unwrap().1);
 
         let revocations: CurrentRevocations = Arc::new(RwLock::new(Arc::new(RevocationList::none())));
-        let (copies, receiver) = tokio::sync::mpsc::channel(4);
-        crate::metrics::metrics().connected_agents.inc();
         let still_allowed: StillAllowed = {
             let (revocations, certificate) = (revocations.clone(), Arc::new(certificate));
             Arc::new(move || {
@@ -569,14 +567,7 @@ mod tests {
                 }
             })
         };
-        let mut stream = CountedStream {
-            inner: crate::delivery::DeliveryReceiver::detached(receiver),
-            agency: "luton-oakwood-primary".to_owned(),
-            still_allowed,
-            reloads: None,
-            token_expiry: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
-            ended: false,
-        };
+        let (copies, mut stream) = test_stream(still_allowed, tokio::time::sleep(Duration::from_secs(3600)));
         copies.send(Ok(pb::Delivery::default())).await.unwrap();
         assert!(stream.next().await.unwrap().is_ok(), "not revoked yet: the copy goes out");
 
