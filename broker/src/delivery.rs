@@ -1472,6 +1472,10 @@ impl RecipientActor {
 
     fn dead_letter(&self, commit: &mut Commit, record: &mut DeliveryRecord, seq: u64, now: i64) {
         metrics().dead_letters.inc();
+        if record.sender != "broker" {
+            // Owed until the notices are stored (see `records::notice_key`).
+            commit.writes.push(Write::Put(records::notice_key(&record.delivery_id), Vec::new()));
+        }
         record.state = DeliveryState::DeadLettered;
         record.push_event(now, "dead-lettered", format!("after {} attempts", record.attempts));
         commit.audit.push(entry_for(
@@ -1594,6 +1598,8 @@ impl RecipientActor {
             }
             record.escalated = true;
             record.push_event(now, "escalated", "acknowledgement deadline passed");
+            // Owed until the notices are stored (see `records::notice_key`).
+            commit.writes.push(Write::Put(records::notice_key(delivery_id), Vec::new()));
             commit.audit.push(entry_for(
                 &record,
                 EventType::Escalation,
@@ -2100,6 +2106,10 @@ mod tests {
         let record = tokio::time::timeout(Duration::from_secs(10), reports.recv()).await.unwrap().unwrap();
         assert_eq!((record.delivery_id.as_str(), record.state), (delivery_id.as_str(), DeliveryState::DeadLettered));
         assert_eq!(state_of(&store, &delivery_id), DeliveryState::DeadLettered, "durable before it is reported");
+        assert!(
+            store.get(&records::notice_key(&delivery_id)).unwrap().is_some(),
+            "its notices owed, in the same commit"
+        );
         assert!(tokio::time::timeout(Duration::from_millis(300), reports.recv()).await.is_err(), "reported once");
     }
 

@@ -488,8 +488,26 @@ impl Exchange {
             recipients: decisions,
         };
         commit.writes.push(Write::PutBlob(records::message_key(&message_id), records::encode(&record)?));
+        // No longer owed once this commit is durable.
+        commit.writes.push(Write::Delete(records::notice_key(&late.delivery_id)));
         self.commit_and_enqueue(commit, enqueued, None).await?;
         Ok(())
+    }
+
+    /// The deliveries whose escalation or dead-letter notices are owed (recorded, but the broker stopped before it
+    /// stored the notices): the start sends them.
+    pub fn notices_owed(&self) -> Result<Vec<DeliveryRecord>, ExchangeError> {
+        let mut owed = Vec::new();
+        for item in self.store.scan_prefix(records::NOTICE_PREFIX) {
+            let (key, _) = item?;
+            let Some(delivery_id) = key.strip_prefix(records::NOTICE_PREFIX) else { continue };
+            let delivery_id = String::from_utf8_lossy(delivery_id);
+            match self.store.get(&records::delivery_key(&delivery_id))? {
+                Some(bytes) => owed.push(records::decode(&bytes)?),
+                None => tracing::warn!(%delivery_id, "a notice is owed for a delivery with no record: skipped"),
+            }
+        }
+        Ok(owed)
     }
 
     /// [`Self::send_escalation_notices`], retried after a failure (a full disk may clear), from `wait` doubling up to a
@@ -1015,7 +1033,9 @@ mod tests {
         assert_eq!(record.message_id, receipt.message_id);
         assert!(record.escalated);
         assert_eq!(record.escalate_to.as_deref(), Some("luton-csc"));
+        assert!(store.get(&records::notice_key(&delivery_id)).unwrap().is_some(), "notices owed with the escalation");
         exchange.send_escalation_notices(record).await.unwrap();
+        assert!(store.get(&records::notice_key(&delivery_id)).unwrap().is_none(), "and not once they are stored");
 
         for agency in ["beds-police", "luton-csc"] {
             let mut stream = deliveries.subscribe(agency);
@@ -1078,6 +1098,31 @@ mod tests {
         let receipt = tokio::time::timeout(Duration::from_secs(10), retry).await.unwrap().unwrap().unwrap();
         assert!(receipt.duplicate, "answered with the first message's receipt");
         assert_eq!(store.scan_prefix(b"m/").count(), 1, "one message stored");
+    }
+
+    /// A notice owed (its dead letter recorded, the broker stopped before storing the notice) is found and sent, and
+    /// is owed no more once the notice is stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn notices_owed_from_before_a_restart_are_sent_once() {
+        let Area { dir: _dir, _stop, store, deliveries, exchange } = area();
+        let police = Caller { agency: "beds-police".into(), practitioner: "pc-1".into(), roles: vec!["spoc".into()] };
+        let receipt = exchange.send(&police, example("operation-encompass-notification.json")).await.unwrap();
+        let delivery_id = records::delivery_id(&receipt.message_id, "luton-oakwood-primary");
+        let mut late: DeliveryRecord =
+            records::decode(&store.get(&records::delivery_key(&delivery_id)).unwrap().unwrap()).unwrap();
+        late.state = DeliveryState::DeadLettered;
+        let writes = vec![
+            Write::PutBlob(records::delivery_key(&delivery_id), records::encode(&late).unwrap()),
+            Write::Put(records::notice_key(&delivery_id), Vec::new()),
+        ];
+        store.commit(Commit { audit: Vec::new(), writes }).await.unwrap();
+        let owed = exchange.notices_owed().unwrap();
+        assert_eq!(owed.iter().map(|record| record.delivery_id.as_str()).collect::<Vec<_>>(), [delivery_id.as_str()]);
+        exchange.notify_until_stored(owed[0].clone(), Duration::from_millis(50)).await;
+        assert!(exchange.notices_owed().unwrap().is_empty(), "owed no more");
+        let mut stream = deliveries.subscribe("beds-police");
+        let notice = tokio::time::timeout(Duration::from_secs(10), stream.recv()).await.unwrap().unwrap().unwrap();
+        assert_eq!(notice.envelope.unwrap().correlation_id, receipt.message_id);
     }
 
     /// Escalation notices whose commit fails (a full disk) are tried again until they are stored.

@@ -312,6 +312,21 @@ pub async fn run(
             tokio::spawn(async move { exchange.notify_until_stored(late, std::time::Duration::from_secs(1)).await });
         }));
     }
+    // Notices the last run recorded as owed but did not store (it stopped in between).
+    match exchange.notices_owed() {
+        Ok(owed) => {
+            if !owed.is_empty() {
+                tracing::warn!(count = owed.len(), "sending escalation notices owed since before the restart");
+            }
+            for late in owed {
+                let exchange = exchange.clone();
+                tokio::spawn(
+                    async move { exchange.notify_until_stored(late, std::time::Duration::from_secs(1)).await },
+                );
+            }
+        }
+        Err(error) => tracing::error!(error = %error, "could not read the escalation notices owed"),
+    }
     let current_tokens = Arc::new(RwLock::new(Arc::new(tokens)));
     let reloader = {
         let config = config.clone();

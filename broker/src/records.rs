@@ -11,6 +11,7 @@
 //! | `i/<sender>/<idempotency key>` | the message id the key was first used for, and the SHA-256 of that message's content ([`idempotency_value`]) |
 //! | `d/<delivery_id>` | [`DeliveryRecord`]: state of one recipient's copy, with its tracking events |
 //! | `q/<recipient>/<seq, 20 digits>` | while the copy waits for acknowledgement: the delivery id and its pending acknowledgement deadline ([`queue_value`]; what `Store::get` and scans read), with the encoded `pb::Delivery` (the recipient's copy) attached (`Store::get_attachment`); deleted once acknowledged or dead-lettered |
+//! | `n/<delivery_id>` | empty: escalation or dead-letter notices are owed for this delivery ([`notice_key`]) |
 //! | `c/<delivery_id>` | the copy, for a copy queued by a broker from before attached copies (its `q/` entry has no attachment); deleted with the `q/` entry |
 //!
 //! Message content is reachable only through `q/` (or `c/`) and only until the recipient has it: transport copies should not
@@ -32,6 +33,14 @@ pub fn idempotency_key(sender: &str, key: &str) -> Vec<u8> {
 pub fn delivery_key(delivery_id: &str) -> Vec<u8> {
     format!("d/{delivery_id}").into_bytes()
 }
+
+/// A notice owed for this delivery: written in the same commit as its dead letter or escalation, deleted in the
+/// commit that stores the notices, so a broker that stopped in between sends them at its next start.
+pub fn notice_key(delivery_id: &str) -> Vec<u8> {
+    format!("n/{delivery_id}").into_bytes()
+}
+
+pub const NOTICE_PREFIX: &[u8] = b"n/";
 
 pub fn copy_key(delivery_id: &str) -> Vec<u8> {
     format!("c/{delivery_id}").into_bytes()
