@@ -1100,17 +1100,23 @@ mod tests {
         assert_eq!(store.scan_prefix(b"m/").count(), 1, "one message stored");
     }
 
-    /// A notice owed (its dead letter recorded, the broker stopped before storing the notice) is found and sent, and
-    /// is owed no more once the notice is stored.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn notices_owed_from_before_a_restart_are_sent_once() {
-        let Area { dir: _dir, _stop, store, deliveries, exchange } = area();
+    /// The police's Operation Encompass notification sent, and its school copy's record as it would be dead-lettered.
+    async fn dead_lettered_send(exchange: &Exchange, store: &Store) -> (pb::SendResponse, String, DeliveryRecord) {
         let police = Caller { agency: "beds-police".into(), practitioner: "pc-1".into(), roles: vec!["spoc".into()] };
         let receipt = exchange.send(&police, example("operation-encompass-notification.json")).await.unwrap();
         let delivery_id = records::delivery_id(&receipt.message_id, "luton-oakwood-primary");
         let mut late: DeliveryRecord =
             records::decode(&store.get(&records::delivery_key(&delivery_id)).unwrap().unwrap()).unwrap();
         late.state = DeliveryState::DeadLettered;
+        (receipt, delivery_id, late)
+    }
+
+    /// A notice owed (its dead letter recorded, the broker stopped before storing the notice) is found and sent, and
+    /// is owed no more once the notice is stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn notices_owed_from_before_a_restart_are_sent_once() {
+        let Area { dir: _dir, _stop, store, deliveries, exchange } = area();
+        let (receipt, delivery_id, late) = dead_lettered_send(&exchange, &store).await;
         let writes = vec![
             Write::PutBlob(records::delivery_key(&delivery_id), records::encode(&late).unwrap()),
             Write::Put(records::notice_key(&delivery_id), Vec::new()),
@@ -1129,12 +1135,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn escalation_notices_are_retried_until_stored() {
         let Area { dir: _dir, _stop, store, deliveries, exchange } = area();
-        let police = Caller { agency: "beds-police".into(), practitioner: "pc-1".into(), roles: vec!["spoc".into()] };
-        let receipt = exchange.send(&police, example("operation-encompass-notification.json")).await.unwrap();
-        let delivery_id = records::delivery_id(&receipt.message_id, "luton-oakwood-primary");
-        let mut late: DeliveryRecord =
-            records::decode(&store.get(&records::delivery_key(&delivery_id)).unwrap().unwrap()).unwrap();
-        late.state = DeliveryState::DeadLettered;
+        let (_, _, late) = dead_lettered_send(&exchange, &store).await;
         store.fail_next_journal_write();
         exchange.notify_until_stored(late, Duration::from_millis(50)).await;
         let mut stream = deliveries.subscribe("beds-police");
