@@ -510,9 +510,7 @@ impl Files {
     }
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
+use crate::store::log::sync_dir;
 
 /// The thread that writes the cache ("audit-cache").
 pub struct Writer {

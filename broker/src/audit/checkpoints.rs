@@ -247,7 +247,7 @@ pub fn rotate_signing_key(data_dir: &Path) -> Result<Rotation, CheckpointsError>
         Some(seed) => seed,
         None => {
             let seed: [u8; 32] = rand::random();
-            write_private_durably(&next_path, &hex::encode(seed))
+            crate::store::log::replace_privately(&keys, NEXT_SIGNING_KEY_FILE, hex::encode(seed).as_bytes())
                 .map_err(|error| CheckpointsError::Key { path: next_path.clone(), reason: error.to_string() })?;
             seed
         }
@@ -293,9 +293,10 @@ pub fn rotate_signing_key(data_dir: &Path) -> Result<Rotation, CheckpointsError>
     );
     let key_error =
         |path: &Path, error: std::io::Error| CheckpointsError::Key { path: path.to_owned(), reason: error.to_string() };
-    write_durably(&record, &text).map_err(|error| key_error(&record, error))?;
+    crate::store::log::replace_durably(&keys, ROTATION_TO_RECORD_FILE, text.as_bytes())
+        .map_err(|error| key_error(&record, error))?;
     std::fs::rename(&next_path, &current_path).map_err(|error| key_error(&current_path, error))?;
-    sync_folder(&keys).map_err(|error| key_error(&keys, error))?;
+    crate::store::log::sync_dir(&keys).map_err(|error| key_error(&keys, error))?;
     publish_verifier_key(&keys, &next)?;
     Ok(rotation)
 }
@@ -331,7 +332,7 @@ pub fn take_rotation_to_record(keys_dir: &Path) -> Option<Rotation> {
 /// Forgets the rotation [`take_rotation_to_record`] returned, now that it is recorded.
 pub fn rotation_recorded(keys_dir: &Path) -> std::io::Result<()> {
     std::fs::remove_file(keys_dir.join(ROTATION_TO_RECORD_FILE))?;
-    sync_folder(keys_dir)
+    crate::store::log::sync_dir(keys_dir)
 }
 
 /// Reads a hex seed file; `None` if there is none.
@@ -347,40 +348,6 @@ fn read_seed(path: &Path) -> Result<Option<[u8; 32]>, CheckpointsError> {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(error) => Err(key_error(error.to_string())),
     }
-}
-
-/// Writes a secret file readable only by its owner, atomically and durably (by a temporary name, `fsync`, rename and
-/// `fsync` of its folder), replacing any earlier one.
-fn write_private_durably(path: &Path, contents: &str) -> std::io::Result<()> {
-    let temporary = path.with_extension("tmp");
-    match std::fs::remove_file(&temporary) {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
-        _ => {}
-    }
-    write_private(&temporary, contents)?;
-    std::fs::rename(&temporary, path)?;
-    match path.parent() {
-        Some(parent) => sync_folder(parent),
-        None => Ok(()),
-    }
-}
-
-/// Writes a file by a temporary name, `fsync`, rename and `fsync` of its folder.
-fn write_durably(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let temporary = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&temporary)?;
-    file.write_all(contents.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&temporary, path)?;
-    match path.parent() {
-        Some(parent) => sync_folder(parent),
-        None => Ok(()),
-    }
-}
-
-fn sync_folder(folder: &Path) -> std::io::Result<()> {
-    std::fs::File::open(folder)?.sync_all()
 }
 
 /// Writes the signer's verifier key to `keys_dir` unless it is already there.

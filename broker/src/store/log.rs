@@ -270,11 +270,36 @@ pub(super) fn read_frame(reader: &mut impl Read, payload: &mut Vec<u8>, remainin
 /// `name.new`, makes it durable, renames it over `name` and makes the folder durable. Used for the marks and
 /// metadata that sit beside the logs (the data format, the audit log's durable point, its start-up cache's `meta`).
 pub fn replace_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    replace(dir, name, bytes, std::fs::OpenOptions::new())
+}
+
+/// [`replace_durably`] for a secret (a key): the file is readable by its owner only from the moment it exists.
+pub fn replace_privately(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    replace(dir, name, bytes, options)
+}
+
+fn replace(dir: &Path, name: &str, bytes: &[u8], mut options: std::fs::OpenOptions) -> io::Result<()> {
     let temporary = dir.join(format!("{name}.new"));
-    let mut file = File::create(&temporary)?;
+    // A leftover of an interrupted replace may have another mode: made afresh.
+    match std::fs::remove_file(&temporary) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    let mut file = options.write(true).create_new(true).open(&temporary)?;
     file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&temporary, dir.join(name))?;
+    sync_dir(dir)
+}
+
+/// Makes a folder's entries (a file created, renamed or removed in it) durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
