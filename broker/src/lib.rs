@@ -305,25 +305,22 @@ pub async fn run(
         }))
     };
     let exchange = Exchange::new(store.clone(), deliveries.clone(), current_policy, pseudonymiser);
-    {
+    // Escalation and dead-letter notices: those the delivery engine reports, and those the last run recorded as owed
+    // but did not store (it stopped in between).
+    let notify: delivery::EscalationHook = {
         let exchange = exchange.clone();
-        deliveries.set_escalation_hook(Arc::new(move |late| {
+        Arc::new(move |late| {
             let exchange = exchange.clone();
             tokio::spawn(async move { exchange.notify_until_stored(late, std::time::Duration::from_secs(1)).await });
-        }));
-    }
-    // Notices the last run recorded as owed but did not store (it stopped in between).
+        })
+    };
+    deliveries.set_escalation_hook(notify.clone());
     match exchange.notices_owed() {
         Ok(owed) => {
             if !owed.is_empty() {
                 tracing::warn!(count = owed.len(), "sending escalation notices owed since before the restart");
             }
-            for late in owed {
-                let exchange = exchange.clone();
-                tokio::spawn(
-                    async move { exchange.notify_until_stored(late, std::time::Duration::from_secs(1)).await },
-                );
-            }
+            owed.into_iter().for_each(|late| notify(late));
         }
         Err(error) => tracing::error!(error = %error, "could not read the escalation notices owed"),
     }
