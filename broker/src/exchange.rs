@@ -810,21 +810,16 @@ pub fn validate(envelope: &pb::Envelope) -> Result<(), ExchangeError> {
     }
     // Codes reach every recipient whatever the policy withholds, and are quoted in decisions' explanations: codes,
     // not free text (a name or a case note written here would pass every field mask).
-    let code = |field: &'static str, value: &str, required: bool| {
-        if value.is_empty() && !required {
-            return Ok(());
-        }
-        if value.is_empty()
-            || value.len() > 64
-            || !value.bytes().all(|byte| byte.is_ascii_alphanumeric() || b"._:-".contains(&byte))
-        {
+    // (`purpose` is required above; the roles may be empty.)
+    for (field, value) in [
+        ("envelope.purpose", &envelope.purpose),
+        ("envelope.sender_role", &envelope.sender_role),
+        ("envelope.recipient_role", &envelope.recipient_role),
+    ] {
+        if value.len() > 64 || !value.bytes().all(|byte| byte.is_ascii_alphanumeric() || b"._:-".contains(&byte)) {
             return Err(invalid(field, "must be a code of 1 to 64 letters, digits, `.`, `_`, `:` or `-`"));
         }
-        Ok(())
-    };
-    code("envelope.purpose", &envelope.purpose, true)?;
-    code("envelope.sender_role", &envelope.sender_role, false)?;
-    code("envelope.recipient_role", &envelope.recipient_role, false)?;
+    }
     for (field, value) in
         [("envelope.correlation_id", &envelope.correlation_id), ("envelope.corrects", &envelope.corrects)]
     {
