@@ -1063,9 +1063,9 @@ impl RecipientActor {
         // Its wait starts when the stream reads it (`Command::Read`); until then it cannot run out.
         let deadline = Instant::now() + self.shared.config.ack_wait;
         self.in_flight.insert_buffered(delivery_id.clone(), seq, deadline);
-        // With no stream (the broker is stopping, or the stream was seen closed), the copy stays in flight until the
-        // agent's next stream puts it back at the front of the queue, or its wait runs out; a stream closed since
-        // puts it back at the next pump.
+        // With no stream (the broker is stopping, or the stream was seen closed), the copy stays in flight, unread,
+        // until the agent's next stream puts it back at the front of the queue; a stream closed since puts it back
+        // at the next pump.
         let Some(stream) = &self.stream else { return };
         match pb::Delivery::decode(copy.as_slice()) {
             Ok(mut delivery) => {
