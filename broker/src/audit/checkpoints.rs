@@ -465,8 +465,12 @@ impl Checkpointer {
         let mut count = 0u64;
         let mut handovers = Vec::new();
         let mut handed_to = None;
+        // Most notes are not handovers: only those with the extension's text are parsed (a log keeps every checkpoint
+        // it ever signed, so this runs over all of them at every start).
+        let marker = format!("\n{KEY_ROTATION_EXTENSION}");
         let (log, _recovery) = AppendLog::open(&path, 0, |_, bytes| {
-            if let Ok(note) = std::str::from_utf8(bytes)
+            if bytes.windows(marker.len()).any(|window| window == marker.as_bytes())
+                && let Ok(note) = std::str::from_utf8(bytes)
                 && let Ok(checkpoint) = parse_note(note)
                 && let Some(key) = handover_key(&checkpoint)
             {
